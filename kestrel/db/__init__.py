@@ -1,0 +1,13 @@
+"""Storage shared by every service: migrations, the registry, connection settings (ADR-0006)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kestrel.settings import Secret
+
+
+class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``KESTREL_DATABASE_URL``: a libpq connection string or URI."""
+
+    url: Secret = msgspec.field(default_factory=lambda: Secret("postgresql://kestrel@127.0.0.1:5432/kestrel"))

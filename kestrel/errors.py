@@ -1,0 +1,50 @@
+"""The closed vocabulary of errors, mapped once per transport (ADR-0003).
+
+HTTP: ``api.problems`` turns each kind into a status and an RFC 9457 body. JetStream: the writer
+terms + dead-letters ``InvalidInput`` and naks ``Unavailable``. MQTT: the bridge dead-letters
+``InvalidInput``.
+"""
+
+from __future__ import annotations
+
+
+class KestrelError(Exception):
+    """Base of every error Kestrel raises on purpose."""
+
+    kind = "error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(KestrelError):
+    """The caller sent something we refuse; ``reason`` is a stable, countable code."""
+
+    kind = "invalid_input"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Unauthenticated(KestrelError):
+    kind = "unauthenticated"
+
+
+class Forbidden(KestrelError):
+    kind = "forbidden"
+
+
+class NotFound(KestrelError):
+    kind = "not_found"
+
+
+class Conflict(KestrelError):
+    kind = "conflict"
+
+
+class Unavailable(KestrelError):
+    """A dependency is down or overloaded; retrying later may succeed."""
+
+    kind = "unavailable"

