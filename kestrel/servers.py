@@ -93,7 +93,7 @@ class ManagedProcess:
     def _spawn(self, argv: list[str], **kwargs: object) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(  # type: ignore[call-overload]  # noqa: S603
+        self.proc = subprocess.Popen(  # type: ignore[call-overload]
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, **kwargs,
         )
@@ -186,7 +186,7 @@ class PostgresServer(ManagedProcess):
         pwfile = self.root / "initdb-pw"
         pwfile.write_text(password + "\n")
         _chown(self.root, "postgres")
-        proc = subprocess.run(  # noqa: S603
+        proc = subprocess.run(
             [str(bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "--pwfile", str(pwfile),
              "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "--encoding=UTF8", "--locale=C"],
             capture_output=True, check=False, **_as_user("postgres"),  # type: ignore[call-overload]
@@ -290,10 +290,9 @@ class NatsServer(ManagedProcess):
         while time.monotonic() < deadline:
             if not self.alive():
                 raise self.fail("exited during start-up")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback URL we built
-                    if resp.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
             time.sleep(0.05)
         raise self.fail(f"JetStream not healthy within {timeout:.0f}s")
 

@@ -1,0 +1,1 @@
+"""Ingest service: the MQTT -> JetStream bridge and the JetStream -> PostgreSQL writer."""

@@ -1,0 +1,151 @@
+"""Ingest bridge: MQTT v5 shared subscription -> validation -> JetStream (ADR-0004).
+
+Chain of custody: the bridge's PUBACK to the broker is sent only after JetStream acknowledged the
+message (gmqtt's ``optimistic_acknowledgement=False``: the PUBACK goes out when ``on_message``
+returns). The session is persistent (clean start off, long session expiry), so messages that were
+not acknowledged when a bridge died are redelivered. Several bridges share the load through
+``$share/ingest/...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import gmqtt
+import msgspec
+from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ingest.jetstream import JetStreamPublisher, publish_deadletter
+from kestrel import streams
+from kestrel.errors import InvalidInput
+from kestrel.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
+from kestrel.wire import TelemetryLimits, normalize
+
+log = logging.getLogger("kestrel.ingest.bridge")
+
+
+class BridgeSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``KESTREL_BRIDGE_*``."""
+
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    client_id: str = "kestrel-ingest-bridge-1"
+    share_group: str = INGEST_SHARE_GROUP
+    session_expiry_s: int = 7 * 86400
+    receive_maximum: int = 1000
+    nats_url: str = "nats://127.0.0.1:4222"
+    ack_timeout_s: float = 5.0
+    drain_timeout_s: float = 15.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9101
+    max_payload_bytes: int = 64 * 1024
+    max_future_s: int = 300
+    max_past_s: int = 30 * 86400
+
+
+class BridgeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Counter("kestrel_bridge_messages", "MQTT messages handled by the bridge",
+                                ["outcome"], registry=registry)
+        self.rejected = Counter("kestrel_bridge_rejected", "Messages dead-lettered at the edge, by reason",
+                                ["reason"], registry=registry)
+        self.retries = Counter("kestrel_bridge_publish_retries", "JetStream publish retries", ["reason"],
+                               registry=registry)
+        self.in_flight = Gauge("kestrel_bridge_in_flight", "Messages awaiting a JetStream ack",
+                               registry=registry)
+        self.ack_seconds = Histogram("kestrel_bridge_jetstream_ack_seconds", "Publish to PubAck latency",
+                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+                                     registry=registry)
+
+
+class MonotonicMicros:
+    """Wall-clock microseconds that never repeat within one process (bare-form identity)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def __call__(self) -> int:
+        now = time.time_ns() // 1000
+        self._last = now if now > self._last else self._last + 1
+        return self._last
+
+
+class Bridge:
+    """The message handler: pure decisions plus two outputs (stream or dead-letter)."""
+
+    def __init__(self, settings: BridgeSettings, publisher: JetStreamPublisher, metrics: BridgeMetrics) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.metrics = metrics
+        self.limits = TelemetryLimits(max_payload_bytes=settings.max_payload_bytes,
+                                      max_future_s=settings.max_future_s, max_past_s=settings.max_past_s)
+        self.clock = MonotonicMicros()
+        self.handled = 0
+
+    async def on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
+        """gmqtt calls this per message; the PUBACK is sent with the returned reason code when it returns."""
+        received_us = self.clock()
+        self.metrics.in_flight.inc()
+        try:
+            try:
+                normalized = normalize(parse_telemetry_topic(topic), payload, received_us, self.limits)
+            except InvalidInput as exc:
+                await self._deadletter(topic, payload, received_us, exc)
+                return 0
+            started = time.perf_counter()
+            await self.publisher.publish(normalized.subject, normalized.payload,
+                                         {streams.HDR_MSG_ID: normalized.msg_id})
+            self.metrics.ack_seconds.observe(time.perf_counter() - started)
+            self.metrics.messages.labels("forwarded").inc()
+            return 0
+        finally:
+            self.handled += 1
+            self.metrics.in_flight.dec()
+
+    async def _deadletter(self, topic: str, payload: bytes, received_us: int, exc: InvalidInput) -> None:
+        self.metrics.rejected.labels(exc.reason).inc()
+        self.metrics.messages.labels("deadlettered").inc()
+        log.info("rejected telemetry", extra={"reason": exc.reason, "topic": topic[:200]})
+        await publish_deadletter(
+            self.publisher, source="telemetry", reason=exc.reason, detail=exc.detail, payload=payload,
+            msg_id=f"dlq.{self.settings.client_id}.{received_us}",
+            extra={streams.HDR_TOPIC: topic, streams.HDR_RECEIVED: str(received_us)},
+        )
+
+
+async def run_bridge(settings: BridgeSettings, stop: asyncio.Event, nc: NATS, registry: CollectorRegistry,
+                     ready: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set, then drain: finish in-flight publishes, disconnect, keep the session."""
+    metrics = BridgeMetrics(registry)
+    publisher = JetStreamPublisher(nc, ack_timeout_s=settings.ack_timeout_s,
+                                   on_retry=lambda reason: metrics.retries.labels(reason).inc())
+    await publisher.start()
+    bridge = Bridge(settings, publisher, metrics)
+    subscriptions = [gmqtt.Subscription(shared_filter(settings.share_group, f), qos=1) for f in TELEMETRY_FILTERS]
+
+    client = gmqtt.Client(settings.client_id, clean_session=False, optimistic_acknowledgement=False,
+                          session_expiry_interval=settings.session_expiry_s,
+                          receive_maximum=settings.receive_maximum)
+    client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
+    client.on_message = bridge.on_message
+
+    def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
+        c.subscribe(subscriptions)
+        log.info("bridge connected", extra={"client_id": settings.client_id})
+
+    client.on_connect = on_connect
+    await client.connect(settings.mqtt_host, settings.mqtt_port, keepalive=30, version=gmqtt.constants.MQTTv50)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+
+    deadline = time.monotonic() + settings.drain_timeout_s
+    while publisher.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await client.disconnect()
+    await publisher.close()
+    log.info("bridge stopped", extra={"handled": bridge.handled, "left_in_flight": publisher.in_flight})

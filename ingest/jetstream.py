@@ -1,0 +1,256 @@
+"""Lean JetStream paths for the hot loops (performance.md §4, ADR-0004).
+
+nats-py's convenience calls (``publish_async``, ``PullSubscription.fetch``) cost 40-75 µs per message.
+These adapters use the underlying protocol directly: a core publish with a reply inbox whose
+``+ACK``-style PubAck completes a future, and a raw ``CONSUMER.MSG.NEXT`` pull whose deliveries land
+in one callback subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from kestrel import streams
+
+log = logging.getLogger("kestrel.ingest.jetstream")
+
+
+class PubAck(msgspec.Struct, frozen=True):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_puback_decoder = msgspec.json.Decoder(PubAck)
+
+
+async def ensure_streams(nc: NATS, *, dlq_max_age_s: int = 14 * 86400) -> None:
+    """Create or update the telemetry and dead-letter streams (idempotent)."""
+    js = nc.jetstream()
+    configs = [
+        StreamConfig(
+            name=streams.TELEMETRY_STREAM,
+            subjects=list(streams.TELEMETRY_SUBJECTS),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * 86400,
+            max_bytes=-1,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=streams.DUPLICATE_WINDOW_S,
+            num_replicas=1,
+        ),
+        StreamConfig(
+            name=streams.DEADLETTER_STREAM,
+            subjects=list(streams.DEADLETTER_SUBJECTS),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=dlq_max_age_s,
+            duplicate_window=streams.DUPLICATE_WINDOW_S,
+            num_replicas=1,
+        ),
+    ]
+    for config in configs:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+
+
+async def ensure_writer_consumer(nc: NATS, durable: str, *, ack_wait_s: float, max_deliver: int,
+                                 max_ack_pending: int) -> None:
+    js = nc.jetstream()
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+        max_waiting=64,
+        filter_subject=None,
+    )
+    try:
+        await js.consumer_info(streams.TELEMETRY_STREAM, durable)
+    except NotFoundError:
+        await js.add_consumer(streams.TELEMETRY_STREAM, config)
+
+
+@dataclass
+class _Pending:
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+    future: asyncio.Future[PubAck]
+    sent_at: float
+    attempts: int = 1
+
+
+@dataclass
+class JetStreamPublisher:
+    """Publish to JetStream and await the stream's PubAck, retrying until it comes.
+
+    Retries reuse the same ``Nats-Msg-Id``, so the stream drops the copies inside its duplicate
+    window. A message is never given up on: the caller's MQTT PUBACK waits for it, and the broker
+    holds the message meanwhile (chain of custody, reliability.md).
+    """
+
+    nc: NATS
+    ack_timeout_s: float = 5.0
+    on_retry: Callable[[str], None] = lambda reason: None
+    _pending: dict[str, _Pending] = field(default_factory=dict)
+    _tokens: itertools.count[int] = field(default_factory=itertools.count)
+    _prefix: str = ""
+    _retry_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._prefix = self.nc.new_inbox()
+        await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
+        self._retry_task = asyncio.create_task(self._retry_loop(), name="jetstream-publish-retry")
+
+    async def close(self) -> None:
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry_task
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
+        """Resolve once the stream has stored ``payload`` (or recognised it as a duplicate)."""
+        token = str(next(self._tokens))
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        pending = _Pending(subject, payload, headers, future, time.monotonic())
+        self._pending[token] = pending
+        await self._send(token, pending)
+        return await future
+
+    async def _send(self, token: str, pending: _Pending) -> None:
+        try:
+            await self.nc.publish(pending.subject, pending.payload, reply=f"{self._prefix}.{token}",
+                                  headers=pending.headers)
+        except Exception as exc:
+            log.debug("publish deferred: %s", exc)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        pending = self._pending.get(token)
+        if pending is None:
+            return  # a late answer to an attempt that was already acknowledged
+        if msg.headers and msg.headers.get("Status") and not msg.data:
+            self._schedule_retry(pending, f"status_{msg.headers['Status']}")
+            return
+        try:
+            ack = _puback_decoder.decode(msg.data)
+        except msgspec.MsgspecError:
+            self._schedule_retry(pending, "bad_puback")
+            return
+        if ack.error is not None:
+            self._schedule_retry(pending, "puback_error")
+            return
+        del self._pending[token]
+        if not pending.future.done():
+            pending.future.set_result(ack)
+
+    def _schedule_retry(self, pending: _Pending, reason: str) -> None:
+        # Back off instead of resending at once: the stream is missing or not ready yet.
+        pending.sent_at = time.monotonic() - self.ack_timeout_s + min(0.1 * 2 ** pending.attempts, 2.0)
+        self.on_retry(reason)
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            for token, pending in list(self._pending.items()):
+                if now - pending.sent_at >= self.ack_timeout_s and token in self._pending:
+                    pending.attempts += 1
+                    pending.sent_at = now
+                    self.on_retry("timeout")
+                    await self._send(token, pending)
+
+
+@dataclass
+class RawPuller:
+    """A pull consumer on ``$JS.API.CONSUMER.MSG.NEXT`` with one callback inbox."""
+
+    nc: NATS
+    stream: str
+    durable: str
+    _inbox: str = ""
+    _buffer: list[Msg] = field(default_factory=list)
+    _want: int = 0
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        await self.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if not msg.data and msg.headers and msg.headers.get("Status"):
+            if msg.headers["Status"] != "100":  # 404/408/409: the request is over
+                self._done.set()
+            return
+        self._buffer.append(msg)
+        if len(self._buffer) >= self._want:
+            self._done.set()
+
+    async def fetch(self, batch: int, expires_s: float) -> list[Msg]:
+        """Up to ``batch`` messages, returning when the batch is full or ``expires_s`` has passed."""
+        self._want = batch
+        self._done.clear()
+        request = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
+        try:
+            await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", request,
+                                  reply=self._inbox)
+        except Exception as exc:
+            log.debug("pull request not sent: %s", exc)
+            await asyncio.sleep(min(expires_s, 0.5))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._done.wait(), expires_s + 1.0)
+        out, self._buffer = self._buffer, []
+        return out
+
+
+async def publish_deadletter(publisher: JetStreamPublisher, *, source: str, reason: str, detail: str,
+                             payload: bytes, msg_id: str, extra: dict[str, str] | None = None) -> None:
+    """Store a rejected message with its reason on ``dlq.{source}.{reason}``."""
+    headers = {
+        streams.HDR_MSG_ID: msg_id,
+        streams.HDR_REASON: reason,
+        streams.HDR_DETAIL: streams.header_safe(detail),
+        streams.HDR_STAGE: source,
+    }
+    if extra:
+        headers.update({k: streams.header_safe(v) for k, v in extra.items()})
+    limit = 512 * 1024
+    if len(payload) > limit:
+        headers["Kestrel-Truncated"] = str(len(payload))
+        payload = payload[:limit]
+    await publisher.publish(streams.deadletter_subject(source, reason), payload, headers)
+
+
+AckFn = Callable[[Msg], Awaitable[None]]

@@ -1,0 +1,322 @@
+"""Ingest writer: JetStream pull consumer -> PostgreSQL, idempotent, ack after commit (ADR-0004).
+
+Per batch: decode envelopes (malformed -> term + dead-letter), binary COPY the rows into a temporary
+staging table, ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` joined to the device registry
+(unknown devices -> dead-letter), commit, then ack. Transient database errors nak the batch with a
+backoff that grows with the delivery count. A batch the database rejects for its content is split
+message by message so that one poison message cannot stall the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import msgspec
+import psycopg
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+
+from ingest.jetstream import JetStreamPublisher, RawPuller, ensure_writer_consumer, publish_deadletter
+from kestrel import streams
+from kestrel.errors import InvalidInput
+from kestrel.wire import TelemetryEnvelope, decode_envelope
+
+log = logging.getLogger("kestrel.ingest.writer")
+
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+STAGE_DDL: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage ("
+    " tenant_id text, device_id text, stream text, ts timestamptz, seq bigint, metrics jsonb,"
+    " received_at timestamptz) ON COMMIT DELETE ROWS"
+)
+COPY_STAGE: Final = (
+    "COPY telemetry_stage (tenant_id, device_id, stream, ts, seq, metrics, received_at) FROM STDIN (FORMAT BINARY)"
+)
+COPY_TYPES: Final = ["text", "text", "text", "timestamptz", "int8", "jsonb", "timestamptz"]
+INSERT_FROM_STAGE: Final = """
+WITH inserted AS (
+    INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)
+    SELECT s.tenant_id, s.device_id, s.stream, s.ts, s.seq, s.metrics, s.received_at
+    FROM telemetry_stage s
+    JOIN devices d ON d.device_id = s.device_id AND d.tenant_id = s.tenant_id
+    ON CONFLICT DO NOTHING
+    RETURNING 1)
+SELECT count(*) FROM inserted
+"""
+UNKNOWN_DEVICES: Final = """
+SELECT DISTINCT s.tenant_id, s.device_id FROM telemetry_stage s
+WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.device_id = s.device_id AND d.tenant_id = s.tenant_id)
+"""
+STAGE_BOUNDS: Final = "SELECT min(ts), max(ts) FROM telemetry_stage"
+
+
+class WriterSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``KESTREL_WRITER_*``; the database comes from ``KESTREL_DATABASE_URL``."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    durable: str = streams.WRITER_DURABLE
+    batch_size: int = 5000
+    flush_interval_s: float = 0.1
+    ack_wait_s: float = 60.0
+    max_deliver: int = 200
+    max_ack_pending: int = 50_000
+    max_nak_delay_s: float = 30.0
+    maintenance_interval_s: float = 3600.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9102
+
+
+class RawJson(bytes):
+    """JSON text that is already valid; written to jsonb without re-encoding."""
+
+
+class RawJsonbBinaryDumper(Dumper):
+    """jsonb's binary format is a version byte (1) followed by the JSON text."""
+
+    format = Format.BINARY
+
+    def dump(self, obj: Any) -> bytes:
+        return b"\x01" + bytes(obj)
+
+
+class WriterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Counter("kestrel_writer_messages", "JetStream messages by outcome", ["outcome"],
+                                registry=registry)
+        self.rows = Counter("kestrel_writer_rows", "Readings by outcome (inserted, duplicate)", ["outcome"],
+                            registry=registry)
+        self.deadlettered = Counter("kestrel_writer_deadlettered", "Messages dead-lettered by reason",
+                                    ["reason"], registry=registry)
+        self.batch_seconds = Histogram("kestrel_writer_batch_seconds", "Time to store and ack one batch",
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+                                       registry=registry)
+        self.batch_size = Histogram("kestrel_writer_batch_messages", "Messages per batch",
+                                    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000), registry=registry)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    msg: Msg
+    envelope: TelemetryEnvelope
+
+
+def to_rows(envelope: TelemetryEnvelope) -> list[tuple[object, ...]]:
+    """The staging rows of one envelope (pure)."""
+    received = EPOCH + timedelta(microseconds=envelope.received_us)
+    return [
+        (envelope.tenant, envelope.device, envelope.stream, EPOCH + timedelta(microseconds=p.ts_us), p.seq,
+         RawJson(p.metrics), received)
+        for p in envelope.points
+    ]
+
+
+def delivery_count(msg: Msg) -> int:
+    """Number of deliveries of ``msg`` from its ``$JS.ACK`` reply subject (1 when unknown)."""
+    tokens = msg.reply.split(".")
+    with contextlib.suppress(ValueError, IndexError):
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (and a domain form with 2 more)
+        return int(tokens[4] if len(tokens) == 9 else tokens[6])
+    return 1
+
+
+class StorageRejected(Exception):
+    """The database refused a batch for its content (not a transient failure)."""
+
+
+class Writer:
+    """Stores batches; owns one database connection, reconnecting on failure."""
+
+    def __init__(self, settings: WriterSettings, database_url: str, nc: NATS, publisher: JetStreamPublisher,
+                 metrics: WriterMetrics) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.nc = nc
+        self.publisher = publisher
+        self.metrics = metrics
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        if self.conn is None or self.conn.closed:
+            conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=False)
+            RawJsonbBinaryDumper.oid = conn.adapters.types["jsonb"].oid
+            conn.adapters.register_dumper(RawJson, RawJsonbBinaryDumper)
+            await conn.execute(STAGE_DDL)
+            await conn.commit()
+            self.conn = conn
+        return self.conn
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+    async def maintain(self) -> None:
+        conn = await self.connect()
+        await conn.execute("SELECT telemetry_maintain()")
+        await conn.commit()
+
+    async def _store(self, decoded: list[Decoded]) -> tuple[int, int, set[tuple[str, str]]]:
+        """COPY + insert + commit. Returns (rows staged, rows inserted, unknown devices)."""
+        conn = await self.connect()
+        rows = [row for d in decoded for row in to_rows(d.envelope)]
+        for attempt in (1, 2):
+            try:
+                async with conn.cursor() as cur:
+                    async with cur.copy(COPY_STAGE) as copy:
+                        copy.set_types(COPY_TYPES)
+                        for row in rows:
+                            await copy.write_row(row)
+                    inserted_row = await (await cur.execute(INSERT_FROM_STAGE)).fetchone()
+                    unknown = {(t, d) for t, d in await (await cur.execute(UNKNOWN_DEVICES)).fetchall()}
+                await conn.commit()
+                return len(rows), int(inserted_row[0]) if inserted_row else 0, unknown
+            except psycopg.errors.CheckViolation:
+                # "no partition of relation found": create the days this batch needs, then retry once.
+                await conn.rollback()
+                if attempt == 2:
+                    raise StorageRejected("no partition for the batch") from None
+                bounds = [EPOCH + timedelta(microseconds=p.ts_us) for d in decoded for p in d.envelope.points]
+                await conn.execute("SELECT telemetry_ensure_partitions(%s, %s)", (min(bounds), max(bounds)))
+                await conn.commit()
+            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+                await conn.rollback()
+                raise StorageRejected(str(exc).splitlines()[0]) from exc
+        raise AssertionError("unreachable")
+
+    async def flush(self, msgs: list[Msg]) -> None:
+        """Store ``msgs`` and settle every one of them: ack, nak or term (+ dead-letter)."""
+        started = time.perf_counter()
+        decoded: list[Decoded] = []
+        for msg in msgs:
+            try:
+                decoded.append(Decoded(msg, decode_envelope(msg.data)))
+            except InvalidInput as exc:
+                await self._reject(msg, exc.reason, exc.detail, term=True)
+        if decoded:
+            try:
+                await self._store_and_settle(decoded)
+            except StorageRejected:
+                for single in decoded:  # find the poison message(s); the rest are stored normally
+                    try:
+                        await self._store_and_settle([single])
+                    except StorageRejected as exc:
+                        await self._reject(single.msg, "storage_rejected", str(exc), term=True)
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError) as exc:
+                await self._nak_all(decoded, exc)
+        self.metrics.batch_size.observe(len(msgs))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _store_and_settle(self, decoded: list[Decoded]) -> None:
+        staged, inserted, unknown = await self._store(decoded)
+        self.metrics.rows.labels("inserted").inc(inserted)
+        for item in decoded:
+            env = item.envelope
+            if (env.tenant, env.device) in unknown:
+                await self._reject(item.msg, "unknown_device", f"device {env.device} is not registered in "
+                                   f"tenant {env.tenant}", term=False)
+            else:
+                await self.nc.publish(item.msg.reply, b"+ACK")
+        known_staged = staged - sum(len(d.envelope.points) for d in decoded
+                                    if (d.envelope.tenant, d.envelope.device) in unknown)
+        self.metrics.rows.labels("duplicate").inc(max(known_staged - inserted, 0))
+        self.metrics.messages.labels("stored").inc(len(decoded))
+
+    async def _reject(self, msg: Msg, reason: str, detail: str, *, term: bool) -> None:
+        """Dead-letter first, then settle: the message is never dropped before it is in the DLQ."""
+        meta = msg.reply.split(".")
+        stream_seq = meta[5] if len(meta) == 9 else msg.reply
+        await publish_deadletter(self.publisher, source="writer", reason=reason, detail=detail,
+                                 payload=msg.data, msg_id=f"dlq.writer.{stream_seq}",
+                                 extra={streams.HDR_TOPIC: msg.subject})
+        await self.nc.publish(msg.reply, b"+TERM" if term else b"+ACK")
+        self.metrics.deadlettered.labels(reason).inc()
+        self.metrics.messages.labels("deadlettered").inc()
+
+    async def _nak_all(self, decoded: list[Decoded], exc: Exception) -> None:
+        log.warning("database unavailable, batch will be redelivered: %s", str(exc).splitlines()[0])
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.close()
+            self.conn = None
+        for item in decoded:
+            delay = min(0.5 * 2 ** (delivery_count(item.msg) - 1), self.settings.max_nak_delay_s)
+            with contextlib.suppress(Exception):
+                await self.nc.publish(item.msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
+        self.metrics.messages.labels("nak").inc(len(decoded))
+        await asyncio.sleep(0.5)
+
+
+async def forward_max_deliveries(nc: NATS, publisher: JetStreamPublisher, durable: str) -> None:
+    """Copy messages that exhausted MaxDeliver into the dead-letter stream (nothing is silently dropped)."""
+
+    async def on_advisory(msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{streams.TELEMETRY_STREAM}",
+                                     json.dumps({"seq": seq}).encode(), timeout=5)
+            stored = json.loads(reply.data)["message"]
+        except (KeyError, ValueError, TimeoutError) as exc:
+            log.error("could not dead-letter an exhausted message: %s", exc)
+            return
+        import base64  # noqa: PLC0415 - only on this rare path
+
+        await publish_deadletter(publisher, source="writer", reason="max_deliveries",
+                                 detail=f"stream sequence {seq} exceeded MaxDeliver",
+                                 payload=base64.b64decode(stored.get("data", "")), msg_id=f"dlq.maxdeliver.{seq}",
+                                 extra={streams.HDR_TOPIC: stored.get("subject", "")})
+
+    subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{streams.TELEMETRY_STREAM}.{durable}"
+    await nc.subscribe(subject, cb=on_advisory)
+
+
+async def run_writer(settings: WriterSettings, database_url: str, stop: asyncio.Event, nc: NATS,
+                     registry: CollectorRegistry, ready: asyncio.Event | None = None) -> None:
+    """Pull, store and ack until ``stop``; then finish the batches already pulled and return."""
+    metrics = WriterMetrics(registry)
+    await ensure_writer_consumer(nc, settings.durable, ack_wait_s=settings.ack_wait_s,
+                                 max_deliver=settings.max_deliver, max_ack_pending=settings.max_ack_pending)
+    publisher = JetStreamPublisher(nc)
+    await publisher.start()
+    await forward_max_deliveries(nc, publisher, settings.durable)
+    writer = Writer(settings, database_url, nc, publisher, metrics)
+    await writer.maintain()
+    puller = RawPuller(nc, streams.TELEMETRY_STREAM, settings.durable)
+    await puller.start()
+    batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue(maxsize=2)
+
+    async def pull() -> None:
+        while not stop.is_set():
+            msgs = await puller.fetch(settings.batch_size, settings.flush_interval_s)
+            if msgs:
+                await batches.put(msgs)
+        await batches.put(None)
+
+    async def store() -> None:
+        last_maintenance = time.monotonic()
+        while (msgs := await batches.get()) is not None:
+            await writer.flush(msgs)
+            if time.monotonic() - last_maintenance > settings.maintenance_interval_s:
+                last_maintenance = time.monotonic()
+                with contextlib.suppress(psycopg.Error):
+                    await writer.maintain()
+
+    if ready is not None:
+        ready.set()
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(pull(), name="writer-pull")
+        tasks.create_task(store(), name="writer-store")
+    await nc.flush()
+    await publisher.close()
+    await writer.close()
+    log.info("writer stopped")
