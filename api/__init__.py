@@ -1,0 +1,1 @@
+"""REST API service (Litestar): ``create_app(settings)`` is the composition root."""

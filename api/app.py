@@ -1,0 +1,240 @@
+"""The REST API: routes, schemas and the composition root ``create_app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Litestar, Request, Router, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import Parameter
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from psycopg_pool import AsyncConnectionPool
+
+from api import queries
+from api.auth import require_admin
+from api.problems import PROBLEM_JSON, Problem, handle_exception
+from kestrel import __version__
+from kestrel.db.migrate import available_migrations, current_version
+from kestrel.errors import InvalidInput, Unavailable
+from kestrel.settings import Secret
+from kestrel.topics import ID_PATTERN
+from kestrel.wire import NO_SEQ, MetricValue
+
+DeviceId = Annotated[str, Parameter(pattern=f"^{ID_PATTERN}$", description="Device id")]
+Limit = Annotated[int, Parameter(ge=1, le=10_000, description="Page size")]
+
+
+class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``KESTREL_API_*``; the database comes from ``KESTREL_DATABASE_URL``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    pool_min: int = 1
+    pool_max: int = 10
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    device_id: str
+    tenant_id: str
+    name: str
+    status: str
+    created_at: datetime
+
+
+class DevicePage(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[Device]
+    next_cursor: str | None = None
+
+
+class TelemetryPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored reading: the chosen metric's value, or every metric when no ``metric`` was asked for."""
+
+    ts: datetime
+    seq: int | None
+    stream: str
+    value: MetricValue | dict[str, MetricValue] | None
+
+
+class TelemetryBucket(msgspec.Struct, frozen=True, kw_only=True):
+    bucket: datetime
+    value: MetricValue | None
+    samples: int
+
+
+class Telemetry(msgspec.Struct, frozen=True, kw_only=True):
+    """Raw points (no ``bucket``/``agg``) or aggregated buckets (both given)."""
+
+    device_id: str
+    metric: str | None
+    start: datetime = msgspec.field(name="from")
+    end: datetime = msgspec.field(name="to")
+    bucket: str | None = None
+    agg: queries.Agg | None = None
+    points: list[TelemetryPoint] = msgspec.field(default_factory=list)
+    buckets: list[TelemetryBucket] = msgspec.field(default_factory=list)
+    next_cursor: str | None = None
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    version: str = __version__
+
+
+def _problems(*codes: int) -> dict[int, ResponseSpec]:
+    described = {400: "Invalid request", 401: "Missing or invalid token", 404: "Not found",
+                 503: "Not ready"}
+    return {code: ResponseSpec(data_container=Problem, media_type=PROBLEM_JSON, description=described[code],
+                         generate_examples=False)
+            for code in codes}
+
+
+API_ERRORS = _problems(400, 401, 404)
+
+
+def _pool(request: Request[Any, Any, Any]) -> AsyncConnectionPool[Any]:
+    pool: AsyncConnectionPool[Any] = request.app.state.pool
+    return pool
+
+
+# ------------------------------------------------------------------------------------------------ routes
+
+
+class MetricsController(PrometheusController):
+    """Prometheus exposition for operators; not part of the public API document."""
+
+    include_in_schema = False
+
+
+@get("/devices", summary="List devices", tags=["devices"], responses=API_ERRORS)
+async def list_devices(
+    request: Request[Any, Any, Any],
+    tenant: Annotated[str | None, Parameter(pattern=f"^{ID_PATTERN}$", description="Only this tenant")] = None,
+    status: Annotated[str | None, Parameter(description="Only devices in this lifecycle state")] = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page")] = None,
+) -> DevicePage:
+    async with _pool(request).connection() as conn:
+        rows = await queries.list_devices(conn, tenant=tenant, status=status, after=cursor, limit=limit + 1)
+    items = [Device(**row) for row in rows[:limit]]
+    return DevicePage(items=items, next_cursor=items[-1].device_id if len(rows) > limit else None)
+
+
+@get("/devices/{device_id:str}", summary="Get a device", tags=["devices"], responses=API_ERRORS)
+async def get_device(request: Request[Any, Any, Any], device_id: DeviceId) -> Device:
+    async with _pool(request).connection() as conn:
+        return Device(**await queries.get_device(conn, device_id))
+
+
+@get("/devices/{device_id:str}/telemetry", summary="Query a device's telemetry", tags=["telemetry"],
+     responses=API_ERRORS)
+async def get_telemetry(
+    request: Request[Any, Any, Any],
+    device_id: DeviceId,
+    metric: Annotated[str | None, Parameter(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$",
+                                            description="Metric name; required with agg")] = None,
+    start: Annotated[datetime | None, Parameter(query="from", description="Inclusive start (RFC 3339)")] = None,
+    end: Annotated[datetime | None, Parameter(query="to", description="Exclusive end (RFC 3339)")] = None,
+    bucket: Annotated[str | None, Parameter(pattern=r"^[1-9][0-9]{0,5}[smhd]$", description="e.g. 5m")] = None,
+    agg: Annotated[queries.Agg | None, Parameter(description="Aggregate per bucket")] = None,
+    limit: Limit = 1000,
+    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page")] = None,
+) -> Telemetry:
+    end = end or datetime.now(UTC)
+    start = start or end - timedelta(days=1)
+    if start.tzinfo is None or end.tzinfo is None:
+        raise InvalidInput("bad_time", "from and to need a time zone (e.g. 2026-11-27T12:00:00Z)")
+    if start >= end:
+        raise InvalidInput("bad_time", "from must be before to")
+    if (bucket is None) != (agg is None):
+        raise InvalidInput("bad_aggregation", "bucket and agg go together")
+    if agg is not None and metric is None:
+        raise InvalidInput("bad_aggregation", "an aggregate needs a metric")
+    async with _pool(request).connection() as conn:
+        device = await queries.get_device(conn, device_id)
+        if agg is not None and bucket is not None and metric is not None:
+            rows = await queries.buckets(conn, tenant=device["tenant_id"], device=device_id, metric=metric, agg=agg,
+                                         bucket=queries.parse_bucket(bucket), start=start, end=end)
+            return Telemetry(device_id=device_id, metric=metric, start=start, end=end, bucket=bucket, agg=agg,
+                             buckets=[TelemetryBucket(**row) for row in rows])
+        after = queries.decode_cursor(cursor) if cursor else None
+        rows = await queries.raw_points(conn, tenant=device["tenant_id"], device=device_id, metric=metric,
+                                        start=start, end=end, after=after, limit=limit + 1)
+    page = rows[:limit]
+    points = [TelemetryPoint(ts=r["ts"], seq=None if r["seq"] == NO_SEQ else r["seq"], stream=r["stream"],
+                             value=r["value"]) for r in page]
+    next_cursor = None
+    if len(rows) > limit:
+        last = page[-1]
+        next_cursor = queries.encode_cursor(last["ts"], last["seq"], last["stream"])
+    return Telemetry(device_id=device_id, metric=metric, start=start, end=end, points=points, next_cursor=next_cursor)
+
+
+@get("/healthz", summary="Liveness", tags=["health"], include_in_schema=True)
+async def healthz() -> Health:
+    return Health("ok")
+
+
+@get("/readyz", summary="Readiness: database reachable and migrated", tags=["health"],
+     responses=_problems(503))
+async def readyz(request: Request[Any, Any, Any]) -> Health:
+    try:
+        async with _pool(request).connection(timeout=2) as conn:
+            row = await (await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")).fetchone()
+    except Exception as exc:
+        raise Unavailable("database unreachable") from exc
+    if row is None or row[0] < request.app.state.schema_version:
+        raise Unavailable("database schema is not migrated; run `kestrel db migrate`")
+    return Health("ready")
+
+
+# -------------------------------------------------------------------------------------------- app factory
+
+
+def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = True) -> Litestar:
+    """Build the API. ``open_pool=False`` builds it without a database (OpenAPI generation)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database_url, min_size=settings.pool_min,
+                                                             max_size=settings.pool_max, open=False)
+        if open_pool:
+            await pool.open(wait=False)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
+    api_v1 = Router(path="/api/v1", route_handlers=[list_devices, get_device, get_telemetry], guards=[require_admin],
+                    security=[{"bearerAuth": []}])
+    app = Litestar(
+        route_handlers=[api_v1, healthz, readyz, MetricsController],
+        lifespan=[lifespan],
+        exception_handlers={Exception: handle_exception},
+        middleware=[prometheus.middleware],
+        state=State({"admin_token": settings.admin_token.reveal(),
+                     "schema_version": max(m.version for m in available_migrations("native"))}),
+        openapi_config=OpenAPIConfig(
+            title="Kestrel API", version=__version__,
+            description="Kestrel IoT platform REST API. Errors are RFC 9457 problem details.",
+            components=Components(security_schemes={
+                "bearerAuth": SecurityScheme(type="http", scheme="bearer", description="Admin or API token")}),
+            path="/schema",
+            create_examples=False,
+        ),
+    )
+    return app
+
+
+__all__ = ["ApiSettings", "create_app", "current_version"]

@@ -1,0 +1,84 @@
+"""Every error leaves the API as RFC 9457 problem details; this is the one place kinds map to HTTP."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from kestrel.errors import Conflict, Forbidden, InvalidInput, KestrelError, NotFound, Unauthenticated, Unavailable
+
+log = logging.getLogger("kestrel.api")
+PROBLEM_JSON = "application/problem+json"
+
+_STATUS: dict[type[KestrelError], int] = {
+    InvalidInput: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    Unavailable: 503,
+}
+_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 413: "Content Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+_KINDS = {400: "invalid_input", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+          405: "method_not_allowed", 409: "conflict", 500: "internal", 503: "unavailable"}
+
+
+class InvalidParam(msgspec.Struct, frozen=True):
+    name: str
+    reason: str
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str = ""
+    instance: str = ""
+    invalid_params: list[InvalidParam] = msgspec.field(default_factory=list, name="invalid-params")
+
+
+def problem_type(kind: str) -> str:
+    return f"urn:kestrel:problem:{kind}"
+
+
+def problem_response(request: Request[Any, Any, Any], status: int, detail: str, kind: str | None = None,
+                     invalid: list[InvalidParam] | None = None,
+                     headers: dict[str, str] | None = None) -> Response[Problem]:
+    body = Problem(type=problem_type(kind or _KINDS.get(status, "error")), title=_TITLES.get(status, "Error"),
+                   status=status, detail=detail, instance=request.url.path, invalid_params=invalid or [])
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _invalid_params(exc: ValidationException) -> list[InvalidParam]:
+    out = []
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if isinstance(item, dict):
+            out.append(InvalidParam(str(item.get("key") or item.get("source") or "body"), str(item.get("message", ""))))
+    return out
+
+
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    """Map any exception to problem details; unexpected ones become an opaque 500."""
+    if isinstance(exc, KestrelError):
+        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+        headers = {"WWW-Authenticate": 'Bearer realm="kestrel"'} if status == 401 else None
+        kind = f"invalid_input.{exc.reason}" if isinstance(exc, InvalidInput) else exc.kind
+        return problem_response(request, status, exc.detail, kind, headers=headers)
+    if isinstance(exc, ValidationException):
+        return problem_response(request, 400, "the request has invalid parameters", "invalid_input",
+                                _invalid_params(exc))
+    if isinstance(exc, HTTPException):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 401:
+            headers.setdefault("WWW-Authenticate", 'Bearer realm="kestrel"')
+        return problem_response(request, exc.status_code, exc.detail, headers=headers or None)
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return problem_response(request, 500, "an internal error occurred; it has been logged")

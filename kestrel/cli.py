@@ -1,0 +1,155 @@
+"""The ``kestrel`` command: operator and developer entry point.
+
+Errors end with one clear line on stderr and a non-zero exit: 2 for bad input, 1 otherwise.
+Connection settings come from the environment (``KESTREL_DATABASE_URL``), falling back to the
+``kestrel.env`` that ``kestrel run`` writes, so commands work right after ``make run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kestrel.errors import InvalidInput, KestrelError
+from kestrel.topics import ID_PATTERN
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kestrel IoT platform.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants.")
+device_app = typer.Typer(no_args_is_help=True, help="Devices.")
+app.add_typer(db_app, name="db")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(device_app, name="device")
+
+STATE_DIR = Path(os.environ.get("KESTREL_STATE_DIR", ".kestrel"))
+
+
+def _database_url() -> str:
+    if url := os.environ.get("KESTREL_DATABASE_URL"):
+        return url
+    env_file = STATE_DIR / "kestrel.env"
+    if env_file.exists():
+        for line in env_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key == "KESTREL_DATABASE_URL":
+                return value
+    raise InvalidInput("no_database", "set KESTREL_DATABASE_URL (or start the embedded default with `make run`)")
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations (idempotent)."""
+    from kestrel.db.migrate import migrate  # noqa: PLC0415 - keep CLI start-up light
+
+    applied = migrate(_database_url())
+    if applied:
+        for m in applied:
+            typer.echo(f"applied {m.version:04d}_{m.name} ({m.variant})")
+    else:
+        typer.echo("database is up to date")
+
+
+@tenant_app.command("create")
+def tenant_create(
+    tenant: Annotated[str, typer.Argument(help=f"Tenant id, {ID_PATTERN}")],
+    name: Annotated[str, typer.Option(help="Display name")] = "",
+) -> None:
+    """Create a tenant."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    registry.create_tenant(_database_url(), tenant, name)
+    typer.echo(f"created tenant {tenant}")
+
+
+@device_app.command("create")
+def device_create(
+    devices: Annotated[list[str], typer.Argument(help=f"Device ids, {ID_PATTERN}, globally unique")],
+    tenant: Annotated[str, typer.Option(help="Owning tenant")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Register devices under a tenant."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    created = registry.create_devices(_database_url(), tenant, devices)
+    if as_json:
+        typer.echo(json.dumps({"tenant": tenant, "created": created, "devices": devices}))
+    else:
+        typer.echo(f"registered {created} device(s) in tenant {tenant}")
+
+
+@app.command()
+def simulate(
+    devices: Annotated[int, typer.Option(min=1, max=100_000, help="Simulated device connections")] = 10,
+    rate: Annotated[float, typer.Option(min=0.001, help="Messages per second, whole fleet")] = 10.0,
+    tenant: Annotated[str, typer.Option(help="Tenant the devices belong to")] = "demo",
+    prefix: Annotated[str, typer.Option(help="Device id prefix: PREFIX-0001 ...")] = "sim",
+    host: Annotated[str, typer.Option(help="MQTT broker host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="MQTT broker port")] = 11883,
+    qos: Annotated[int, typer.Option(min=0, max=1, help="QoS of telemetry")] = 1,
+    mqtt_version: Annotated[int, typer.Option(help="5 (MQTT 5) or 4 (MQTT 3.1.1)")] = 5,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds")] = None,
+) -> None:
+    """Publish realistic telemetry (with seq) from simulated devices over real MQTT."""
+    from kestrel.simulate import Fleet, device_ids  # noqa: PLC0415
+    from kestrel.topics import require_id  # noqa: PLC0415
+
+    if mqtt_version not in (4, 5):
+        raise InvalidInput("bad_mqtt_version", "--mqtt-version must be 4 (3.1.1) or 5")
+    require_id("tenant", tenant)
+    require_id("device prefix", prefix)
+    fleet = Fleet(host, port, tenant, device_ids(prefix, devices), rate, qos=qos, version=mqtt_version)
+    typer.echo(f"simulating {devices} devices at {rate:g} msg/s on {host}:{port} (tenant {tenant})")
+    try:
+        stats = asyncio.run(fleet.run(duration=duration))
+    except KeyboardInterrupt:
+        stats = fleet.stats
+    typer.echo(f"sent {stats.sent}, acknowledged {stats.acked}, failed {stats.failed}, reconnects {stats.reconnects}")
+
+
+@app.command()
+def run(
+    state_dir: Annotated[Path, typer.Option(help="Where data and logs live")] = STATE_DIR,
+    postgres_port: Annotated[int, typer.Option(min=1, max=65535)] = 15432,
+    nats_port: Annotated[int, typer.Option(min=1, max=65535)] = 14222,
+    nats_monitor_port: Annotated[int, typer.Option(min=1, max=65535)] = 18222,
+    mqtt_port: Annotated[int, typer.Option(min=1, max=65535)] = 11883,
+    api_port: Annotated[int, typer.Option(min=1, max=65535)] = 18080,
+    bridge_metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 19101,
+    writer_metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 19102,
+    devices: Annotated[int, typer.Option(min=0, max=10_000, help="Simulated devices (0: none)")] = 20,
+    rate: Annotated[float, typer.Option(min=0.001, help="Simulated messages per second")] = 20.0,
+) -> None:
+    """Run the embedded default: PostgreSQL, NATS, Mosquitto, Kestrel's services and a simulated fleet."""
+    from kestrel.embedded import EmbeddedPorts, run_embedded  # noqa: PLC0415
+
+    ports = EmbeddedPorts(postgres_port, nats_port, nats_monitor_port, mqtt_port, api_port, bridge_metrics_port,
+                          writer_metrics_port)
+    if len(set(vars(ports).values())) != len(vars(ports)):
+        raise InvalidInput("bad_ports", "every port must be different")
+    run_embedded(state_dir, ports, devices=devices, rate=rate, simulator=devices > 0)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except KestrelError as exc:
+        typer.echo(f"kestrel: {exc.detail}", err=True)
+        sys.exit(2 if isinstance(exc, InvalidInput) else 1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("kestrel: aborted", err=True)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - usage errors and driver errors: one line, no traceback
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click/typer usage errors
+            typer.echo(f"kestrel: {exc.format_message()}", err=True)
+            sys.exit(int(exc.exit_code))
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"kestrel: {type(exc).__name__}: {first_line}", err=True)
+        sys.exit(1)

@@ -1,0 +1,193 @@
+"""A small asyncio MQTT publisher (v5 and 3.1.1) for simulated devices and load generation.
+
+It does only what a telemetry device does: CONNECT, PUBLISH at QoS 0/1 with a future per PUBACK,
+PINGREQ, DISCONNECT. Knowing exactly which publishes the broker acknowledged is what loss counting
+needs (reliability.md), and a raw client costs a fraction of paho's CPU per message
+(performance.md §3). Devices and services with richer needs use gmqtt or paho.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
+PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
+
+
+class MqttError(Exception):
+    """The broker refused us or the connection broke."""
+
+    def __init__(self, detail: str, reason_code: int = 0) -> None:
+        super().__init__(detail)
+        self.reason_code = reason_code
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
+
+
+def _packet(kind: int, flags: int, body: bytes) -> bytes:
+    return bytes([(kind << 4) | flags]) + _varint(len(body)) + body
+
+
+@dataclass
+class MqttPublisher:
+    """One device connection. ``version`` 5 (MQTT 5) or 4 (MQTT 3.1.1)."""
+
+    host: str
+    port: int
+    client_id: str
+    version: int = 5
+    keepalive: int = 30
+    clean_start: bool = True
+    max_inflight: int = 100
+    _reader: asyncio.StreamReader | None = None
+    _writer: asyncio.StreamWriter | None = None
+    _pending: dict[int, asyncio.Future[int]] = field(default_factory=dict)
+    _ids: Iterator[int] = field(default_factory=lambda: iter(()))
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _window: asyncio.Semaphore | None = None
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), timeout)
+        flags = 0x02 if self.clean_start else 0x00
+        props = _varint(0) if self.version == 5 else b""
+        body = _str("MQTT") + bytes([self.version, flags]) + struct.pack("!H", self.keepalive) + props
+        body += _str(self.client_id)
+        self._writer.write(_packet(CONNECT, 0, body))
+        kind, _, data = await asyncio.wait_for(self._read_packet(), timeout)
+        if kind != CONNACK:
+            raise MqttError(f"expected CONNACK, got packet type {kind}")
+        code = data[1]
+        if code != 0:
+            raise MqttError(f"connection refused (reason code {code:#x})", code)
+        receive_max = self._connack_receive_maximum(data) if self.version == 5 else 65535
+        self._window = asyncio.Semaphore(min(self.max_inflight, receive_max))
+        self._ids = self._packet_ids()
+        self._tasks = [asyncio.create_task(self._read_loop(), name=f"mqtt-read-{self.client_id}"),
+                       asyncio.create_task(self._ping_loop(), name=f"mqtt-ping-{self.client_id}")]
+
+    @staticmethod
+    def _connack_receive_maximum(data: bytes) -> int:
+        # CONNACK v5: flags, reason, properties(varint length + properties); Receive Maximum is id 0x21.
+        pos, mult, length = 2, 1, 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            length += (byte & 0x7F) * mult
+            mult *= 128
+            if not byte & 0x80:
+                break
+        end = pos + length
+        while pos < end:
+            prop = data[pos]
+            pos += 1
+            if prop == 0x21:
+                return int(struct.unpack_from("!H", data, pos)[0])
+            # Skip the other CONNACK properties by their encoded size.
+            if prop in (0x24, 0x25, 0x28, 0x29, 0x2A, 0x01):
+                pos += 1
+            elif prop in (0x13, 0x22):
+                pos += 2
+            elif prop in (0x11, 0x27):
+                pos += 4
+            elif prop == 0x26:
+                pos += 2 + struct.unpack_from("!H", data, pos)[0]
+                pos += 2 + struct.unpack_from("!H", data, pos)[0]
+            else:  # strings and binary data
+                pos += 2 + struct.unpack_from("!H", data, pos)[0]
+        return 65535
+
+    @staticmethod
+    def _packet_ids() -> Iterator[int]:
+        while True:
+            yield from range(1, 65536)
+
+    async def _read_packet(self) -> tuple[int, int, bytes]:
+        assert self._reader is not None
+        head = await self._reader.readexactly(1)
+        mult, length = 1, 0
+        while True:
+            byte = (await self._reader.readexactly(1))[0]
+            length += (byte & 0x7F) * mult
+            mult *= 128
+            if not byte & 0x80:
+                break
+        data = await self._reader.readexactly(length) if length else b""
+        return head[0] >> 4, head[0] & 0x0F, data
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                kind, _, data = await self._read_packet()
+                if kind == PUBACK:
+                    packet_id = struct.unpack_from("!H", data)[0]
+                    reason = data[2] if len(data) > 2 else 0
+                    future = self._pending.pop(packet_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(reason)
+                elif kind == DISCONNECT:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        self.closed.set()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(MqttError("connection lost before PUBACK"))
+        self._pending.clear()
+
+    async def _ping_loop(self) -> None:
+        while not self.closed.is_set():
+            await asyncio.sleep(self.keepalive / 2)
+            if self._writer is not None and not self._writer.is_closing():
+                self._writer.write(_packet(PINGREQ, 0, b""))
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> int:
+        """Publish; for QoS 1 wait for the PUBACK and return its reason code (0 = success)."""
+        if self.closed.is_set() or self._writer is None or self._window is None:
+            raise MqttError("not connected")
+        props = _varint(0) if self.version == 5 else b""
+        if qos == 0:
+            self._writer.write(_packet(PUBLISH, 0, _str(topic) + props + payload))
+            return 0
+        async with self._window:
+            packet_id = next(self._ids)
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._pending[packet_id] = future
+            self._writer.write(_packet(PUBLISH, 0x02, _str(topic) + struct.pack("!H", packet_id) + props + payload))
+            return await future
+
+    async def close(self) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            with contextlib.suppress(OSError):
+                self._writer.write(_packet(DISCONNECT, 0, b"\x00\x00" if self.version == 5 else b""))
+                await self._writer.drain()
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_pending()
