@@ -12,7 +12,7 @@ from litestar import Litestar, Request, Router, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import Parameter
+from litestar.params import PathParameter, QueryParameter
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from psycopg_pool import AsyncConnectionPool
 
@@ -26,8 +26,8 @@ from kestrel.settings import Secret
 from kestrel.topics import ID_PATTERN
 from kestrel.wire import NO_SEQ, MetricValue
 
-DeviceId = Annotated[str, Parameter(pattern=f"^{ID_PATTERN}$", description="Device id")]
-Limit = Annotated[int, Parameter(ge=1, le=10_000, description="Page size")]
+DeviceId = Annotated[str, PathParameter(pattern=f"^{ID_PATTERN}$", description="Device id")]
+Limit = Annotated[int, QueryParameter(ge=1, le=10_000, description="Page size")]
 
 
 class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,10 +118,10 @@ class MetricsController(PrometheusController):
 @get("/devices", summary="List devices", tags=["devices"], responses=API_ERRORS)
 async def list_devices(
     request: Request[Any, Any, Any],
-    tenant: Annotated[str | None, Parameter(pattern=f"^{ID_PATTERN}$", description="Only this tenant")] = None,
-    status: Annotated[str | None, Parameter(description="Only devices in this lifecycle state")] = None,
+    tenant: Annotated[str | None, QueryParameter(pattern=f"^{ID_PATTERN}$", description="Only this tenant")] = None,
+    status: Annotated[str | None, QueryParameter(description="Only devices in this lifecycle state")] = None,
     limit: Limit = 100,
-    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
 ) -> DevicePage:
     async with _pool(request).connection() as conn:
         rows = await queries.list_devices(conn, tenant=tenant, status=status, after=cursor, limit=limit + 1)
@@ -140,14 +140,14 @@ async def get_device(request: Request[Any, Any, Any], device_id: DeviceId) -> De
 async def get_telemetry(
     request: Request[Any, Any, Any],
     device_id: DeviceId,
-    metric: Annotated[str | None, Parameter(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$",
+    metric: Annotated[str | None, QueryParameter(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$",
                                             description="Metric name; required with agg")] = None,
-    start: Annotated[datetime | None, Parameter(query="from", description="Inclusive start (RFC 3339)")] = None,
-    end: Annotated[datetime | None, Parameter(query="to", description="Exclusive end (RFC 3339)")] = None,
-    bucket: Annotated[str | None, Parameter(pattern=r"^[1-9][0-9]{0,5}[smhd]$", description="e.g. 5m")] = None,
-    agg: Annotated[queries.Agg | None, Parameter(description="Aggregate per bucket")] = None,
+    start: Annotated[datetime | None, QueryParameter(name="from", description="Inclusive start (RFC 3339)")] = None,
+    end: Annotated[datetime | None, QueryParameter(name="to", description="Exclusive end (RFC 3339)")] = None,
+    bucket: Annotated[str | None, QueryParameter(pattern=r"^[1-9][0-9]{0,5}[smhd]$", description="e.g. 5m")] = None,
+    agg: Annotated[queries.Agg | None, QueryParameter(description="Aggregate per bucket")] = None,
     limit: Limit = 1000,
-    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
 ) -> Telemetry:
     end = end or datetime.now(UTC)
     start = start or end - timedelta(days=1)

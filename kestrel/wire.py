@@ -105,10 +105,12 @@ def encode(obj: object) -> bytes:
 def _decode_device_payload(payload: bytes) -> tuple[list[Reading] | None, dict[str, MetricValue] | None]:
     try:
         parsed = _typed_decoder.decode(payload)
-    except msgspec.MsgspecError as typed_error:
+    except (msgspec.MsgspecError, UnicodeDecodeError) as typed_error:
         try:
             loose = _any_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
+        except msgspec.ValidationError as exc:  # a DecodeError subclass; e.g. 1e999 "Number out of range"
+            raise InvalidInput("bad_value", f"payload holds an unrepresentable value: {exc}") from exc
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidInput("not_json", "payload is not valid UTF-8 JSON") from exc
         if isinstance(loose, dict) and not RESERVED_KEYS.intersection(loose):
             try:
@@ -131,8 +133,11 @@ def _check_metrics(metrics: dict[str, MetricValue], limits: TelemetryLimits) -> 
             raise InvalidInput("bad_value", f"metric {name!r} is not a finite number")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_INT:
             raise InvalidInput("bad_value", f"metric {name!r} is outside the 64-bit range")
-        if isinstance(value, str) and len(value) > limits.max_string_len:
-            raise InvalidInput("bad_value", f"metric {name!r} is longer than {limits.max_string_len}")
+        if isinstance(value, str):
+            if len(value) > limits.max_string_len:
+                raise InvalidInput("bad_value", f"metric {name!r} is longer than {limits.max_string_len}")
+            if "\x00" in value:  # valid JSON, but PostgreSQL's jsonb cannot store U+0000
+                raise InvalidInput("bad_value", f"metric {name!r} contains a NUL character")
 
 
 def _ts_us(reading: Reading) -> int:

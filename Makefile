@@ -1,0 +1,28 @@
+# Kestrel: the two commands are `make run` and `make test` (see README). Both install what is missing first.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint bench openapi clean
+
+install:
+	./bootstrap.sh
+
+run: install
+	$(PY) -m kestrel run
+
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+bench: install
+	$(PY) bench/run.py
+
+openapi: install
+	$(PY) -m api openapi > api/openapi.json
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything Kestrel needs on Debian 12, idempotently: system packages with apt-get (only the
+# missing ones), then the Python environment in .venv from the pinned constraints.txt.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(
+  mosquitto mosquitto-clients                      # embedded MQTT broker and CLI clients
+  postgresql-15                                    # PostgreSQL binaries (we run our own cluster)
+  mosquitto-dev libmosquitto-dev libcurl4-openssl-dev libcjson-dev libssl-dev gcc make  # auth plugin build
+  python3 python3-venv ca-certificates curl
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  [[ "$pkg" == \#* ]] && continue
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "bootstrap: missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "bootstrap: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts a system-wide mosquitto on :1883 when the package is installed; Kestrel runs its own.
+if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
+  systemctl stop mosquitto && systemctl disable mosquitto >/dev/null 2>&1 || true
+fi
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "bootstrap: Python 3.11+ is required ($PYTHON is $("$PYTHON" -V 2>&1))" >&2; exit 1; }
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+
+stamp=.venv/.kestrel-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  echo "bootstrap: pip install (pinned by constraints.txt)"
+  .venv/bin/python -m pip install -q --upgrade "pip==26.3" 2>/dev/null || .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

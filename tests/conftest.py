@@ -1,0 +1,224 @@
+"""Fixtures: real PostgreSQL, NATS JetStream and Mosquitto on free loopback ports in temp dirs.
+
+Servers are started by the same launchers the embedded default uses (``kestrel.servers``) and are
+stopped by PID afterwards. Each test isolates itself with its own tenant and device ids.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from kestrel.db import registry
+from kestrel.db.migrate import migrate
+from kestrel.servers import ManagedProcess, MosquittoServer, NatsServer, PostgresServer, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def servers_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="kestrel-test-"))
+    root.chmod(0o755)  # the postgres and mosquitto users must traverse it
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(servers_root: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer(name="postgres", log_path=servers_root / "postgres.log", root=servers_root / "pg",
+                            port=free_port(), shared_buffers="128MB")
+    server.start()
+    migrate(server.url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(postgres: PostgresServer) -> str:
+    return postgres.url
+
+
+def _nats(root: Path, sync: str = "default") -> NatsServer:
+    return NatsServer(name="nats", log_path=root / "nats.log", root=root, port=free_port(), monitor_port=free_port(),
+                      sync=sync)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def nats_server(servers_root: Path) -> Iterator[NatsServer]:
+    server = _nats(servers_root / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_nats(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[NatsServer]:
+    """A NATS server of the test's own (for tests that restart it); ``sync`` via indirect param."""
+    sync = getattr(request, "param", "default")
+    root = tmp_path_factory.mktemp("nats")
+    server = _nats(root, sync)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(servers_root: Path) -> Iterator[MosquittoServer]:
+    server = MosquittoServer(name="mosquitto", log_path=servers_root / "mosquitto.log", root=servers_root / "mq",
+                             port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Tenant:
+    """A tenant of the test's own with registered devices."""
+
+    id: str
+    devices: list[str]
+
+
+@pytest.fixture
+def make_tenant(database_url: str) -> Callable[[int], Tenant]:
+    def make(devices: int = 3) -> Tenant:
+        tag = uuid.uuid4().hex[:10]
+        tenant = Tenant(f"t-{tag}", [f"d-{tag}-{i}" for i in range(devices)])
+        registry.create_tenant(database_url, tenant.id)
+        registry.create_devices(database_url, tenant.id, tenant.devices)
+        return tenant
+
+    return make
+
+
+def stored_rows(database_url: str, tenant: str) -> list[tuple[str, int]]:
+    with psycopg.connect(database_url) as conn:
+        return [(d, s) for d, s in conn.execute(
+            "SELECT device_id, seq FROM telemetry WHERE tenant_id = %s", (tenant,)).fetchall()]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def scrape(port: int, metric: str) -> float:
+    """Sum of a Prometheus counter/gauge family (all label sets) from a /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(metric) and not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            if name == metric:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@dataclass
+class ServiceProcess(ManagedProcess):
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = 0
+
+    def start(self) -> None:
+        self._spawn(self.argv, env=self.env)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(10)
+
+
+@dataclass
+class Pipeline:
+    """The ingest services as separate processes, wired to the given servers."""
+
+    root: Path
+    mqtt_port: int
+    nats_url: str
+    database_url: str
+    share_group: str
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"KESTREL_DATABASE_URL": self.database_url, "KESTREL_BRIDGE_MQTT_PORT": str(self.mqtt_port),
+                    "KESTREL_BRIDGE_NATS_URL": self.nats_url, "KESTREL_BRIDGE_SHARE_GROUP": self.share_group,
+                    "KESTREL_WRITER_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"})
+        return env
+
+    def start_bridge(self, client_id: str) -> ServiceProcess:
+        port = free_port()
+        env = self._env() | {"KESTREL_BRIDGE_CLIENT_ID": client_id, "KESTREL_BRIDGE_METRICS_PORT": str(port)}
+        proc = ServiceProcess(name=client_id, log_path=self.root / f"{client_id}.log",
+                              argv=[sys.executable, "-m", "ingest", "bridge"], env=env, metrics_port=port)
+        proc.start()
+        self.processes.append(proc)
+        assert wait_until(lambda: _metrics_up(port), 20), f"bridge {client_id} did not start"
+        return proc
+
+    def start_writer(self, name: str = "writer", **settings: str) -> ServiceProcess:
+        port = free_port()
+        env = self._env() | {"KESTREL_WRITER_METRICS_PORT": str(port)}
+        env |= {f"KESTREL_WRITER_{k.upper()}": v for k, v in settings.items()}
+        proc = ServiceProcess(name=name, log_path=self.root / f"{name}.log",
+                              argv=[sys.executable, "-m", "ingest", "writer"], env=env, metrics_port=port)
+        proc.start()
+        self.processes.append(proc)
+        assert wait_until(lambda: _metrics_up(port), 20), "writer did not start"
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop(signal.SIGTERM, timeout=20)
+
+
+def _metrics_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):  # noqa: S310
+            return True
+    except OSError:
+        return False
+
+
+def clear_session(port: int, client_id: str) -> None:
+    """End a bridge's persistent session so that it stops collecting messages after a test."""
+    subprocess.run(["mosquitto_sub", "-p", str(port), "-i", client_id, "-V", "mqttv5", "-t", "x/unused", "-C", "1",
+                    "-W", "1", "-x", "0"], capture_output=True, check=False)
+
+
+@pytest.fixture
+def pipeline_factory(tmp_path: Path, database_url: str,
+                     mosquitto: MosquittoServer) -> Iterator[Callable[[NatsServer], Pipeline]]:
+    made: list[Pipeline] = []
+
+    def make(nats: NatsServer) -> Pipeline:
+        pipeline = Pipeline(tmp_path, mosquitto.port, nats.url, database_url, f"ingest-{uuid.uuid4().hex[:8]}")
+        made.append(pipeline)
+        return pipeline
+
+    yield make
+    for pipeline in made:
+        pipeline.stop()
+        for proc in pipeline.processes:
+            if proc.argv[-1] == "bridge":
+                clear_session(pipeline.mqtt_port, proc.name)

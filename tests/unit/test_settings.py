@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from kestrel.db import DatabaseSettings
+from kestrel.errors import InvalidInput
+from kestrel.settings import Secret, from_env
+
+
+class Sample(msgspec.Struct, frozen=True, kw_only=True):
+    port: int = 1
+    name: str = "x"
+    token: Secret = msgspec.field(default_factory=lambda: Secret(""))
+
+
+def test_reads_prefixed_variables_and_converts_types() -> None:
+    s = from_env(Sample, "KESTREL_T", {"KESTREL_T_PORT": "8080", "KESTREL_T_TOKEN": "s3cret", "OTHER_PORT": "1"})
+    assert s.port == 8080
+    assert s.token.reveal() == "s3cret"
+
+
+def test_secrets_never_print() -> None:
+    s = from_env(DatabaseSettings, "KESTREL_DATABASE", {"KESTREL_DATABASE_URL": "postgresql://u:hunter2@h/db"})
+    assert "hunter2" not in repr(s)
+    assert "hunter2" not in str(s.url)
+    assert s.url.reveal().endswith("@h/db")
+
+
+def test_bad_value_names_the_prefix() -> None:
+    with pytest.raises(InvalidInput) as info:
+        from_env(Sample, "KESTREL_T", {"KESTREL_T_PORT": "eighty"})
+    assert info.value.reason == "bad_setting"
+    assert "KESTREL_T" in info.value.detail
