@@ -1,0 +1,246 @@
+"""End to end: real MQTT clients -> Mosquitto -> bridge processes -> JetStream -> writer process ->
+PostgreSQL -> API process. Faults are injected into the real processes and loss is counted as in
+reliability.md: lost = acknowledged by the broker but not stored (must be 0); duplicates = rows
+minus distinct keys (must be 0); unknown = not acknowledged and not stored (reported)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+import psycopg
+import pytest
+
+from kestrel import streams
+from kestrel.servers import MosquittoServer, NatsServer, free_port
+from kestrel.simulate import Fleet
+from tests.conftest import Pipeline, ServiceProcess, Tenant, scrape, stored_rows, wait_until
+from tests.jetstream_helpers import deadletters
+
+pytestmark = pytest.mark.e2e
+TOKEN = "kst_admin_e2e_token"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def start_api(pipeline: Pipeline) -> ServiceProcess:
+    port = free_port()
+    env = dict(os.environ, KESTREL_DATABASE_URL=pipeline.database_url, KESTREL_API_PORT=str(port),
+               KESTREL_API_ADMIN_TOKEN=TOKEN)
+    proc = ServiceProcess(name="api", log_path=pipeline.root / "api.log", argv=[sys.executable, "-m", "api"], env=env,
+                          metrics_port=port)
+    proc.start()
+    pipeline.processes.append(proc)
+    assert wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), 20), "api did not become ready"
+    return proc
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def api_get(port: int, path: str) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read())
+
+
+def paho_publish(port: int, client_id: str, topic: str, payloads: list[bytes], qos: int = 1) -> None:
+    """Publish with paho-mqtt over MQTT 5 and wait for every PUBACK."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, p, qos=qos) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(10)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def mosquitto_pub(port: int, topic: str, message: bytes, *, version: str = "mqttv311", qos: int = 1) -> None:
+    subprocess.run(["mosquitto_pub", "-p", str(port), "-V", version, "-q", str(qos), "-t", topic, "-s"],
+                   input=message, check=True, capture_output=True, timeout=10)
+
+
+def test_publish_is_stored_and_served_by_the_api(
+        pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer, mosquitto: MosquittoServer,
+        make_tenant: Callable[[int], Tenant]) -> None:
+    tenant = make_tenant(3)
+    pipeline = pipeline_factory(nats_server)
+    pipeline.start_writer()
+    pipeline.start_bridge(f"bridge-{tenant.id}")
+    api = start_api(pipeline)
+    d5, d311, dbare = tenant.devices
+    base = now_ms()
+    paho_publish(mosquitto.port, d5, f"v1/{tenant.id}/d/{d5}/telemetry",
+                 [json.dumps({"ts": base + i, "seq": i, "metrics": {"temp": 20 + i}}).encode() for i in range(5)])
+    batch = [{"ts": base + i, "seq": i, "metrics": {"rpm": 1000 * i, "on": True}} for i in range(3)]
+    mosquitto_pub(mosquitto.port, f"v1/{tenant.id}/d/{d311}/telemetry/engine", json.dumps(batch).encode())
+    mosquitto_pub(mosquitto.port, f"v1/{tenant.id}/d/{dbare}/telemetry", b'{"temp": 21.5, "state": "ok"}', qos=0,
+                  version="mqttv5")
+
+    assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == 9, 20)
+    five = api_get(api.metrics_port, f"/api/v1/devices/{d5}/telemetry?metric=temp")
+    assert [p["value"] for p in five["points"]] == [20, 21, 22, 23, 24]
+    assert [p["seq"] for p in five["points"]] == [0, 1, 2, 3, 4]
+    engine = api_get(api.metrics_port, f"/api/v1/devices/{d311}/telemetry")
+    assert [p["stream"] for p in engine["points"]] == ["engine"] * 3
+    assert engine["points"][2]["value"] == {"rpm": 2000, "on": True}
+    bare = api_get(api.metrics_port, f"/api/v1/devices/{dbare}/telemetry")
+    assert bare["points"][0]["value"] == {"temp": 21.5, "state": "ok"} and bare["points"][0]["seq"] is None
+
+
+def test_duplicates_are_stored_once(pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer,
+                                    mosquitto: MosquittoServer, make_tenant: Callable[[int], Tenant]) -> None:
+    tenant = make_tenant(1)
+    device = tenant.devices[0]
+    pipeline = pipeline_factory(nats_server)
+    pipeline.start_writer()
+    pipeline.start_bridge(f"bridge-{tenant.id}")
+    payload = json.dumps({"ts": now_ms(), "seq": 77, "metrics": {"t": 1}}).encode()
+    topic = f"v1/{tenant.id}/d/{device}/telemetry"
+    paho_publish(mosquitto.port, device, topic, [payload] * 3)
+    mosquitto_pub(mosquitto.port, topic, payload)
+    paho_publish(mosquitto.port, device, topic, [json.dumps({"ts": now_ms(), "seq": 78, "metrics": {"t": 2}}).encode()])
+    assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == 2, 20)
+    time.sleep(1.0)  # give a wrongly stored copy time to appear
+    assert sorted(stored_rows(pipeline.database_url, tenant.id)) == [(device, 77), (device, 78)]
+
+
+def test_malformed_payloads_are_dead_lettered_while_good_traffic_continues(
+        pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer, mosquitto: MosquittoServer,
+        make_tenant: Callable[[int], Tenant]) -> None:
+    tenant = make_tenant(1)
+    device = tenant.devices[0]
+    pipeline = pipeline_factory(nats_server)
+    pipeline.start_writer()
+    bridge = pipeline.start_bridge(f"bridge-{tenant.id}")
+    topic = f"v1/{tenant.id}/d/{device}/telemetry"
+    bad: list[tuple[str, bytes, str]] = [
+        (topic, b"not json at all", "not_json"),
+        (topic, b'{"temp": 1e999}', "bad_value"),
+        (topic, b'{"temp": "x", "nested": {"a": 1}}', "bad_schema"),
+        (topic, json.dumps({"ts": now_ms() + 86_400_000, "seq": 1, "metrics": {"t": 1}}).encode(), "ts_out_of_range"),
+        (topic, json.dumps({"ts": 1_000, "seq": 1, "metrics": {"t": 1}}).encode(), "ts_out_of_range"),
+        (topic, b'{"t": "' + b"x" * 70_000 + b'"}', "payload_too_large"),
+        (topic, b"\xff\xfe\x00", "not_json"),
+        (f"v1/{tenant.id}/d/{device}.evil/telemetry", b'{"t": 1}', "bad_topic"),
+    ]
+    good = 0
+    for t, payload, _ in bad:
+        mosquitto_pub(mosquitto.port, t, payload, version="mqttv5")
+        paho_publish(mosquitto.port, device, topic, [json.dumps({"ts": now_ms(), "seq": good, "metrics": {"n": good}})
+                                                      .encode()])
+        good += 1
+    assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == good, 20)
+    dead = asyncio.run(deadletters(pipeline.nats_url, topic_contains=f"v1/{tenant.id}/", expect=len(bad)))
+    assert sorted(d[streams.HDR_REASON] for d in dead) == sorted(reason for *_, reason in bad)
+    assert all(d[streams.HDR_DETAIL] for d in dead)
+    assert scrape(bridge.metrics_port, "kestrel_bridge_rejected_total") >= len(bad)
+    assert bridge.alive()
+
+
+def test_two_bridges_share_the_load(pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer,
+                                    mosquitto: MosquittoServer, make_tenant: Callable[[int], Tenant]) -> None:
+    tenant = make_tenant(10)
+    pipeline = pipeline_factory(nats_server)
+    pipeline.start_writer()
+    first = pipeline.start_bridge(f"bridge-a-{tenant.id}")
+    second = pipeline.start_bridge(f"bridge-b-{tenant.id}")
+    fleet = Fleet("127.0.0.1", mosquitto.port, tenant.id, tenant.devices, rate=400, record=True)
+    stats = asyncio.run(fleet.run(count=40))
+    assert stats.acked == 400
+    assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == 400, 30)
+    a = scrape(first.metrics_port, "kestrel_bridge_messages_total")
+    b = scrape(second.metrics_port, "kestrel_bridge_messages_total")
+    assert a + b == 400
+    assert a >= 100 and b >= 100, f"load not shared: {a} / {b}"
+
+
+def count_loss(database_url: str, tenant: str, acked: dict[tuple[str, int], float]) -> tuple[int, int, int]:
+    """(lost, duplicates, stored) per reliability.md."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT device_id, seq FROM telemetry WHERE tenant_id = %s", (tenant,)).fetchall()
+    keys = {(d, s) for d, s in rows}
+    lost = len([k for k in acked if k not in keys])
+    return lost, len(rows) - len(keys), len(rows)
+
+
+def run_fleet_with_fault(tenant: Tenant, port: int, fault: Callable[[], None], *, rate: float = 1500,
+                         duration: float = 8.0) -> dict[tuple[str, int], float]:
+    fleet = Fleet("127.0.0.1", port, tenant.id, tenant.devices, rate=rate, record=True)
+
+    async def main() -> None:
+        task = asyncio.create_task(fleet.run(duration=duration))
+        await asyncio.sleep(duration / 3)
+        await asyncio.to_thread(fault)
+        await task
+
+    asyncio.run(main())
+    assert fleet.stats.acked > rate * duration * 0.5, fleet.stats
+    return fleet.stats.acked_keys
+
+
+@pytest.mark.slow
+def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
+        pipeline_factory: Callable[[NatsServer], Pipeline], fresh_nats: NatsServer, mosquitto: MosquittoServer,
+        make_tenant: Callable[[int], Tenant]) -> None:
+    tenant = make_tenant(40)
+    pipeline = pipeline_factory(fresh_nats)
+    writer = pipeline.start_writer(batch_size="2000", flush_interval_s="0.2")
+    pipeline.start_bridge(f"bridge-{tenant.id}")
+
+    def kill_and_restart() -> None:
+        assert wait_until(lambda: scrape(writer.metrics_port, "kestrel_writer_messages_total") > 0, 10)
+        writer.kill()  # SIGKILL: no drain, batches in flight are lost from memory
+        time.sleep(1.5)
+        pipeline.start_writer(name="writer-2", batch_size="2000", flush_interval_s="0.2")
+
+    acked = run_fleet_with_fault(tenant, mosquitto.port, kill_and_restart)
+    assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 60)
+    time.sleep(1.0)
+    lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
+    print(f"writer SIGKILL: acked={len(acked)} stored={stored} lost={lost} duplicates={duplicates}")
+    assert (lost, duplicates) == (0, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fresh_nats", ["default", "always"], indirect=True, ids=["sync-default", "sync-always"])
+def test_nats_restarted_under_load_loses_and_duplicates_nothing(
+        pipeline_factory: Callable[[NatsServer], Pipeline], fresh_nats: NatsServer, mosquitto: MosquittoServer,
+        make_tenant: Callable[[int], Tenant]) -> None:
+    tenant = make_tenant(40)
+    pipeline = pipeline_factory(fresh_nats)
+    pipeline.start_writer()
+    pipeline.start_bridge(f"bridge-{tenant.id}")
+
+    def restart_nats() -> None:
+        fresh_nats.stop(signal.SIGKILL)
+        time.sleep(1.0)
+        fresh_nats.start()
+
+    acked = run_fleet_with_fault(tenant, mosquitto.port, restart_nats)
+    assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 90)
+    time.sleep(1.0)
+    lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
+    print(f"NATS SIGKILL+restart ({fresh_nats.sync}): acked={len(acked)} stored={stored} lost={lost} "
+          f"duplicates={duplicates}")
+    assert (lost, duplicates) == (0, 0)
