@@ -12,6 +12,7 @@ import secrets
 import signal
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -60,6 +61,14 @@ class Service(ManagedProcess):
         self._next_restart = time.monotonic() + min(2**self.restarts, 30)
         self.start()
         return f"{self.name} exited with {code}; restarted (see {self.log_path})"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback URL we built
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def _read_or_create_token(path: Path) -> str:
@@ -139,6 +148,24 @@ class EmbeddedStack:
             service = Service(name=name, log_path=logs / f"{name}.log", argv=argv, env=env)
             service.start()
             self.services.append(service)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        """Announce nothing before it answers: the API is ready, the bridge and writer serve metrics."""
+        checks = {
+            "api": f"http://{LOOPBACK}:{self.ports.api}/readyz",
+            "bridge": f"http://{LOOPBACK}:{self.ports.bridge_metrics}/metrics",
+            "writer": f"http://{LOOPBACK}:{self.ports.writer_metrics}/metrics",
+        }
+        deadline = time.monotonic() + timeout
+        for name, url in checks.items():
+            service = next(s for s in self.services if s.name == name)
+            while not _answers(url):
+                if not service.alive():
+                    raise service.fail("exited during start-up")
+                if time.monotonic() > deadline:
+                    raise service.fail(f"not ready after {timeout:.0f}s")
+                time.sleep(0.1)
 
     def banner(self) -> str:
         p = self.ports

@@ -74,6 +74,34 @@ def _as_user(name: str) -> dict[str, object]:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
+def reachable_root(preferred: Path, user: str) -> Path:
+    """A directory for a server that drops root to ``user``: ``preferred`` when ``user`` can reach it.
+
+    Otherwise (e.g. a checkout under /root, mode 0700) the data lives in
+    ``/var/lib/kestrel/<hash of preferred>/<name>`` and ``preferred`` becomes a symlink to it, so the
+    same state directory always finds the same data. We never loosen permissions of the user's dirs.
+    """
+    if os.geteuid() != 0 or preferred.is_symlink():
+        return preferred.resolve() if preferred.is_symlink() else preferred
+    parent = preferred.parent.resolve()
+    parent.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run(["test", "-x", str(parent)], check=False, **_as_user(user))  # type: ignore[call-overload]
+    if probe.returncode == 0:
+        return preferred
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256(str(parent).encode()).hexdigest()[:16]
+    target = Path("/var/lib/kestrel") / digest / preferred.name
+    target.mkdir(parents=True, exist_ok=True)
+    target.parent.chmod(0o755)
+    target.parent.parent.chmod(0o755)
+    if preferred.exists() and not any(preferred.iterdir()):
+        preferred.rmdir()
+    if not preferred.exists():
+        preferred.symlink_to(target, target_is_directory=True)
+    return target
+
+
 def _chown(path: Path, user: str) -> None:
     if os.geteuid() == 0:
         entry = pwd.getpwnam(user)
@@ -178,6 +206,7 @@ class PostgresServer(ManagedProcess):
 
     def _initdb(self) -> None:
         bindir = postgres_bindir()
+        self.root = reachable_root(self.root, "postgres")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         password = secrets.token_urlsafe(24)
@@ -206,6 +235,8 @@ class PostgresServer(ManagedProcess):
             )
 
     def start(self, timeout: float = 60.0) -> None:
+        if self.root.is_symlink():
+            self.root = self.root.resolve()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         ensure_port_free("postgres", self.port)
@@ -342,6 +373,7 @@ class MosquittoServer(ManagedProcess):
 
     def start(self, timeout: float = 20.0) -> None:
         ensure_port_free("mqtt", self.port)
+        self.root = reachable_root(self.root, "mosquitto")
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         conf = self.root / "mosquitto.conf"
         conf.write_text(self.config_text())

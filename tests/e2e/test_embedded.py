@@ -1,0 +1,125 @@
+"""``kestrel run`` (what ``make run`` starts), driven as a user would: start, publish, query, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kestrel.servers import free_port
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.e2e
+PORT_NAMES = ("postgres", "nats", "nats-monitor", "mqtt", "api", "bridge-metrics", "writer-metrics")
+
+
+def _ports() -> dict[str, int]:
+    ports: dict[str, int] = {}
+    while len(set(ports.values())) < len(PORT_NAMES):
+        ports = {name: free_port() for name in PORT_NAMES}
+    return ports
+
+
+def _start(state: Path, ports: dict[str, int], *extra: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "kestrel", "run", "--state-dir", str(state), "--devices", "5", "--rate", "20"]
+    argv += [a for name, port in ports.items() for a in (f"--{name}-port", str(port))]
+    return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 90) -> str:
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if marker in line:
+            return seen
+    raise AssertionError(f"{marker!r} not printed; output so far:\n{seen}")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _telemetry(api_port: int, token: str, device: str) -> list[dict[str, object]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/v1/devices/{device}/telemetry",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback
+        return list(json.loads(resp.read())["points"])
+
+
+def _cleanup(state: Path) -> None:
+    """Remove data kept outside the state dir (see kestrel.servers.reachable_root)."""
+    for link in (state / "postgres", state / "mosquitto"):
+        if link.is_symlink():
+            shutil.rmtree(link.resolve().parent, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    children = _descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left behind: {[p.info for p in alive]}"
+    return out
+
+
+@pytest.mark.slow
+def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ports = _ports()
+    proc = _start(state, ports)
+    try:
+        banner = _read_until(proc, "Read it back:")
+        assert f"mqtt://127.0.0.1:{ports['mqtt']}" in banner
+        assert f"http://127.0.0.1:{ports['api']}/api/v1" in banner
+        token = (state / "admin-token").read_text().strip()
+        assert token not in banner  # the banner points at the file, never prints the secret
+        assert (state / "admin-token").stat().st_mode & 0o077 == 0
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports["mqtt"]), "-V", "mqttv5", "-q", "1", "-t",
+                        "v1/demo/d/my-sensor/telemetry", "-m", '{"temp": 21.5}'], check=True, timeout=10)
+        assert wait_until(lambda: _telemetry(ports["api"], token, "my-sensor") != [], 10)
+        assert _telemetry(ports["api"], token, "my-sensor")[0]["value"] == {"temp": 21.5}
+        assert wait_until(lambda: len(_telemetry(ports["api"], token, "sim-0001")) > 2, 20), "simulator data"
+    finally:
+        out = _stop(proc)
+    assert "stopped; data kept" in out
+
+    # Running it again keeps the data.
+    proc = _start(state, ports)
+    try:
+        _read_until(proc, "Read it back:")
+        assert _telemetry(ports["api"], token, "my-sensor")[0]["value"] == {"temp": 21.5}
+    finally:
+        _stop(proc)
+        _cleanup(state)
+
+
+def test_run_fails_with_one_clear_line_when_a_port_is_taken(tmp_path: Path) -> None:
+    ports = _ports()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", ports["api"]))
+        blocker.listen()
+        proc = _start(tmp_path / "state", ports)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines == [f"kestrel: api port 127.0.0.1:{ports['api']} is already in use; choose another with --api-port"]
