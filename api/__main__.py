@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import msgspec
-
 import uvicorn
 
 from api.app import ApiSettings, create_app
@@ -36,12 +35,14 @@ def main(argv: list[str]) -> int:
         print(f"kestrel api: {exc.detail}", file=sys.stderr)
         return 2
     if not settings.admin_token:
-        print("kestrel api: KESTREL_API_ADMIN_TOKEN is not set; refusing to start without a credential",
-              file=sys.stderr)
+        print(
+            "kestrel api: KESTREL_API_ADMIN_TOKEN is not set; refusing to start without a credential", file=sys.stderr
+        )
         return 2
     app = create_app(settings, database.url.reveal())
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                loop="uvloop", lifespan="on")
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="uvloop", lifespan="on"
+    )
     return 0
 
 

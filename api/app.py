@@ -91,11 +91,13 @@ class Health(msgspec.Struct, frozen=True):
 
 
 def _problems(*codes: int) -> dict[int, ResponseSpec]:
-    described = {400: "Invalid request", 401: "Missing or invalid token", 404: "Not found",
-                 503: "Not ready"}
-    return {code: ResponseSpec(data_container=Problem, media_type=PROBLEM_JSON, description=described[code],
-                         generate_examples=False)
-            for code in codes}
+    described = {400: "Invalid request", 401: "Missing or invalid token", 404: "Not found", 503: "Not ready"}
+    return {
+        code: ResponseSpec(
+            data_container=Problem, media_type=PROBLEM_JSON, description=described[code], generate_examples=False
+        )
+        for code in codes
+    }
 
 
 API_ERRORS = _problems(400, 401, 404)
@@ -135,13 +137,16 @@ async def get_device(request: Request[Any, Any, Any], device_id: DeviceId) -> De
         return Device(**await queries.get_device(conn, device_id))
 
 
-@get("/devices/{device_id:str}/telemetry", summary="Query a device's telemetry", tags=["telemetry"],
-     responses=API_ERRORS)
+@get(
+    "/devices/{device_id:str}/telemetry", summary="Query a device's telemetry", tags=["telemetry"], responses=API_ERRORS
+)
 async def get_telemetry(
     request: Request[Any, Any, Any],
     device_id: DeviceId,
-    metric: Annotated[str | None, QueryParameter(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$",
-                                            description="Metric name; required with agg")] = None,
+    metric: Annotated[
+        str | None,
+        QueryParameter(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$", description="Metric name; required with agg"),
+    ] = None,
     start: Annotated[datetime | None, QueryParameter(name="from", description="Inclusive start (RFC 3339)")] = None,
     end: Annotated[datetime | None, QueryParameter(name="to", description="Exclusive end (RFC 3339)")] = None,
     bucket: Annotated[str | None, QueryParameter(pattern=r"^[1-9][0-9]{0,5}[smhd]$", description="e.g. 5m")] = None,
@@ -162,16 +167,41 @@ async def get_telemetry(
     async with _pool(request).connection() as conn:
         device = await queries.get_device(conn, device_id)
         if agg is not None and bucket is not None and metric is not None:
-            rows = await queries.buckets(conn, tenant=device["tenant_id"], device=device_id, metric=metric, agg=agg,
-                                         bucket=queries.parse_bucket(bucket), start=start, end=end)
-            return Telemetry(device_id=device_id, metric=metric, start=start, end=end, bucket=bucket, agg=agg,
-                             buckets=[TelemetryBucket(**row) for row in rows])
+            rows = await queries.buckets(
+                conn,
+                tenant=device["tenant_id"],
+                device=device_id,
+                metric=metric,
+                agg=agg,
+                bucket=queries.parse_bucket(bucket),
+                start=start,
+                end=end,
+            )
+            return Telemetry(
+                device_id=device_id,
+                metric=metric,
+                start=start,
+                end=end,
+                bucket=bucket,
+                agg=agg,
+                buckets=[TelemetryBucket(**row) for row in rows],
+            )
         after = queries.decode_cursor(cursor) if cursor else None
-        rows = await queries.raw_points(conn, tenant=device["tenant_id"], device=device_id, metric=metric,
-                                        start=start, end=end, after=after, limit=limit + 1)
+        rows = await queries.raw_points(
+            conn,
+            tenant=device["tenant_id"],
+            device=device_id,
+            metric=metric,
+            start=start,
+            end=end,
+            after=after,
+            limit=limit + 1,
+        )
     page = rows[:limit]
-    points = [TelemetryPoint(ts=r["ts"], seq=None if r["seq"] == NO_SEQ else r["seq"], stream=r["stream"],
-                             value=r["value"]) for r in page]
+    points = [
+        TelemetryPoint(ts=r["ts"], seq=None if r["seq"] == NO_SEQ else r["seq"], stream=r["stream"], value=r["value"])
+        for r in page
+    ]
     next_cursor = None
     if len(rows) > limit:
         last = page[-1]
@@ -184,8 +214,7 @@ async def healthz() -> Health:
     return Health("ok")
 
 
-@get("/readyz", summary="Readiness: database reachable and migrated", tags=["health"],
-     responses=_problems(503))
+@get("/readyz", summary="Readiness: database reachable and migrated", tags=["health"], responses=_problems(503))
 async def readyz(request: Request[Any, Any, Any]) -> Health:
     try:
         async with _pool(request).connection(timeout=2) as conn:
@@ -205,8 +234,9 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database_url, min_size=settings.pool_min,
-                                                             max_size=settings.pool_max, open=False)
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            database_url, min_size=settings.pool_min, max_size=settings.pool_max, open=False
+        )
         if open_pool:
             await pool.open(wait=False)
         app.state.pool = pool
@@ -216,25 +246,36 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
             await pool.close()
 
     prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
-    api_v1 = Router(path="/api/v1", route_handlers=[list_devices, get_device, get_telemetry], guards=[require_admin],
-                    security=[{"bearerAuth": []}])
-    app = Litestar(
+    api_v1 = Router(
+        path="/api/v1",
+        route_handlers=[list_devices, get_device, get_telemetry],
+        guards=[require_admin],
+        security=[{"bearerAuth": []}],
+    )
+    return Litestar(
         route_handlers=[api_v1, healthz, readyz, MetricsController],
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         middleware=[prometheus.middleware],
-        state=State({"admin_token": settings.admin_token.reveal(),
-                     "schema_version": max(m.version for m in available_migrations("native"))}),
+        state=State(
+            {
+                "admin_token": settings.admin_token.reveal(),
+                "schema_version": max(m.version for m in available_migrations("native")),
+            }
+        ),
         openapi_config=OpenAPIConfig(
-            title="Kestrel API", version=__version__,
+            title="Kestrel API",
+            version=__version__,
             description="Kestrel IoT platform REST API. Errors are RFC 9457 problem details.",
-            components=Components(security_schemes={
-                "bearerAuth": SecurityScheme(type="http", scheme="bearer", description="Admin or API token")}),
+            components=Components(
+                security_schemes={
+                    "bearerAuth": SecurityScheme(type="http", scheme="bearer", description="Admin or API token")
+                }
+            ),
             path="/schema",
             create_examples=False,
         ),
     )
-    return app
 
 
 __all__ = ["ApiSettings", "create_app", "current_version"]

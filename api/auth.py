@@ -12,9 +12,9 @@ from litestar.handlers.base import BaseRouteHandler
 from kestrel.errors import Unauthenticated
 
 
-def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     expected: str = connection.app.state.admin_token
     header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _sep, token = header.partition(" ")
     if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise Unauthenticated("a valid bearer token is required")

@@ -22,11 +22,28 @@ _STATUS: dict[type[KestrelError], int] = {
     Conflict: 409,
     Unavailable: 503,
 }
-_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           409: "Conflict", 413: "Content Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
-           503: "Service Unavailable"}
-_KINDS = {400: "invalid_input", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
-          405: "method_not_allowed", 409: "conflict", 500: "internal", 503: "unavailable"}
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_KINDS = {
+    400: "invalid_input",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    500: "internal",
+    503: "unavailable",
+}
 
 
 class InvalidParam(msgspec.Struct, frozen=True):
@@ -49,11 +66,22 @@ def problem_type(kind: str) -> str:
     return f"urn:kestrel:problem:{kind}"
 
 
-def problem_response(request: Request[Any, Any, Any], status: int, detail: str, kind: str | None = None,
-                     invalid: list[InvalidParam] | None = None,
-                     headers: dict[str, str] | None = None) -> Response[Problem]:
-    body = Problem(type=problem_type(kind or _KINDS.get(status, "error")), title=_TITLES.get(status, "Error"),
-                   status=status, detail=detail, instance=request.url.path, invalid_params=invalid or [])
+def problem_response(
+    request: Request[Any, Any, Any],
+    status: int,
+    detail: str,
+    kind: str | None = None,
+    invalid: list[InvalidParam] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[Problem]:
+    body = Problem(
+        type=problem_type(kind or _KINDS.get(status, "error")),
+        title=_TITLES.get(status, "Error"),
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        invalid_params=invalid or [],
+    )
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
@@ -73,8 +101,9 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         kind = f"invalid_input.{exc.reason}" if isinstance(exc, InvalidInput) else exc.kind
         return problem_response(request, status, exc.detail, kind, headers=headers)
     if isinstance(exc, ValidationException):
-        return problem_response(request, 400, "the request has invalid parameters", "invalid_input",
-                                _invalid_params(exc))
+        return problem_response(
+            request, 400, "the request has invalid parameters", "invalid_input", _invalid_params(exc)
+        )
     if isinstance(exc, HTTPException):
         headers = dict(exc.headers or {})
         if exc.status_code == 401:

@@ -89,34 +89,66 @@ async def get_device(conn: AsyncConnection[Any], device_id: str) -> dict[str, An
     return row
 
 
-async def list_devices(conn: AsyncConnection[Any], *, tenant: str | None, status: str | None, after: str | None,
-                       limit: int) -> list[dict[str, Any]]:
+async def list_devices(
+    conn: AsyncConnection[Any], *, tenant: str | None, status: str | None, after: str | None, limit: int
+) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
     params = {"tenant": tenant, "status": status, "after": after, "limit": limit}
     return await (await cur.execute(DEVICES, params)).fetchall()
 
 
-async def raw_points(conn: AsyncConnection[Any], *, tenant: str, device: str, metric: str | None, start: datetime,
-                     end: datetime, after: Cursor | None, limit: int) -> list[dict[str, Any]]:
+async def raw_points(
+    conn: AsyncConnection[Any],
+    *,
+    tenant: str,
+    device: str,
+    metric: str | None,
+    start: datetime,
+    end: datetime,
+    after: Cursor | None,
+    limit: int,
+) -> list[dict[str, Any]]:
     query = sql.SQL(RAW).format(
         value=sql.SQL("metrics -> %(metric)s" if metric else "metrics"),
         has_metric=sql.SQL("AND metrics ? %(metric)s" if metric else ""),
     )
     params = {
-        "tenant": tenant, "device": device, "metric": metric, "from": start, "to": end, "limit": limit,
+        "tenant": tenant,
+        "device": device,
+        "metric": metric,
+        "from": start,
+        "to": end,
+        "limit": limit,
         "after_ts": ORIGIN + timedelta(microseconds=after.ts_us) if after else None,
-        "after_seq": after.seq if after else None, "after_stream": after.stream if after else None,
+        "after_seq": after.seq if after else None,
+        "after_stream": after.stream if after else None,
     }
     cur = conn.cursor(row_factory=dict_row)
     return await (await cur.execute(query, params)).fetchall()
 
 
-async def buckets(conn: AsyncConnection[Any], *, tenant: str, device: str, metric: str, agg: str, bucket: timedelta,
-                  start: datetime, end: datetime) -> list[dict[str, Any]]:
+async def buckets(
+    conn: AsyncConnection[Any],
+    *,
+    tenant: str,
+    device: str,
+    metric: str,
+    agg: str,
+    bucket: timedelta,
+    start: datetime,
+    end: datetime,
+) -> list[dict[str, Any]]:
     if (end - start) / bucket > MAX_BUCKETS:
         raise InvalidInput("too_many_buckets", f"the range holds more than {MAX_BUCKETS} buckets; widen the bucket")
     query = sql.SQL(BUCKETS).format(agg=sql.SQL(AGGREGATES[agg]))  # agg is from a closed set
-    params = {"tenant": tenant, "device": device, "metric": metric, "bucket": bucket, "origin": ORIGIN,
-              "from": start, "to": end}
+    params = {
+        "tenant": tenant,
+        "device": device,
+        "metric": metric,
+        "bucket": bucket,
+        "origin": ORIGIN,
+        "from": start,
+        "to": end,
+    }
     cur = conn.cursor(row_factory=dict_row)
     return await (await cur.execute(query, params)).fetchall()

@@ -32,8 +32,15 @@ async def connect_nats(url: str, name: str) -> NATS:
     delay = 0.2
     while True:
         try:
-            return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                                      connect_timeout=2, pending_size=64 * 1024 * 1024, error_cb=on_error)
+            return await nats.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                connect_timeout=2,
+                pending_size=64 * 1024 * 1024,
+                error_cb=on_error,
+            )
         except Exception as exc:
             log.warning("nats not reachable yet: %s", exc)
             await asyncio.sleep(delay)

@@ -49,17 +49,22 @@ class BridgeSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.messages = Counter("kestrel_bridge_messages", "MQTT messages handled by the bridge",
-                                ["outcome"], registry=registry)
-        self.rejected = Counter("kestrel_bridge_rejected", "Messages dead-lettered at the edge, by reason",
-                                ["reason"], registry=registry)
-        self.retries = Counter("kestrel_bridge_publish_retries", "JetStream publish retries", ["reason"],
-                               registry=registry)
-        self.in_flight = Gauge("kestrel_bridge_in_flight", "Messages awaiting a JetStream ack",
-                               registry=registry)
-        self.ack_seconds = Histogram("kestrel_bridge_jetstream_ack_seconds", "Publish to PubAck latency",
-                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
-                                     registry=registry)
+        self.messages = Counter(
+            "kestrel_bridge_messages", "MQTT messages handled by the bridge", ["outcome"], registry=registry
+        )
+        self.rejected = Counter(
+            "kestrel_bridge_rejected", "Messages dead-lettered at the edge, by reason", ["reason"], registry=registry
+        )
+        self.retries = Counter(
+            "kestrel_bridge_publish_retries", "JetStream publish retries", ["reason"], registry=registry
+        )
+        self.in_flight = Gauge("kestrel_bridge_in_flight", "Messages awaiting a JetStream ack", registry=registry)
+        self.ack_seconds = Histogram(
+            "kestrel_bridge_jetstream_ack_seconds",
+            "Publish to PubAck latency",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=registry,
+        )
 
 
 class MonotonicMicros:
@@ -81,8 +86,11 @@ class Bridge:
         self.settings = settings
         self.publisher = publisher
         self.metrics = metrics
-        self.limits = TelemetryLimits(max_payload_bytes=settings.max_payload_bytes,
-                                      max_future_s=settings.max_future_s, max_past_s=settings.max_past_s)
+        self.limits = TelemetryLimits(
+            max_payload_bytes=settings.max_payload_bytes,
+            max_future_s=settings.max_future_s,
+            max_past_s=settings.max_past_s,
+        )
         self.clock = MonotonicMicros()
         self.handled = 0
 
@@ -97,8 +105,9 @@ class Bridge:
                 await self._deadletter(topic, payload, received_us, exc)
                 return 0
             started = time.perf_counter()
-            await self.publisher.publish(normalized.subject, normalized.payload,
-                                         {streams.HDR_MSG_ID: normalized.msg_id})
+            await self.publisher.publish(
+                normalized.subject, normalized.payload, {streams.HDR_MSG_ID: normalized.msg_id}
+            )
             self.metrics.ack_seconds.observe(time.perf_counter() - started)
             self.metrics.messages.labels("forwarded").inc()
             return 0
@@ -111,25 +120,39 @@ class Bridge:
         self.metrics.messages.labels("deadlettered").inc()
         log.info("rejected telemetry", extra={"reason": exc.reason, "topic": topic[:200]})
         await publish_deadletter(
-            self.publisher, source="telemetry", reason=exc.reason, detail=exc.detail, payload=payload,
+            self.publisher,
+            source="telemetry",
+            reason=exc.reason,
+            detail=exc.detail,
+            payload=payload,
             msg_id=f"dlq.{self.settings.client_id}.{received_us}",
             extra={streams.HDR_TOPIC: topic, streams.HDR_RECEIVED: str(received_us)},
         )
 
 
-async def run_bridge(settings: BridgeSettings, stop: asyncio.Event, nc: NATS, registry: CollectorRegistry,
-                     ready: asyncio.Event | None = None) -> None:
+async def run_bridge(
+    settings: BridgeSettings,
+    stop: asyncio.Event,
+    nc: NATS,
+    registry: CollectorRegistry,
+    ready: asyncio.Event | None = None,
+) -> None:
     """Run until ``stop`` is set, then drain: finish in-flight publishes, disconnect, keep the session."""
     metrics = BridgeMetrics(registry)
-    publisher = JetStreamPublisher(nc, ack_timeout_s=settings.ack_timeout_s,
-                                   on_retry=lambda reason: metrics.retries.labels(reason).inc())
+    publisher = JetStreamPublisher(
+        nc, ack_timeout_s=settings.ack_timeout_s, on_retry=lambda reason: metrics.retries.labels(reason).inc()
+    )
     await publisher.start()
     bridge = Bridge(settings, publisher, metrics)
     subscriptions = [gmqtt.Subscription(shared_filter(settings.share_group, f), qos=1) for f in TELEMETRY_FILTERS]
 
-    client = gmqtt.Client(settings.client_id, clean_session=False, optimistic_acknowledgement=False,
-                          session_expiry_interval=settings.session_expiry_s,
-                          receive_maximum=settings.receive_maximum)
+    client = gmqtt.Client(
+        settings.client_id,
+        clean_session=False,
+        optimistic_acknowledgement=False,
+        session_expiry_interval=settings.session_expiry_s,
+        receive_maximum=settings.receive_maximum,
+    )
     client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
     client.on_message = bridge.on_message
 

@@ -79,8 +79,9 @@ async def ensure_streams(nc: NATS, *, dlq_max_age_s: int = 14 * 86400) -> None:
             await js.update_stream(config)
 
 
-async def ensure_writer_consumer(nc: NATS, durable: str, *, ack_wait_s: float, max_deliver: int,
-                                 max_ack_pending: int) -> None:
+async def ensure_writer_consumer(
+    nc: NATS, durable: str, *, ack_wait_s: float, max_deliver: int, max_ack_pending: int
+) -> None:
     js = nc.jetstream()
     config = ConsumerConfig(
         durable_name=durable,
@@ -151,8 +152,9 @@ class JetStreamPublisher:
 
     async def _send(self, token: str, pending: _Pending) -> None:
         try:
-            await self.nc.publish(pending.subject, pending.payload, reply=f"{self._prefix}.{token}",
-                                  headers=pending.headers)
+            await self.nc.publish(
+                pending.subject, pending.payload, reply=f"{self._prefix}.{token}", headers=pending.headers
+            )
         except Exception as exc:
             log.debug("publish deferred: %s", exc)
 
@@ -178,7 +180,7 @@ class JetStreamPublisher:
 
     def _schedule_retry(self, pending: _Pending, reason: str) -> None:
         # Back off instead of resending at once: the stream is missing or not ready yet.
-        pending.sent_at = time.monotonic() - self.ack_timeout_s + min(0.1 * 2 ** pending.attempts, 2.0)
+        pending.sent_at = time.monotonic() - self.ack_timeout_s + min(0.1 * 2**pending.attempts, 2.0)
         self.on_retry(reason)
 
     async def _retry_loop(self) -> None:
@@ -224,8 +226,7 @@ class RawPuller:
         self._done.clear()
         request = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
         try:
-            await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", request,
-                                  reply=self._inbox)
+            await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", request, reply=self._inbox)
         except Exception as exc:
             log.debug("pull request not sent: %s", exc)
             await asyncio.sleep(min(expires_s, 0.5))
@@ -235,8 +236,16 @@ class RawPuller:
         return out
 
 
-async def publish_deadletter(publisher: JetStreamPublisher, *, source: str, reason: str, detail: str,
-                             payload: bytes, msg_id: str, extra: dict[str, str] | None = None) -> None:
+async def publish_deadletter(
+    publisher: JetStreamPublisher,
+    *,
+    source: str,
+    reason: str,
+    detail: str,
+    payload: bytes,
+    msg_id: str,
+    extra: dict[str, str] | None = None,
+) -> None:
     """Store a rejected message with its reason on ``dlq.{source}.{reason}``."""
     headers = {
         streams.HDR_MSG_ID: msg_id,

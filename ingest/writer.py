@@ -92,17 +92,27 @@ class RawJsonbBinaryDumper(Dumper):
 
 class WriterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.messages = Counter("kestrel_writer_messages", "JetStream messages by outcome", ["outcome"],
-                                registry=registry)
-        self.rows = Counter("kestrel_writer_rows", "Readings by outcome (inserted, duplicate)", ["outcome"],
-                            registry=registry)
-        self.deadlettered = Counter("kestrel_writer_deadlettered", "Messages dead-lettered by reason",
-                                    ["reason"], registry=registry)
-        self.batch_seconds = Histogram("kestrel_writer_batch_seconds", "Time to store and ack one batch",
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
-                                       registry=registry)
-        self.batch_size = Histogram("kestrel_writer_batch_messages", "Messages per batch",
-                                    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000), registry=registry)
+        self.messages = Counter(
+            "kestrel_writer_messages", "JetStream messages by outcome", ["outcome"], registry=registry
+        )
+        self.rows = Counter(
+            "kestrel_writer_rows", "Readings by outcome (inserted, duplicate)", ["outcome"], registry=registry
+        )
+        self.deadlettered = Counter(
+            "kestrel_writer_deadlettered", "Messages dead-lettered by reason", ["reason"], registry=registry
+        )
+        self.batch_seconds = Histogram(
+            "kestrel_writer_batch_seconds",
+            "Time to store and ack one batch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "kestrel_writer_batch_messages",
+            "Messages per batch",
+            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000),
+            registry=registry,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +125,15 @@ def to_rows(envelope: TelemetryEnvelope) -> list[tuple[object, ...]]:
     """The staging rows of one envelope (pure)."""
     received = EPOCH + timedelta(microseconds=envelope.received_us)
     return [
-        (envelope.tenant, envelope.device, envelope.stream, EPOCH + timedelta(microseconds=p.ts_us), p.seq,
-         RawJson(p.metrics), received)
+        (
+            envelope.tenant,
+            envelope.device,
+            envelope.stream,
+            EPOCH + timedelta(microseconds=p.ts_us),
+            p.seq,
+            RawJson(p.metrics),
+            received,
+        )
         for p in envelope.points
     ]
 
@@ -137,8 +154,14 @@ class StorageRejected(Exception):
 class Writer:
     """Stores batches; owns one database connection, reconnecting on failure."""
 
-    def __init__(self, settings: WriterSettings, database_url: str, nc: NATS, publisher: JetStreamPublisher,
-                 metrics: WriterMetrics) -> None:
+    def __init__(
+        self,
+        settings: WriterSettings,
+        database_url: str,
+        nc: NATS,
+        publisher: JetStreamPublisher,
+        metrics: WriterMetrics,
+    ) -> None:
         self.settings = settings
         self.database_url = database_url
         self.nc = nc
@@ -222,12 +245,17 @@ class Writer:
         for item in decoded:
             env = item.envelope
             if (env.tenant, env.device) in unknown:
-                await self._reject(item.msg, "unknown_device", f"device {env.device} is not registered in "
-                                   f"tenant {env.tenant}", term=False)
+                await self._reject(
+                    item.msg,
+                    "unknown_device",
+                    f"device {env.device} is not registered in tenant {env.tenant}",
+                    term=False,
+                )
             else:
                 await self.nc.publish(item.msg.reply, b"+ACK")
-        known_staged = staged - sum(len(d.envelope.points) for d in decoded
-                                    if (d.envelope.tenant, d.envelope.device) in unknown)
+        known_staged = staged - sum(
+            len(d.envelope.points) for d in decoded if (d.envelope.tenant, d.envelope.device) in unknown
+        )
         self.metrics.rows.labels("duplicate").inc(max(known_staged - inserted, 0))
         self.metrics.messages.labels("stored").inc(len(decoded))
 
@@ -235,9 +263,15 @@ class Writer:
         """Dead-letter first, then settle: the message is never dropped before it is in the DLQ."""
         meta = msg.reply.split(".")
         stream_seq = meta[5] if len(meta) == 9 else msg.reply
-        await publish_deadletter(self.publisher, source="writer", reason=reason, detail=detail,
-                                 payload=msg.data, msg_id=f"dlq.writer.{stream_seq}",
-                                 extra={streams.HDR_TOPIC: msg.subject})
+        await publish_deadletter(
+            self.publisher,
+            source="writer",
+            reason=reason,
+            detail=detail,
+            payload=msg.data,
+            msg_id=f"dlq.writer.{stream_seq}",
+            extra={streams.HDR_TOPIC: msg.subject},
+        )
         await self.nc.publish(msg.reply, b"+TERM" if term else b"+ACK")
         self.metrics.deadlettered.labels(reason).inc()
         self.metrics.messages.labels("deadlettered").inc()
@@ -263,29 +297,46 @@ async def forward_max_deliveries(nc: NATS, publisher: JetStreamPublisher, durabl
         try:
             advisory = json.loads(msg.data)
             seq = int(advisory["stream_seq"])
-            reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{streams.TELEMETRY_STREAM}",
-                                     json.dumps({"seq": seq}).encode(), timeout=5)
+            reply = await nc.request(
+                f"$JS.API.STREAM.MSG.GET.{streams.TELEMETRY_STREAM}", json.dumps({"seq": seq}).encode(), timeout=5
+            )
             stored = json.loads(reply.data)["message"]
-        except (KeyError, ValueError, TimeoutError) as exc:
-            log.error("could not dead-letter an exhausted message: %s", exc)
+        except (KeyError, ValueError, TimeoutError):
+            log.exception("could not dead-letter an exhausted message")
             return
         import base64  # noqa: PLC0415 - only on this rare path
 
-        await publish_deadletter(publisher, source="writer", reason="max_deliveries",
-                                 detail=f"stream sequence {seq} exceeded MaxDeliver",
-                                 payload=base64.b64decode(stored.get("data", "")), msg_id=f"dlq.maxdeliver.{seq}",
-                                 extra={streams.HDR_TOPIC: stored.get("subject", "")})
+        await publish_deadletter(
+            publisher,
+            source="writer",
+            reason="max_deliveries",
+            detail=f"stream sequence {seq} exceeded MaxDeliver",
+            payload=base64.b64decode(stored.get("data", "")),
+            msg_id=f"dlq.maxdeliver.{seq}",
+            extra={streams.HDR_TOPIC: stored.get("subject", "")},
+        )
 
     subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{streams.TELEMETRY_STREAM}.{durable}"
     await nc.subscribe(subject, cb=on_advisory)
 
 
-async def run_writer(settings: WriterSettings, database_url: str, stop: asyncio.Event, nc: NATS,
-                     registry: CollectorRegistry, ready: asyncio.Event | None = None) -> None:
+async def run_writer(
+    settings: WriterSettings,
+    database_url: str,
+    stop: asyncio.Event,
+    nc: NATS,
+    registry: CollectorRegistry,
+    ready: asyncio.Event | None = None,
+) -> None:
     """Pull, store and ack until ``stop``; then finish the batches already pulled and return."""
     metrics = WriterMetrics(registry)
-    await ensure_writer_consumer(nc, settings.durable, ack_wait_s=settings.ack_wait_s,
-                                 max_deliver=settings.max_deliver, max_ack_pending=settings.max_ack_pending)
+    await ensure_writer_consumer(
+        nc,
+        settings.durable,
+        ack_wait_s=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=settings.max_ack_pending,
+    )
     publisher = JetStreamPublisher(nc)
     await publisher.start()
     await forward_max_deliveries(nc, publisher, settings.durable)

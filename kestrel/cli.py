@@ -128,8 +128,9 @@ def run(
     """Run the embedded default: PostgreSQL, NATS, Mosquitto, Kestrel's services and a simulated fleet."""
     from kestrel.embedded import EmbeddedPorts, run_embedded  # noqa: PLC0415
 
-    ports = EmbeddedPorts(postgres_port, nats_port, nats_monitor_port, mqtt_port, api_port, bridge_metrics_port,
-                          writer_metrics_port)
+    ports = EmbeddedPorts(
+        postgres_port, nats_port, nats_monitor_port, mqtt_port, api_port, bridge_metrics_port, writer_metrics_port
+    )
     if len(set(vars(ports).values())) != len(vars(ports)):
         raise InvalidInput("bad_ports", "every port must be different")
     run_embedded(state_dir, ports, devices=devices, rate=rate, simulator=devices > 0)
@@ -146,7 +147,7 @@ def main() -> None:
     except typer.Abort:
         typer.echo("kestrel: aborted", err=True)
         sys.exit(1)
-    except Exception as exc:  # noqa: BLE001 - usage errors and driver errors: one line, no traceback
+    except Exception as exc:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click/typer usage errors
             typer.echo(f"kestrel: {exc.format_message()}", err=True)
             sys.exit(int(exc.exit_code))

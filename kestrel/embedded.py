@@ -81,20 +81,28 @@ def _read_or_create_token(path: Path) -> str:
 
 
 class EmbeddedStack:
-    def __init__(self, state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: float,
-                 simulator: bool = True) -> None:
+    def __init__(
+        self, state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: float, simulator: bool = True
+    ) -> None:
         self.state = state_dir.resolve()
         self.ports = ports
         self.devices = devices
         self.rate = rate
         self.simulator = simulator
         logs = self.state / "logs"
-        self.postgres = PostgresServer(name="postgres", log_path=logs / "postgres.log", root=self.state / "postgres",
-                                       port=ports.postgres)
-        self.nats = NatsServer(name="nats", log_path=logs / "nats.log", root=self.state / "nats", port=ports.nats,
-                               monitor_port=ports.nats_monitor)
-        self.mosquitto = MosquittoServer(name="mosquitto", log_path=logs / "mosquitto.log",
-                                         root=self.state / "mosquitto", port=ports.mqtt)
+        self.postgres = PostgresServer(
+            name="postgres", log_path=logs / "postgres.log", root=self.state / "postgres", port=ports.postgres
+        )
+        self.nats = NatsServer(
+            name="nats",
+            log_path=logs / "nats.log",
+            root=self.state / "nats",
+            port=ports.nats,
+            monitor_port=ports.nats_monitor,
+        )
+        self.mosquitto = MosquittoServer(
+            name="mosquitto", log_path=logs / "mosquitto.log", root=self.state / "mosquitto", port=ports.mqtt
+        )
         self.services: list[Service] = []
         self._stopping = False
 
@@ -104,16 +112,18 @@ class EmbeddedStack:
 
     def _env(self, token: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "KESTREL_DATABASE_URL": self.postgres.url,
-            "KESTREL_BRIDGE_MQTT_PORT": str(self.ports.mqtt),
-            "KESTREL_BRIDGE_NATS_URL": self.nats.url,
-            "KESTREL_BRIDGE_METRICS_PORT": str(self.ports.bridge_metrics),
-            "KESTREL_WRITER_NATS_URL": self.nats.url,
-            "KESTREL_WRITER_METRICS_PORT": str(self.ports.writer_metrics),
-            "KESTREL_API_PORT": str(self.ports.api),
-            "KESTREL_API_ADMIN_TOKEN": token,
-        })
+        env.update(
+            {
+                "KESTREL_DATABASE_URL": self.postgres.url,
+                "KESTREL_BRIDGE_MQTT_PORT": str(self.ports.mqtt),
+                "KESTREL_BRIDGE_NATS_URL": self.nats.url,
+                "KESTREL_BRIDGE_METRICS_PORT": str(self.ports.bridge_metrics),
+                "KESTREL_WRITER_NATS_URL": self.nats.url,
+                "KESTREL_WRITER_METRICS_PORT": str(self.ports.writer_metrics),
+                "KESTREL_API_PORT": str(self.ports.api),
+                "KESTREL_API_ADMIN_TOKEN": token,
+            }
+        )
         return env
 
     def start(self) -> None:
@@ -122,7 +132,7 @@ class EmbeddedStack:
         self.check_ports()
         for server in (self.postgres, self.nats, self.mosquitto):
             print(f"  starting {server.name} ...", flush=True)
-            server.start()  # type: ignore[attr-defined]
+            server.start()
         migrate(self.postgres.url)
         registry.create_tenant(self.postgres.url, DEMO_TENANT, "Demo tenant", exist_ok=True)
         sims = device_ids("sim", self.devices)
@@ -131,7 +141,8 @@ class EmbeddedStack:
         env = self._env(token)
         env_file = self.state / "kestrel.env"
         env_file.write_text(
-            f"KESTREL_DATABASE_URL={self.postgres.url}\nKESTREL_API_URL=http://{LOOPBACK}:{self.ports.api}\n")
+            f"KESTREL_DATABASE_URL={self.postgres.url}\nKESTREL_API_URL=http://{LOOPBACK}:{self.ports.api}\n"
+        )
         env_file.chmod(0o600)
         py = sys.executable
         logs = self.state / "logs"
@@ -141,9 +152,25 @@ class EmbeddedStack:
             ("api", [py, "-m", "api"]),
         ]
         if self.simulator and self.devices:
-            specs.append(("simulator", [py, "-m", "kestrel", "simulate", "--port", str(self.ports.mqtt),
-                                        "--tenant", DEMO_TENANT, "--devices", str(self.devices),
-                                        "--rate", str(self.rate)]))
+            specs.append(
+                (
+                    "simulator",
+                    [
+                        py,
+                        "-m",
+                        "kestrel",
+                        "simulate",
+                        "--port",
+                        str(self.ports.mqtt),
+                        "--tenant",
+                        DEMO_TENANT,
+                        "--devices",
+                        str(self.devices),
+                        "--rate",
+                        str(self.rate),
+                    ],
+                )
+            )
         for name, argv in specs:
             service = Service(name=name, log_path=logs / f"{name}.log", argv=argv, env=env)
             service.start()
@@ -169,27 +196,32 @@ class EmbeddedStack:
 
     def banner(self) -> str:
         p = self.ports
-        return "\n".join([
-            "",
-            "Kestrel is running (embedded default, loopback only). Ctrl-C stops everything.",
-            f"  MQTT broker     mqtt://{LOOPBACK}:{p.mqtt}          (Mosquitto)",
-            f"  REST API        http://{LOOPBACK}:{p.api}/api/v1   (OpenAPI: /schema, /schema/openapi.json)",
-            f"  NATS JetStream  nats://{LOOPBACK}:{p.nats}          (monitoring http://{LOOPBACK}:{p.nats_monitor})",
-            f"  PostgreSQL      {LOOPBACK}:{p.postgres}            (database kestrel; URL in {self.state}/kestrel.env)",
-            f"  Metrics         http://{LOOPBACK}:{p.api}/metrics  :{p.bridge_metrics} (bridge)  "
-            f":{p.writer_metrics} (writer)",
-            f"  Logs            {self.state}/logs/",
-            f"  Simulator       {self.devices} devices, {self.rate:g} msg/s in tenant '{DEMO_TENANT}'"
-            if self.simulator and self.devices else "  Simulator       off",
-            "",
-            "Send a first message:",
-            f"  mosquitto_pub -h {LOOPBACK} -p {p.mqtt} -V mqttv5 -q 1 -t v1/{DEMO_TENANT}/d/{FIRST_DEVICE}/telemetry "
-            "-m '{\"temp\": 21.5}'",
-            "Read it back:",
-            f"  curl -s -H \"Authorization: Bearer $(cat {self.state}/admin-token)\" "
-            f"http://{LOOPBACK}:{p.api}/api/v1/devices/{FIRST_DEVICE}/telemetry",
-            "",
-        ])
+        return "\n".join(
+            [
+                "",
+                "Kestrel is running (embedded default, loopback only). Ctrl-C stops everything.",
+                f"  MQTT broker     mqtt://{LOOPBACK}:{p.mqtt}          (Mosquitto)",
+                f"  REST API        http://{LOOPBACK}:{p.api}/api/v1   (OpenAPI: /schema, /schema/openapi.json)",
+                f"  NATS JetStream  nats://{LOOPBACK}:{p.nats}          (monitoring http://{LOOPBACK}:{p.nats_monitor})",
+                f"  PostgreSQL      {LOOPBACK}:{p.postgres}            "
+                f"(database kestrel; URL in {self.state}/kestrel.env)",
+                f"  Metrics         http://{LOOPBACK}:{p.api}/metrics  :{p.bridge_metrics} (bridge)  "
+                f":{p.writer_metrics} (writer)",
+                f"  Logs            {self.state}/logs/",
+                f"  Simulator       {self.devices} devices, {self.rate:g} msg/s in tenant '{DEMO_TENANT}'"
+                if self.simulator and self.devices
+                else "  Simulator       off",
+                "",
+                "Send a first message:",
+                f"  mosquitto_pub -h {LOOPBACK} -p {p.mqtt} -V mqttv5 -q 1 "
+                f"-t v1/{DEMO_TENANT}/d/{FIRST_DEVICE}/telemetry "
+                "-m '{\"temp\": 21.5}'",
+                "Read it back:",
+                f'  curl -s -H "Authorization: Bearer $(cat {self.state}/admin-token)" '
+                f"http://{LOOPBACK}:{p.api}/api/v1/devices/{FIRST_DEVICE}/telemetry",
+                "",
+            ]
+        )
 
     def stop(self) -> None:
         self._stopping = True
@@ -210,7 +242,7 @@ def run_embedded(state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: f
     stack = EmbeddedStack(state_dir, ports, devices=devices, rate=rate, simulator=simulator)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stack._stopping = True  # noqa: SLF001 - our own flag; the main loop does the stopping
+        stack._stopping = True
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

@@ -63,15 +63,15 @@ class MqttPublisher:
     _window: asyncio.Semaphore | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def connect(self, timeout: float = 10.0) -> None:
-        self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), timeout)
+    async def connect(self, connect_timeout: float = 10.0) -> None:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), connect_timeout)
+        self._reader, self._writer = reader, writer
         flags = 0x02 if self.clean_start else 0x00
         props = _varint(0) if self.version == 5 else b""
         body = _str("MQTT") + bytes([self.version, flags]) + struct.pack("!H", self.keepalive) + props
         body += _str(self.client_id)
-        self._writer.write(_packet(CONNECT, 0, body))
-        kind, _, data = await asyncio.wait_for(self._read_packet(), timeout)
+        writer.write(_packet(CONNECT, 0, body))
+        kind, _, data = await asyncio.wait_for(self._read_packet(), connect_timeout)
         if kind != CONNACK:
             raise MqttError(f"expected CONNACK, got packet type {kind}")
         code = data[1]
@@ -80,8 +80,10 @@ class MqttPublisher:
         receive_max = self._connack_receive_maximum(data) if self.version == 5 else 65535
         self._window = asyncio.Semaphore(min(self.max_inflight, receive_max))
         self._ids = self._packet_ids()
-        self._tasks = [asyncio.create_task(self._read_loop(), name=f"mqtt-read-{self.client_id}"),
-                       asyncio.create_task(self._ping_loop(), name=f"mqtt-ping-{self.client_id}")]
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name=f"mqtt-read-{self.client_id}"),
+            asyncio.create_task(self._ping_loop(), name=f"mqtt-ping-{self.client_id}"),
+        ]
 
     @staticmethod
     def _connack_receive_maximum(data: bytes) -> int:

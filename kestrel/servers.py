@@ -52,9 +52,7 @@ def ensure_port_free(name: str, port: int, host: str = LOOPBACK) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise PortInUse(
-                f"{name} port {host}:{port} is already in use; choose another with --{name}-port"
-            ) from exc
+            raise PortInUse(f"{name} port {host}:{port} is already in use; choose another with --{name}-port") from exc
 
 
 def wait_for_port(port: int, host: str = LOOPBACK, timeout: float = 30.0) -> bool:
@@ -122,8 +120,12 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(  # type: ignore[call-overload]
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, **kwargs,
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **kwargs,
         )
 
     @property
@@ -216,9 +218,22 @@ class PostgresServer(ManagedProcess):
         pwfile.write_text(password + "\n")
         _chown(self.root, "postgres")
         proc = subprocess.run(
-            [str(bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "--pwfile", str(pwfile),
-             "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "--encoding=UTF8", "--locale=C"],
-            capture_output=True, check=False, **_as_user("postgres"),  # type: ignore[call-overload]
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--pwfile",
+                str(pwfile),
+                "--auth-host=scram-sha-256",
+                "--auth-local=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+            ],
+            capture_output=True,
+            check=False,
+            **_as_user("postgres"),  # type: ignore[call-overload]
         )
         pwfile.unlink()
         if proc.returncode != 0:

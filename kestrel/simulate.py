@@ -85,8 +85,13 @@ class Fleet:
     async def run(self, duration: float | None = None, count: int | None = None) -> FleetStats:
         """Publish until ``stop()``, ``duration`` seconds or ``count`` messages per device."""
         rng = random.Random(self.seed)  # noqa: S311 - simulation, not security
-        tasks = [asyncio.create_task(self._device(SimulatedDevice(d, random.Random(rng.random())), count),  # noqa: S311
-                                     name=f"sim-{d}") for d in self.device_ids]
+        tasks = [
+            asyncio.create_task(
+                self._device(SimulatedDevice(d, random.Random(rng.random())), count),  # noqa: S311
+                name=f"sim-{d}",
+            )
+            for d in self.device_ids
+        ]
         if duration is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), duration)

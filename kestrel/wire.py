@@ -146,9 +146,7 @@ def _ts_us(reading: Reading) -> int:
     return reading.ts * 1000
 
 
-def normalize(
-    topic: TelemetryTopic, payload: bytes, received_us: int, limits: TelemetryLimits
-) -> Normalized:
+def normalize(topic: TelemetryTopic, payload: bytes, received_us: int, limits: TelemetryLimits) -> Normalized:
     """Validate a device payload and build the JetStream message for it.
 
     Raises ``InvalidInput`` with a stable ``reason`` for every kind of bad input.

@@ -39,8 +39,13 @@ def servers_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def postgres(servers_root: Path) -> Iterator[PostgresServer]:
-    server = PostgresServer(name="postgres", log_path=servers_root / "postgres.log", root=servers_root / "pg",
-                            port=free_port(), shared_buffers="128MB")
+    server = PostgresServer(
+        name="postgres",
+        log_path=servers_root / "postgres.log",
+        root=servers_root / "pg",
+        port=free_port(),
+        shared_buffers="128MB",
+    )
     server.start()
     migrate(server.url)
     yield server
@@ -53,8 +58,9 @@ def database_url(postgres: PostgresServer) -> str:
 
 
 def _nats(root: Path, sync: str = "default") -> NatsServer:
-    return NatsServer(name="nats", log_path=root / "nats.log", root=root, port=free_port(), monitor_port=free_port(),
-                      sync=sync)  # type: ignore[arg-type]
+    return NatsServer(
+        name="nats", log_path=root / "nats.log", root=root, port=free_port(), monitor_port=free_port(), sync=sync
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +84,9 @@ def fresh_nats(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
 
 @pytest.fixture(scope="session")
 def mosquitto(servers_root: Path) -> Iterator[MosquittoServer]:
-    server = MosquittoServer(name="mosquitto", log_path=servers_root / "mosquitto.log", root=servers_root / "mq",
-                             port=free_port())
+    server = MosquittoServer(
+        name="mosquitto", log_path=servers_root / "mosquitto.log", root=servers_root / "mq", port=free_port()
+    )
     server.start()
     yield server
     server.stop()
@@ -107,8 +114,10 @@ def make_tenant(database_url: str) -> Callable[[int], Tenant]:
 
 def stored_rows(database_url: str, tenant: str) -> list[tuple[str, int]]:
     with psycopg.connect(database_url) as conn:
-        return [(d, s) for d, s in conn.execute(
-            "SELECT device_id, seq FROM telemetry WHERE tenant_id = %s", (tenant,)).fetchall()]
+        return [
+            (d, s)
+            for d, s in conn.execute("SELECT device_id, seq FROM telemetry WHERE tenant_id = %s", (tenant,)).fetchall()
+        ]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
@@ -122,7 +131,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
 
 def scrape(port: int, metric: str) -> float:
     """Sum of a Prometheus counter/gauge family (all label sets) from a /metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     total = 0.0
     for line in text.splitlines():
@@ -161,16 +170,28 @@ class Pipeline:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"KESTREL_DATABASE_URL": self.database_url, "KESTREL_BRIDGE_MQTT_PORT": str(self.mqtt_port),
-                    "KESTREL_BRIDGE_NATS_URL": self.nats_url, "KESTREL_BRIDGE_SHARE_GROUP": self.share_group,
-                    "KESTREL_WRITER_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {
+                "KESTREL_DATABASE_URL": self.database_url,
+                "KESTREL_BRIDGE_MQTT_PORT": str(self.mqtt_port),
+                "KESTREL_BRIDGE_NATS_URL": self.nats_url,
+                "KESTREL_BRIDGE_SHARE_GROUP": self.share_group,
+                "KESTREL_WRITER_NATS_URL": self.nats_url,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
     def start_bridge(self, client_id: str) -> ServiceProcess:
         port = free_port()
         env = self._env() | {"KESTREL_BRIDGE_CLIENT_ID": client_id, "KESTREL_BRIDGE_METRICS_PORT": str(port)}
-        proc = ServiceProcess(name=client_id, log_path=self.root / f"{client_id}.log",
-                              argv=[sys.executable, "-m", "ingest", "bridge"], env=env, metrics_port=port)
+        proc = ServiceProcess(
+            name=client_id,
+            log_path=self.root / f"{client_id}.log",
+            argv=[sys.executable, "-m", "ingest", "bridge"],
+            env=env,
+            metrics_port=port,
+        )
         proc.start()
         self.processes.append(proc)
         assert wait_until(lambda: _metrics_up(port), 20), f"bridge {client_id} did not start"
@@ -180,8 +201,13 @@ class Pipeline:
         port = free_port()
         env = self._env() | {"KESTREL_WRITER_METRICS_PORT": str(port)}
         env |= {f"KESTREL_WRITER_{k.upper()}": v for k, v in settings.items()}
-        proc = ServiceProcess(name=name, log_path=self.root / f"{name}.log",
-                              argv=[sys.executable, "-m", "ingest", "writer"], env=env, metrics_port=port)
+        proc = ServiceProcess(
+            name=name,
+            log_path=self.root / f"{name}.log",
+            argv=[sys.executable, "-m", "ingest", "writer"],
+            env=env,
+            metrics_port=port,
+        )
         proc.start()
         self.processes.append(proc)
         assert wait_until(lambda: _metrics_up(port), 20), "writer did not start"
@@ -194,7 +220,7 @@ class Pipeline:
 
 def _metrics_up(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
             return True
     except OSError:
         return False
@@ -202,13 +228,33 @@ def _metrics_up(port: int) -> bool:
 
 def clear_session(port: int, client_id: str) -> None:
     """End a bridge's persistent session so that it stops collecting messages after a test."""
-    subprocess.run(["mosquitto_sub", "-p", str(port), "-i", client_id, "-V", "mqttv5", "-t", "x/unused", "-C", "1",
-                    "-W", "1", "-x", "0"], capture_output=True, check=False)
+    subprocess.run(
+        [
+            "mosquitto_sub",
+            "-p",
+            str(port),
+            "-i",
+            client_id,
+            "-V",
+            "mqttv5",
+            "-t",
+            "x/unused",
+            "-C",
+            "1",
+            "-W",
+            "1",
+            "-x",
+            "0",
+        ],
+        capture_output=True,
+        check=False,
+    )
 
 
 @pytest.fixture
-def pipeline_factory(tmp_path: Path, database_url: str,
-                     mosquitto: MosquittoServer) -> Iterator[Callable[[NatsServer], Pipeline]]:
+def pipeline_factory(
+    tmp_path: Path, database_url: str, mosquitto: MosquittoServer
+) -> Iterator[Callable[[NatsServer], Pipeline]]:
     made: list[Pipeline] = []
 
     def make(nats: NatsServer) -> Pipeline:

@@ -10,7 +10,9 @@ from nats.js.errors import NotFoundError
 from kestrel import streams
 
 
-async def deadletters(url: str, *, topic_contains: str = "", expect: int = 0, timeout: float = 10.0) -> list[dict[str, str]]:
+async def deadletters(
+    url: str, *, topic_contains: str = "", expect: int = 0, timeout: float = 10.0
+) -> list[dict[str, str]]:
     """Headers (plus subject and payload) of dead letters, waiting until ``expect`` match ``topic_contains``."""
     nc = await nats.connect(url)
     try:
@@ -28,8 +30,9 @@ async def deadletters(url: str, *, topic_contains: str = "", expect: int = 0, ti
                         continue
                     headers = dict(msg.headers or {})
                     if topic_contains in headers.get(streams.HDR_TOPIC, ""):
-                        found.append(headers | {"subject": msg.subject, "payload": (msg.data or b"").decode(
-                            errors="replace")})
+                        found.append(
+                            headers | {"subject": msg.subject, "payload": (msg.data or b"").decode(errors="replace")}
+                        )
             except NotFoundError:
                 pass
             if len(found) >= expect or asyncio.get_running_loop().time() > deadline:

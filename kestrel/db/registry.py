@@ -36,9 +36,7 @@ def create_devices(conninfo: str, tenant: str, devices: Iterable[str], *, exist_
     with psycopg.connect(conninfo) as conn, conn.transaction():
         if conn.execute("SELECT 1 FROM tenants WHERE tenant_id = %s", (tenant,)).fetchone() is None:
             raise NotFound(f"tenant {tenant} does not exist")
-        taken = conn.execute(
-            "SELECT device_id, tenant_id FROM devices WHERE device_id = ANY(%s)", (ids,)
-        ).fetchall()
+        taken = conn.execute("SELECT device_id, tenant_id FROM devices WHERE device_id = ANY(%s)", (ids,)).fetchall()
         foreign = [d for d, t in taken if t != tenant]
         if foreign or (taken and not exist_ok):
             raise Conflict(f"device id already registered: {(foreign or [taken[0][0]])[0]}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import time
@@ -33,8 +33,14 @@ def _ports() -> dict[str, int]:
 def _start(state: Path, ports: dict[str, int], *extra: str) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "kestrel", "run", "--state-dir", str(state), "--devices", "5", "--rate", "20"]
     argv += [a for name, port in ports.items() for a in (f"--{name}-port", str(port))]
-    return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+    return subprocess.Popen(
+        [*argv, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        start_new_session=True,
+    )
 
 
 def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 90) -> str:
@@ -59,8 +65,9 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 def _telemetry(api_port: int, token: str, device: str) -> list[dict[str, object]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/v1/devices/{device}/telemetry",
-                                 headers={"Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{api_port}/api/v1/devices/{device}/telemetry", headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback
         return list(json.loads(resp.read())["points"])
 
@@ -77,7 +84,7 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left behind: {[p.info for p in alive]}"
     return out
 
@@ -94,8 +101,25 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         token = (state / "admin-token").read_text().strip()
         assert token not in banner  # the banner points at the file, never prints the secret
         assert (state / "admin-token").stat().st_mode & 0o077 == 0
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports["mqtt"]), "-V", "mqttv5", "-q", "1", "-t",
-                        "v1/demo/d/my-sensor/telemetry", "-m", '{"temp": 21.5}'], check=True, timeout=10)
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(ports["mqtt"]),
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-t",
+                "v1/demo/d/my-sensor/telemetry",
+                "-m",
+                '{"temp": 21.5}',
+            ],
+            check=True,
+            timeout=10,
+        )
         assert wait_until(lambda: _telemetry(ports["api"], token, "my-sensor") != [], 10)
         assert _telemetry(ports["api"], token, "my-sensor")[0]["value"] == {"temp": 21.5}
         assert wait_until(lambda: len(_telemetry(ports["api"], token, "sim-0001")) > 2, 20), "simulator data"

@@ -36,10 +36,15 @@ def now_ms() -> int:
 
 def start_api(pipeline: Pipeline) -> ServiceProcess:
     port = free_port()
-    env = dict(os.environ, KESTREL_DATABASE_URL=pipeline.database_url, KESTREL_API_PORT=str(port),
-               KESTREL_API_ADMIN_TOKEN=TOKEN)
-    proc = ServiceProcess(name="api", log_path=pipeline.root / "api.log", argv=[sys.executable, "-m", "api"], env=env,
-                          metrics_port=port)
+    env = dict(
+        os.environ,
+        KESTREL_DATABASE_URL=pipeline.database_url,
+        KESTREL_API_PORT=str(port),
+        KESTREL_API_ADMIN_TOKEN=TOKEN,
+    )
+    proc = ServiceProcess(
+        name="api", log_path=pipeline.root / "api.log", argv=[sys.executable, "-m", "api"], env=env, metrics_port=port
+    )
     proc.start()
     pipeline.processes.append(proc)
     assert wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), 20), "api did not become ready"
@@ -76,13 +81,21 @@ def paho_publish(port: int, client_id: str, topic: str, payloads: list[bytes], q
 
 
 def mosquitto_pub(port: int, topic: str, message: bytes, *, version: str = "mqttv311", qos: int = 1) -> None:
-    subprocess.run(["mosquitto_pub", "-p", str(port), "-V", version, "-q", str(qos), "-t", topic, "-s"],
-                   input=message, check=True, capture_output=True, timeout=10)
+    subprocess.run(
+        ["mosquitto_pub", "-p", str(port), "-V", version, "-q", str(qos), "-t", topic, "-s"],
+        input=message,
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
 
 
 def test_publish_is_stored_and_served_by_the_api(
-        pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer, mosquitto: MosquittoServer,
-        make_tenant: Callable[[int], Tenant]) -> None:
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    nats_server: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
     tenant = make_tenant(3)
     pipeline = pipeline_factory(nats_server)
     pipeline.start_writer()
@@ -90,12 +103,17 @@ def test_publish_is_stored_and_served_by_the_api(
     api = start_api(pipeline)
     d5, d311, dbare = tenant.devices
     base = now_ms()
-    paho_publish(mosquitto.port, d5, f"v1/{tenant.id}/d/{d5}/telemetry",
-                 [json.dumps({"ts": base + i, "seq": i, "metrics": {"temp": 20 + i}}).encode() for i in range(5)])
+    paho_publish(
+        mosquitto.port,
+        d5,
+        f"v1/{tenant.id}/d/{d5}/telemetry",
+        [json.dumps({"ts": base + i, "seq": i, "metrics": {"temp": 20 + i}}).encode() for i in range(5)],
+    )
     batch = [{"ts": base + i, "seq": i, "metrics": {"rpm": 1000 * i, "on": True}} for i in range(3)]
     mosquitto_pub(mosquitto.port, f"v1/{tenant.id}/d/{d311}/telemetry/engine", json.dumps(batch).encode())
-    mosquitto_pub(mosquitto.port, f"v1/{tenant.id}/d/{dbare}/telemetry", b'{"temp": 21.5, "state": "ok"}', qos=0,
-                  version="mqttv5")
+    mosquitto_pub(
+        mosquitto.port, f"v1/{tenant.id}/d/{dbare}/telemetry", b'{"temp": 21.5, "state": "ok"}', qos=0, version="mqttv5"
+    )
 
     assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == 9, 20)
     five = api_get(api.metrics_port, f"/api/v1/devices/{d5}/telemetry?metric=temp")
@@ -105,11 +123,16 @@ def test_publish_is_stored_and_served_by_the_api(
     assert [p["stream"] for p in engine["points"]] == ["engine"] * 3
     assert engine["points"][2]["value"] == {"rpm": 2000, "on": True}
     bare = api_get(api.metrics_port, f"/api/v1/devices/{dbare}/telemetry")
-    assert bare["points"][0]["value"] == {"temp": 21.5, "state": "ok"} and bare["points"][0]["seq"] is None
+    assert bare["points"][0]["value"] == {"temp": 21.5, "state": "ok"}
+    assert bare["points"][0]["seq"] is None
 
 
-def test_duplicates_are_stored_once(pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer,
-                                    mosquitto: MosquittoServer, make_tenant: Callable[[int], Tenant]) -> None:
+def test_duplicates_are_stored_once(
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    nats_server: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
     tenant = make_tenant(1)
     device = tenant.devices[0]
     pipeline = pipeline_factory(nats_server)
@@ -126,8 +149,11 @@ def test_duplicates_are_stored_once(pipeline_factory: Callable[[NatsServer], Pip
 
 
 def test_malformed_payloads_are_dead_lettered_while_good_traffic_continues(
-        pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer, mosquitto: MosquittoServer,
-        make_tenant: Callable[[int], Tenant]) -> None:
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    nats_server: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
     tenant = make_tenant(1)
     device = tenant.devices[0]
     pipeline = pipeline_factory(nats_server)
@@ -147,8 +173,9 @@ def test_malformed_payloads_are_dead_lettered_while_good_traffic_continues(
     good = 0
     for t, payload, _ in bad:
         mosquitto_pub(mosquitto.port, t, payload, version="mqttv5")
-        paho_publish(mosquitto.port, device, topic, [json.dumps({"ts": now_ms(), "seq": good, "metrics": {"n": good}})
-                                                      .encode()])
+        paho_publish(
+            mosquitto.port, device, topic, [json.dumps({"ts": now_ms(), "seq": good, "metrics": {"n": good}}).encode()]
+        )
         good += 1
     assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == good, 20)
     dead = asyncio.run(deadletters(pipeline.nats_url, topic_contains=f"v1/{tenant.id}/", expect=len(bad)))
@@ -158,8 +185,12 @@ def test_malformed_payloads_are_dead_lettered_while_good_traffic_continues(
     assert bridge.alive()
 
 
-def test_two_bridges_share_the_load(pipeline_factory: Callable[[NatsServer], Pipeline], nats_server: NatsServer,
-                                    mosquitto: MosquittoServer, make_tenant: Callable[[int], Tenant]) -> None:
+def test_two_bridges_share_the_load(
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    nats_server: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
     tenant = make_tenant(10)
     pipeline = pipeline_factory(nats_server)
     pipeline.start_writer()
@@ -184,8 +215,9 @@ def count_loss(database_url: str, tenant: str, acked: dict[tuple[str, int], floa
     return lost, len(rows) - len(keys), len(rows)
 
 
-def run_fleet_with_fault(tenant: Tenant, port: int, fault: Callable[[], None], *, rate: float = 1500,
-                         duration: float = 8.0) -> dict[tuple[str, int], float]:
+def run_fleet_with_fault(
+    tenant: Tenant, port: int, fault: Callable[[], None], *, rate: float = 1500, duration: float = 8.0
+) -> dict[tuple[str, int], float]:
     fleet = Fleet("127.0.0.1", port, tenant.id, tenant.devices, rate=rate, record=True)
 
     async def main() -> None:
@@ -201,8 +233,11 @@ def run_fleet_with_fault(tenant: Tenant, port: int, fault: Callable[[], None], *
 
 @pytest.mark.slow
 def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
-        pipeline_factory: Callable[[NatsServer], Pipeline], fresh_nats: NatsServer, mosquitto: MosquittoServer,
-        make_tenant: Callable[[int], Tenant]) -> None:
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    fresh_nats: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
     tenant = make_tenant(40)
     pipeline = pipeline_factory(fresh_nats)
     writer = pipeline.start_writer(batch_size="2000", flush_interval_s="0.2")
@@ -225,8 +260,11 @@ def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
 @pytest.mark.slow
 @pytest.mark.parametrize("fresh_nats", ["default", "always"], indirect=True, ids=["sync-default", "sync-always"])
 def test_nats_restarted_under_load_loses_and_duplicates_nothing(
-        pipeline_factory: Callable[[NatsServer], Pipeline], fresh_nats: NatsServer, mosquitto: MosquittoServer,
-        make_tenant: Callable[[int], Tenant]) -> None:
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    fresh_nats: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
     tenant = make_tenant(40)
     pipeline = pipeline_factory(fresh_nats)
     pipeline.start_writer()
@@ -241,15 +279,20 @@ def test_nats_restarted_under_load_loses_and_duplicates_nothing(
     assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 90)
     time.sleep(1.0)
     lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
-    print(f"NATS SIGKILL+restart ({fresh_nats.sync}): acked={len(acked)} stored={stored} lost={lost} "
-          f"duplicates={duplicates}")
+    print(
+        f"NATS SIGKILL+restart ({fresh_nats.sync}): acked={len(acked)} stored={stored} lost={lost} "
+        f"duplicates={duplicates}"
+    )
     assert (lost, duplicates) == (0, 0)
 
 
 @pytest.mark.slow
 def test_bridge_killed_while_jetstream_is_down_loses_and_duplicates_nothing(
-        pipeline_factory: Callable[[NatsServer], Pipeline], fresh_nats: NatsServer, mosquitto: MosquittoServer,
-        make_tenant: Callable[[int], Tenant]) -> None:
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    fresh_nats: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
     """The bridge PUBACKs only after JetStream's ack. With JetStream down it holds a full receive window of
     unacknowledged messages; killing it then must lose none of them: the broker redelivers them to the
     persistent session, and the storage key absorbs copies JetStream may already have had. (With an early
@@ -271,6 +314,5 @@ def test_bridge_killed_while_jetstream_is_down_loses_and_duplicates_nothing(
     assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 60)
     time.sleep(1.0)
     lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
-    print(f"bridge SIGKILL with JetStream down: acked={len(acked)} stored={stored} lost={lost} "
-          f"duplicates={duplicates}")
+    print(f"bridge SIGKILL with JetStream down: acked={len(acked)} stored={stored} lost={lost} duplicates={duplicates}")
     assert (lost, duplicates) == (0, 0)

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 TOKEN = "kst_admin_test_token_value"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 T0 = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC).replace(
-    year=datetime.now(UTC).year, month=datetime.now(UTC).month, day=datetime.now(UTC).day) - timedelta(hours=3)
+    year=datetime.now(UTC).year, month=datetime.now(UTC).month, day=datetime.now(UTC).day
+) - timedelta(hours=3)
 
 
 @pytest.fixture
@@ -35,12 +36,16 @@ def fleet(make_tenant: Callable[[int], Tenant], database_url: str) -> Tenant:
     with psycopg.connect(database_url) as conn:
         for minute in range(10):
             metrics = {"temp": float(minute), "mode": "eco" if minute % 2 else "boost", "ok": minute != 4}
-            conn.execute("INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
-                         " VALUES (%s, %s, '', %s, %s, %s, now())",
-                         (tenant.id, tenant.devices[0], T0 + timedelta(minutes=minute), minute, json.dumps(metrics)))
-        conn.execute("INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
-                     " VALUES (%s, %s, '', %s, -1, '{\"hum\": 40}', now())",
-                     (tenant.id, tenant.devices[0], T0 + timedelta(minutes=10)))
+            conn.execute(
+                "INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
+                " VALUES (%s, %s, '', %s, %s, %s, now())",
+                (tenant.id, tenant.devices[0], T0 + timedelta(minutes=minute), minute, json.dumps(metrics)),
+            )
+        conn.execute(
+            "INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
+            " VALUES (%s, %s, '', %s, -1, '{\"hum\": 40}', now())",
+            (tenant.id, tenant.devices[0], T0 + timedelta(minutes=10)),
+        )
     return tenant
 
 
@@ -58,8 +63,11 @@ def window(**extra: str) -> dict[str, str]:
     return {"from": T0.isoformat(), "to": (T0 + timedelta(hours=1)).isoformat()} | extra
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                                     {"Authorization": f"Basic {TOKEN}"}], ids=["none", "wrong", "no-scheme", "basic"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}],
+    ids=["none", "wrong", "no-scheme", "basic"],
+)
 def test_api_requires_the_token(client: TestClient, headers: dict[str, str]) -> None:  # type: ignore[type-arg]
     resp = client.get("/api/v1/devices", headers=headers)
     assert_problem(resp, 401, "unauthenticated")
@@ -74,15 +82,17 @@ def test_empty_admin_token_fails_closed(database_url: str) -> None:
 def test_list_devices_by_tenant_with_cursor(client: TestClient, fleet: Tenant) -> None:  # type: ignore[type-arg]
     first = client.get("/api/v1/devices", params={"tenant": fleet.id, "limit": 2}, headers=AUTH).json()
     assert [d["device_id"] for d in first["items"]] == sorted(fleet.devices)[:2]
-    rest = client.get("/api/v1/devices", params={"tenant": fleet.id, "limit": 2, "cursor": first["next_cursor"]},
-                      headers=AUTH).json()
+    rest = client.get(
+        "/api/v1/devices", params={"tenant": fleet.id, "limit": 2, "cursor": first["next_cursor"]}, headers=AUTH
+    ).json()
     assert [d["device_id"] for d in rest["items"]] == sorted(fleet.devices)[2:]
     assert rest["next_cursor"] is None
 
 
 def test_get_device_and_404(client: TestClient, fleet: Tenant) -> None:  # type: ignore[type-arg]
     body = client.get(f"/api/v1/devices/{fleet.devices[1]}", headers=AUTH).json()
-    assert body["tenant_id"] == fleet.id and body["status"] == "active"
+    assert body["tenant_id"] == fleet.id
+    assert body["status"] == "active"
     assert_problem(client.get("/api/v1/devices/nope-nope", headers=AUTH), 404, "not_found")
     assert_problem(client.get("/api/v1/devices/nope-nope/telemetry", headers=AUTH), 404, "not_found")
 
@@ -110,39 +120,68 @@ def test_raw_points_without_metric_return_every_metric(client: TestClient, fleet
     page = client.get(f"/api/v1/devices/{fleet.devices[0]}/telemetry", params=window(), headers=AUTH).json()
     assert len(page["points"]) == 11
     assert page["points"][0]["value"] == {"temp": 0.0, "mode": "boost", "ok": True}
-    assert page["points"][-1]["seq"] is None and page["points"][-1]["value"] == {"hum": 40}
+    assert page["points"][-1]["seq"] is None
+    assert page["points"][-1]["value"] == {"hum": 40}
 
 
-@pytest.mark.parametrize(("metric", "agg", "expected"), [
-    ("temp", "avg", [2.0, 7.0]), ("temp", "min", [0.0, 5.0]), ("temp", "max", [4.0, 9.0]),
-    ("temp", "sum", [10.0, 35.0]), ("temp", "count", [5, 5]), ("temp", "first", [0.0, 5.0]),
-    ("temp", "last", [4.0, 9.0]), ("mode", "last", ["boost", "eco"]), ("ok", "first", [True, True]),
-    ("ok", "count", [5, 5]), ("mode", "avg", [None, None]),
-])
-def test_aggregates_per_bucket(client: TestClient, fleet: Tenant, metric: str, agg: str,  # type: ignore[type-arg]
-                               expected: list[object]) -> None:
-    body = client.get(f"/api/v1/devices/{fleet.devices[0]}/telemetry",
-                      params=window(metric=metric, bucket="5m", agg=agg), headers=AUTH).json()
+@pytest.mark.parametrize(
+    ("metric", "agg", "expected"),
+    [
+        ("temp", "avg", [2.0, 7.0]),
+        ("temp", "min", [0.0, 5.0]),
+        ("temp", "max", [4.0, 9.0]),
+        ("temp", "sum", [10.0, 35.0]),
+        ("temp", "count", [5, 5]),
+        ("temp", "first", [0.0, 5.0]),
+        ("temp", "last", [4.0, 9.0]),
+        ("mode", "last", ["boost", "eco"]),
+        ("ok", "first", [True, True]),
+        ("ok", "count", [5, 5]),
+        ("mode", "avg", [None, None]),
+    ],
+)
+def test_aggregates_per_bucket(
+    client: TestClient,
+    fleet: Tenant,
+    metric: str,
+    agg: str,  # type: ignore[type-arg]
+    expected: list[object],
+) -> None:
+    body = client.get(
+        f"/api/v1/devices/{fleet.devices[0]}/telemetry",
+        params=window(metric=metric, bucket="5m", agg=agg),
+        headers=AUTH,
+    ).json()
     assert [b["value"] for b in body["buckets"]] == expected
     assert [b["samples"] for b in body["buckets"]] == [5, 5]
     assert body["buckets"][0]["bucket"].startswith(T0.strftime("%Y-%m-%dT%H:%M"))
 
 
-@pytest.mark.parametrize(("params", "kind"), [
-    ({"bucket": "5m"}, "invalid_input.bad_aggregation"),
-    ({"agg": "avg", "bucket": "5m"}, "invalid_input.bad_aggregation"),
-    ({"metric": "temp", "agg": "median", "bucket": "5m"}, "invalid_input"),
-    ({"metric": "temp", "agg": "avg", "bucket": "5w"}, "invalid_input"),
-    ({"metric": "temp", "agg": "avg", "bucket": "1s", "from": "2020-01-01T00:00:00Z"}, "invalid_input.too_many_buckets"),
-    ({"from": "2026-11-27T10:00:00Z", "to": "2026-11-27T09:00:00Z"}, "invalid_input.bad_time"),
-    ({"from": "yesterday"}, "invalid_input"),
-    ({"cursor": "not-a-cursor"}, "invalid_input.bad_cursor"),
-    ({"limit": "0"}, "invalid_input"),
-    ({"limit": "100000"}, "invalid_input"),
-    ({"metric": "bad name"}, "invalid_input"),
-])
-def test_bad_queries_are_400_problems(client: TestClient, fleet: Tenant, params: dict[str, str],  # type: ignore[type-arg]
-                                      kind: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "kind"),
+    [
+        ({"bucket": "5m"}, "invalid_input.bad_aggregation"),
+        ({"agg": "avg", "bucket": "5m"}, "invalid_input.bad_aggregation"),
+        ({"metric": "temp", "agg": "median", "bucket": "5m"}, "invalid_input"),
+        ({"metric": "temp", "agg": "avg", "bucket": "5w"}, "invalid_input"),
+        (
+            {"metric": "temp", "agg": "avg", "bucket": "1s", "from": "2020-01-01T00:00:00Z"},
+            "invalid_input.too_many_buckets",
+        ),
+        ({"from": "2026-11-27T10:00:00Z", "to": "2026-11-27T09:00:00Z"}, "invalid_input.bad_time"),
+        ({"from": "yesterday"}, "invalid_input"),
+        ({"cursor": "not-a-cursor"}, "invalid_input.bad_cursor"),
+        ({"limit": "0"}, "invalid_input"),
+        ({"limit": "100000"}, "invalid_input"),
+        ({"metric": "bad name"}, "invalid_input"),
+    ],
+)
+def test_bad_queries_are_400_problems(
+    client: TestClient,
+    fleet: Tenant,
+    params: dict[str, str],  # type: ignore[type-arg]
+    kind: str,
+) -> None:
     resp = client.get(f"/api/v1/devices/{fleet.devices[0]}/telemetry", params=params, headers=AUTH)
     assert_problem(resp, 400, kind)
 

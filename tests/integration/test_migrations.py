@@ -29,9 +29,13 @@ def test_native_variant_without_timescaledb(database_url: str) -> None:
 
 
 def _partitions(conn: psycopg.Connection) -> set[str]:
-    return {r[0] for r in conn.execute(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = 'telemetry'::regclass")}
+    return {
+        r[0]
+        for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'telemetry'::regclass"
+        )
+    }
 
 
 def test_partitions_exist_ahead_and_old_ones_are_dropped(database_url: str) -> None:

@@ -51,8 +51,9 @@ async def harness(fresh_nats: NatsServer, database_url: str) -> AsyncIterator[Ha
     registry = CollectorRegistry()
     stop = asyncio.Event()
     writer_nc = await nats.connect(fresh_nats.url)
-    task = asyncio.create_task(run_writer(WriterSettings(batch_size=500, flush_interval_s=0.05), database_url, stop,
-                                          writer_nc, registry))
+    task = asyncio.create_task(
+        run_writer(WriterSettings(batch_size=500, flush_interval_s=0.05), database_url, stop, writer_nc, registry)
+    )
     yield Harness(nc, publisher, registry, fresh_nats.url)
     stop.set()
     await asyncio.wait_for(task, 30)
@@ -69,8 +70,11 @@ def reading(tenant: str, device: str, seq: int, **metrics: object) -> tuple[str,
 
 def rows(database_url: str, tenant: str) -> list[tuple[str, int, object, str]]:
     with psycopg.connect(database_url) as conn:
-        return conn.execute("SELECT device_id, seq, metrics, jsonb_typeof(metrics) FROM telemetry"
-                            " WHERE tenant_id = %s ORDER BY device_id, seq", (tenant,)).fetchall()
+        return conn.execute(
+            "SELECT device_id, seq, metrics, jsonb_typeof(metrics) FROM telemetry"
+            " WHERE tenant_id = %s ORDER BY device_id, seq",
+            (tenant,),
+        ).fetchall()
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
@@ -78,8 +82,9 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> bo
 
 
 @pytest.mark.asyncio
-async def test_stores_each_reading_once_as_a_json_object(harness: Harness, make_tenant: Callable[[int], Tenant],
-                                                         database_url: str) -> None:
+async def test_stores_each_reading_once_as_a_json_object(
+    harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str
+) -> None:
     tenant = make_tenant(2)
     sent = [reading(tenant.id, d, s, temp=20.5 + s, ok=True, mode="eco") for d in tenant.devices for s in range(50)]
     for subject, payload, msg_id in sent:
@@ -97,7 +102,8 @@ async def test_stores_each_reading_once_as_a_json_object(harness: Harness, make_
 
 @pytest.mark.asyncio
 async def test_unknown_device_is_dead_lettered_and_good_traffic_continues(
-        harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str) -> None:
+    harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str
+) -> None:
     tenant = make_tenant(1)
     stranger = f"ghost-{uuid.uuid4().hex[:8]}"
     for seq in range(5):
@@ -111,18 +117,21 @@ async def test_unknown_device_is_dead_lettered_and_good_traffic_continues(
 
 @pytest.mark.asyncio
 async def test_device_of_another_tenant_is_not_stored_under_this_one(
-        harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str) -> None:
+    harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str
+) -> None:
     """A topic naming tenant A with tenant B's device id must not land anywhere."""
     a, b = make_tenant(1), make_tenant(1)
     await harness.send(*reading(a.id, b.devices[0], 1))
     dead = await deadletters(harness.nats_url, topic_contains=f"{a.id}.d.{b.devices[0]}", expect=1)
     assert [d[streams.HDR_REASON] for d in dead] == ["unknown_device"]
-    assert rows(database_url, a.id) == [] and rows(database_url, b.id) == []
+    assert rows(database_url, a.id) == []
+    assert rows(database_url, b.id) == []
 
 
 @pytest.mark.asyncio
 async def test_malformed_envelope_is_terminated_and_dead_lettered(
-        harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str) -> None:
+    harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str
+) -> None:
     tenant = make_tenant(1)
     device = tenant.devices[0]
     subject = telemetry_topic(tenant.id, device).subject
@@ -136,14 +145,19 @@ async def test_malformed_envelope_is_terminated_and_dead_lettered(
 
 
 @pytest.mark.asyncio
-async def test_poison_row_does_not_block_its_batch(harness: Harness, make_tenant: Callable[[int], Tenant],
-                                                   database_url: str) -> None:
+async def test_poison_row_does_not_block_its_batch(
+    harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str
+) -> None:
     """A message PostgreSQL refuses (jsonb cannot hold U+0000) is dead-lettered; its batch-mates are stored."""
     tenant = make_tenant(1)
     device = tenant.devices[0]
-    poison = TelemetryEnvelope(tenant=tenant.id, device=device, received_us=int(time.time() * 1e6),
-                               identity="device",
-                               points=[Point(int(time.time() * 1e6), 999, msgspec.Raw(b'{"s": "a\\u0000b"}'))])
+    poison = TelemetryEnvelope(
+        tenant=tenant.id,
+        device=device,
+        received_us=int(time.time() * 1e6),
+        identity="device",
+        points=[Point(int(time.time() * 1e6), 999, msgspec.Raw(b'{"s": "a\\u0000b"}'))],
+    )
     await harness.send(telemetry_topic(tenant.id, device).subject, encode(poison))
     for seq in range(20):
         await harness.send(*reading(tenant.id, device, seq))

@@ -16,8 +16,13 @@ def test_committed_openapi_matches_the_app() -> None:
 def test_document_is_openapi_31_with_every_route_and_bearer_auth() -> None:
     doc = json.loads(openapi_document())
     assert doc["openapi"].startswith("3.1")
-    assert set(doc["paths"]) == {"/api/v1/devices", "/api/v1/devices/{device_id}",
-                                 "/api/v1/devices/{device_id}/telemetry", "/healthz", "/readyz"}
+    assert set(doc["paths"]) == {
+        "/api/v1/devices",
+        "/api/v1/devices/{device_id}",
+        "/api/v1/devices/{device_id}/telemetry",
+        "/healthz",
+        "/readyz",
+    }
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     for path, item in doc["paths"].items():
         if path.startswith("/api/v1"):

@@ -19,21 +19,31 @@ class FakeMsg:
 
 
 def test_to_rows_one_row_per_point() -> None:
-    env = TelemetryEnvelope(tenant="t", device="d", stream="s", received_us=1_000_000, identity="device",
-                            points=[Point(2_000_000, 1, msgspec.Raw(b'{"a":1}')), Point(3_000_000, -1, msgspec.Raw(b"{}"))])
+    env = TelemetryEnvelope(
+        tenant="t",
+        device="d",
+        stream="s",
+        received_us=1_000_000,
+        identity="device",
+        points=[Point(2_000_000, 1, msgspec.Raw(b'{"a":1}')), Point(3_000_000, -1, msgspec.Raw(b"{}"))],
+    )
     rows = to_rows(env)
     assert [r[:3] for r in rows] == [("t", "d", "s"), ("t", "d", "s")]
     assert rows[0][3] == datetime(1970, 1, 1, 0, 0, 2, tzinfo=UTC)
     assert rows[1][4] == -1
-    assert isinstance(rows[0][5], RawJson) and bytes(rows[0][5]) == b'{"a":1}'
+    assert isinstance(rows[0][5], RawJson)
+    assert bytes(rows[0][5]) == b'{"a":1}'
     assert rows[0][6] == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
 
 
-@pytest.mark.parametrize(("reply", "count"), [
-    ("$JS.ACK.TELEMETRY.writer.3.100.90.1764250000000000000.5", 3),
-    ("$JS.ACK.domain.accounthash.TELEMETRY.writer.7.100.90.1764250000000000000.5.token", 7),
-    ("_INBOX.garbage", 1),
-])
+@pytest.mark.parametrize(
+    ("reply", "count"),
+    [
+        ("$JS.ACK.TELEMETRY.writer.3.100.90.1764250000000000000.5", 3),
+        ("$JS.ACK.domain.accounthash.TELEMETRY.writer.7.100.90.1764250000000000000.5.token", 7),
+        ("_INBOX.garbage", 1),
+    ],
+)
 def test_delivery_count_from_ack_subject(reply: str, count: int) -> None:
     assert delivery_count(FakeMsg(reply)) == count  # type: ignore[arg-type]
 
@@ -41,8 +51,11 @@ def test_delivery_count_from_ack_subject(reply: str, count: int) -> None:
 def test_cursor_round_trip_and_tamper() -> None:
     ts = datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=UTC)
     cursor = decode_cursor(encode_cursor(ts, 42, "engine"))
-    assert (cursor.ts_us, cursor.seq, cursor.stream) == ((ts - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(
-        microseconds=1), 42, "engine")
+    assert (cursor.ts_us, cursor.seq, cursor.stream) == (
+        (ts - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1),
+        42,
+        "engine",
+    )
     for bad in ("", "%%%", "bm90IGpzb24", encode_cursor(ts, 1, "x")[:-3]):
         with pytest.raises(InvalidInput):
             decode_cursor(bad)

@@ -88,8 +88,12 @@ REJECTED = [
     ("ts in seconds, not ms", {"ts": NOW_MS // 1000, "metrics": {"t": 1}}, None, "ts_out_of_range"),
     ("ts far in the future", {"ts": NOW_MS + 3_600_000, "metrics": {"t": 1}}, None, "ts_out_of_range"),
     ("ts far in the past", {"ts": NOW_MS - 40 * 86_400_000, "metrics": {"t": 1}}, None, "ts_out_of_range"),
-    ("too many readings", [{"ts": NOW_MS, "seq": i, "metrics": {"t": 1}} for i in range(1001)], None,
-     "too_many_readings"),
+    (
+        "too many readings",
+        [{"ts": NOW_MS, "seq": i, "metrics": {"t": 1}} for i in range(1001)],
+        None,
+        "too_many_readings",
+    ),
 ]
 
 

@@ -49,7 +49,12 @@ def test_arbitrary_json(value: object) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["ts", "seq", "metrics", "x"]),
-                       json_values | st.integers(min_value=0, max_value=2**70), max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(["ts", "seq", "metrics", "x"]),
+        json_values | st.integers(min_value=0, max_value=2**70),
+        max_size=4,
+    )
+)
 def test_reading_shaped_json(value: dict[str, object]) -> None:
     _check(json.dumps(value).encode())
