@@ -41,7 +41,7 @@ async def connect_nats(url: str, name: str) -> NATS:
                 pending_size=64 * 1024 * 1024,
                 error_cb=on_error,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
             log.warning("nats not reachable yet: %s", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

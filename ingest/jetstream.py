@@ -155,7 +155,7 @@ class JetStreamPublisher:
             await self.nc.publish(
                 pending.subject, pending.payload, reply=f"{self._prefix}.{token}", headers=pending.headers
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - disconnected or buffer full: the retry loop resends
             log.debug("publish deferred: %s", exc)
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -227,7 +227,7 @@ class RawPuller:
         request = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
         try:
             await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", request, reply=self._inbox)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - disconnected: wait, then pull again
             log.debug("pull request not sent: %s", exc)
             await asyncio.sleep(min(expires_s, 0.5))
         with contextlib.suppress(TimeoutError):

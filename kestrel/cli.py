@@ -147,7 +147,7 @@ def main() -> None:
     except typer.Abort:
         typer.echo("kestrel: aborted", err=True)
         sys.exit(1)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, no traceback
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click/typer usage errors
             typer.echo(f"kestrel: {exc.format_message()}", err=True)
             sys.exit(int(exc.exit_code))
