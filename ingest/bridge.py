@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gmqtt
@@ -19,7 +21,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ingest.jetstream import JetStreamPublisher, publish_deadletter
+from ingest.jetstream import JetStreamPublisher, PubAck, deadletter_message
 from kestrel import streams
 from kestrel.errors import InvalidInput
 from kestrel.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
@@ -49,9 +51,11 @@ class BridgeSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.messages = Counter(
+        messages = Counter(
             "kestrel_bridge_messages", "MQTT messages handled by the bridge", ["outcome"], registry=registry
         )
+        self.forwarded = messages.labels("forwarded")
+        self.deadlettered = messages.labels("deadlettered")
         self.rejected = Counter(
             "kestrel_bridge_rejected", "Messages dead-lettered at the edge, by reason", ["reason"], registry=registry
         )
@@ -61,7 +65,7 @@ class BridgeMetrics:
         self.in_flight = Gauge("kestrel_bridge_in_flight", "Messages awaiting a JetStream ack", registry=registry)
         self.ack_seconds = Histogram(
             "kestrel_bridge_jetstream_ack_seconds",
-            "Publish to PubAck latency",
+            "Receive to JetStream ack latency",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=registry,
         )
@@ -79,8 +83,15 @@ class MonotonicMicros:
         return self._last
 
 
+Ack = Callable[[], None]
+
+
+def _noop() -> None:
+    return None
+
+
 class Bridge:
-    """The message handler: pure decisions plus two outputs (stream or dead-letter)."""
+    """The message handler: validate, then hand to JetStream; acknowledge the broker when stored."""
 
     def __init__(self, settings: BridgeSettings, publisher: JetStreamPublisher, metrics: BridgeMetrics) -> None:
         self.settings = settings
@@ -94,40 +105,70 @@ class Bridge:
         self.clock = MonotonicMicros()
         self.handled = 0
 
-    async def on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
-        """gmqtt calls this per message; the PUBACK is sent with the returned reason code when it returns."""
+    def handle(self, topic: str, payload: bytes, ack: Ack) -> None:
+        """Called once per MQTT message; ``ack`` sends the PUBACK and must run only once the message is stored."""
         received_us = self.clock()
-        self.metrics.in_flight.inc()
+        self.handled += 1
         try:
-            try:
-                normalized = normalize(parse_telemetry_topic(topic), payload, received_us, self.limits)
-            except InvalidInput as exc:
-                await self._deadletter(topic, payload, received_us, exc)
-                return 0
-            started = time.perf_counter()
-            await self.publisher.publish(
-                normalized.subject, normalized.payload, {streams.HDR_MSG_ID: normalized.msg_id}
+            normalized = normalize(parse_telemetry_topic(topic), payload, received_us, self.limits)
+        except InvalidInput as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            self.metrics.deadlettered.inc()
+            log.info("rejected telemetry", extra={"reason": exc.reason, "topic": topic[:200]})
+            subject, body, headers = deadletter_message(
+                source="telemetry",
+                reason=exc.reason,
+                detail=exc.detail,
+                payload=payload,
+                msg_id=f"dlq.{self.settings.client_id}.{received_us}",
+                extra={streams.HDR_TOPIC: topic, streams.HDR_RECEIVED: str(received_us)},
             )
-            self.metrics.ack_seconds.observe(time.perf_counter() - started)
-            self.metrics.messages.labels("forwarded").inc()
-            return 0
-        finally:
-            self.handled += 1
-            self.metrics.in_flight.dec()
+            self.publisher.submit(subject, body, headers, lambda _: ack())
+            return
+        started = time.perf_counter()
+        forwarded, observe = self.metrics.forwarded, self.metrics.ack_seconds.observe
 
-    async def _deadletter(self, topic: str, payload: bytes, received_us: int, exc: InvalidInput) -> None:
-        self.metrics.rejected.labels(exc.reason).inc()
-        self.metrics.messages.labels("deadlettered").inc()
-        log.info("rejected telemetry", extra={"reason": exc.reason, "topic": topic[:200]})
-        await publish_deadletter(
-            self.publisher,
-            source="telemetry",
-            reason=exc.reason,
-            detail=exc.detail,
-            payload=payload,
-            msg_id=f"dlq.{self.settings.client_id}.{received_us}",
-            extra={streams.HDR_TOPIC: topic, streams.HDR_RECEIVED: str(received_us)},
-        )
+        def stored(_: PubAck) -> None:
+            observe(time.perf_counter() - started)
+            forwarded.inc()
+            ack()
+
+        self.publisher.submit(normalized.subject, normalized.payload, {streams.HDR_MSG_ID: normalized.msg_id}, stored)
+
+
+_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id: success, valid in MQTT 5 and 3.1.1
+
+
+def install_manual_ack(client: gmqtt.Client, handle: Callable[[str, bytes, Ack], None]) -> None:
+    """Route gmqtt's QoS 1 deliveries to ``handle`` with a PUBACK callback (gmqtt 0.8, pinned).
+
+    gmqtt's own manual mode runs a task per message and writes each PUBACK separately on whatever
+    connection is current when the task ends. Here a PUBACK is a plain callback; PUBACKs completed in
+    one event-loop turn leave in a single write; and a PUBACK is dropped if its connection is gone: after
+    a reconnect the broker redelivers that message (persistent session) and may have reused its packet id.
+    """
+    handler = client._package_handler  # noqa: SLF001 - documented hook point of the pinned version
+    loop = asyncio.get_running_loop()
+    ready: dict[Any, list[int]] = {}
+
+    def flush() -> None:
+        for connection, mids in ready.items():
+            if handler._connection is connection:  # noqa: SLF001
+                connection.send_package(b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]))
+        ready.clear()
+
+    def on_qos1(mid: int, packet: bytes, topic: str, properties: Any) -> None:
+        connection = handler._connection  # noqa: SLF001
+
+        def puback() -> None:
+            if not ready:
+                loop.call_soon(flush)
+            ready.setdefault(connection, []).append(mid)
+
+        handle(topic, packet, puback)
+
+    handler._handle_qos_1_publish_packet = on_qos1  # noqa: SLF001
+    client.on_message = lambda c, topic, payload, qos, properties: handle(topic, payload, _noop)  # QoS 0
 
 
 async def run_bridge(
@@ -142,6 +183,7 @@ async def run_bridge(
     publisher = JetStreamPublisher(
         nc, ack_timeout_s=settings.ack_timeout_s, on_retry=lambda reason: metrics.retries.labels(reason).inc()
     )
+    metrics.in_flight.set_function(lambda: publisher.in_flight)
     await publisher.start()
     bridge = Bridge(settings, publisher, metrics)
     subscriptions = [gmqtt.Subscription(shared_filter(settings.share_group, f), qos=1) for f in TELEMETRY_FILTERS]
@@ -154,7 +196,7 @@ async def run_bridge(
         receive_maximum=settings.receive_maximum,
     )
     client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
-    client.on_message = bridge.on_message
+    install_manual_ack(client, bridge.handle)
 
     def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
         c.subscribe(subscriptions)

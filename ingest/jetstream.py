@@ -9,12 +9,13 @@ in one callback subscription.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError
 
 from kestrel import streams
 
@@ -94,9 +95,9 @@ async def ensure_writer_consumer(
         filter_subject=None,
     )
     try:
-        await js.consumer_info(streams.TELEMETRY_STREAM, durable)
-    except NotFoundError:
-        await js.add_consumer(streams.TELEMETRY_STREAM, config)
+        await js.add_consumer(streams.TELEMETRY_STREAM, config)  # creates, or updates editable fields
+    except BadRequestError as exc:
+        log.warning("keeping the existing consumer %s: %s", durable, exc)
 
 
 @dataclass
@@ -104,18 +105,19 @@ class _Pending:
     subject: str
     payload: bytes
     headers: dict[str, str]
-    future: asyncio.Future[PubAck]
+    on_stored: Callable[[PubAck], None]
     sent_at: float
     attempts: int = 1
 
 
 @dataclass
 class JetStreamPublisher:
-    """Publish to JetStream and await the stream's PubAck, retrying until it comes.
+    """Publish to JetStream and call back once the stream has the message, retrying until it does.
 
     Retries reuse the same ``Nats-Msg-Id``, so the stream drops the copies inside its duplicate
     window. A message is never given up on: the caller's MQTT PUBACK waits for it, and the broker
-    holds the message meanwhile (chain of custody, reliability.md).
+    holds the message meanwhile (chain of custody, reliability.md). Submission is synchronous and
+    one sender task writes to NATS, so the hot path creates no task or future per message.
     """
 
     nc: NATS
@@ -124,31 +126,58 @@ class JetStreamPublisher:
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _tokens: itertools.count[int] = field(default_factory=itertools.count)
     _prefix: str = ""
-    _retry_task: asyncio.Task[None] | None = None
+    _outbox: collections.deque[str] = field(default_factory=collections.deque)
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox()
-        await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
-        self._retry_task = asyncio.create_task(self._retry_loop(), name="jetstream-publish-retry")
+        await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._tasks = [
+            asyncio.create_task(self._retry_loop(), name="jetstream-publish-retry"),
+            asyncio.create_task(self._send_loop(), name="jetstream-publish-send"),
+        ]
 
     async def close(self) -> None:
-        if self._retry_task is not None:
-            self._retry_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._retry_task
+                await task
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def submit(
+        self, subject: str, payload: bytes, headers: dict[str, str], on_stored: Callable[[PubAck], None]
+    ) -> None:
+        """Queue ``payload`` for ``subject``; ``on_stored`` runs once JetStream acknowledged it."""
+        token = str(next(self._tokens))
+        self._pending[token] = _Pending(subject, payload, headers, on_stored, time.monotonic())
+        self._outbox.append(token)
+        self._wakeup.set()
+
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
         """Resolve once the stream has stored ``payload`` (or recognised it as a duplicate)."""
-        token = str(next(self._tokens))
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
-        pending = _Pending(subject, payload, headers, future, time.monotonic())
-        self._pending[token] = pending
-        await self._send(token, pending)
+
+        def stored(ack: PubAck) -> None:
+            if not future.done():
+                future.set_result(ack)
+
+        self.submit(subject, payload, headers, stored)
         return await future
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._outbox:
+                token = self._outbox.popleft()
+                pending = self._pending.get(token)
+                if pending is not None:
+                    await self._send(token, pending)
 
     async def _send(self, token: str, pending: _Pending) -> None:
         try:
@@ -175,8 +204,7 @@ class JetStreamPublisher:
             self._schedule_retry(pending, "puback_error")
             return
         del self._pending[token]
-        if not pending.future.done():
-            pending.future.set_result(ack)
+        pending.on_stored(ack)
 
     def _schedule_retry(self, pending: _Pending, reason: str) -> None:
         # Back off instead of resending at once: the stream is missing or not ready yet.
@@ -236,6 +264,25 @@ class RawPuller:
         return out
 
 
+def deadletter_message(
+    *, source: str, reason: str, detail: str, payload: bytes, msg_id: str, extra: dict[str, str] | None = None
+) -> tuple[str, bytes, dict[str, str]]:
+    """Subject, payload and headers that keep a rejected message with its reason on ``dlq.{source}.{reason}``."""
+    headers = {
+        streams.HDR_MSG_ID: msg_id,
+        streams.HDR_REASON: reason,
+        streams.HDR_DETAIL: streams.header_safe(detail),
+        streams.HDR_STAGE: source,
+    }
+    if extra:
+        headers.update({k: streams.header_safe(v) for k, v in extra.items()})
+    limit = 512 * 1024  # NATS max_payload is 1 MiB, headers included
+    if len(payload) > limit:
+        headers["Kestrel-Truncated"] = str(len(payload))
+        payload = payload[:limit]
+    return streams.deadletter_subject(source, reason), payload, headers
+
+
 async def publish_deadletter(
     publisher: JetStreamPublisher,
     *,
@@ -246,20 +293,8 @@ async def publish_deadletter(
     msg_id: str,
     extra: dict[str, str] | None = None,
 ) -> None:
-    """Store a rejected message with its reason on ``dlq.{source}.{reason}``."""
-    headers = {
-        streams.HDR_MSG_ID: msg_id,
-        streams.HDR_REASON: reason,
-        streams.HDR_DETAIL: streams.header_safe(detail),
-        streams.HDR_STAGE: source,
-    }
-    if extra:
-        headers.update({k: streams.header_safe(v) for k, v in extra.items()})
-    limit = 512 * 1024
-    if len(payload) > limit:
-        headers["Kestrel-Truncated"] = str(len(payload))
-        payload = payload[:limit]
-    await publisher.publish(streams.deadletter_subject(source, reason), payload, headers)
-
-
-AckFn = Callable[[Msg], Awaitable[None]]
+    """Store a rejected message in the dead-letter stream; returns once it is stored."""
+    subject, body, headers = deadletter_message(
+        source=source, reason=reason, detail=detail, payload=payload, msg_id=msg_id, extra=extra
+    )
+    await publisher.publish(subject, body, headers)

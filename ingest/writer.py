@@ -67,8 +67,8 @@ class WriterSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     durable: str = streams.WRITER_DURABLE
     batch_size: int = 5000
-    flush_interval_s: float = 0.1
-    ack_wait_s: float = 60.0
+    flush_interval_s: float = 0.05
+    ack_wait_s: float = 30.0  # redelivery delay after a writer crash; far above the p99 batch time
     max_deliver: int = 200
     max_ack_pending: int = 50_000
     max_nak_delay_s: float = 30.0

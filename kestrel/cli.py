@@ -7,7 +7,6 @@ Connection settings come from the environment (``KESTREL_DATABASE_URL``), fallin
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -105,8 +104,10 @@ def simulate(
     require_id("device prefix", prefix)
     fleet = Fleet(host, port, tenant, device_ids(prefix, devices), rate, qos=qos, version=mqtt_version)
     typer.echo(f"simulating {devices} devices at {rate:g} msg/s on {host}:{port} (tenant {tenant})")
+    import uvloop  # noqa: PLC0415
+
     try:
-        stats = asyncio.run(fleet.run(duration=duration))
+        stats = uvloop.run(fleet.run(duration=duration))
     except KeyboardInterrupt:
         stats = fleet.stats
     typer.echo(f"sent {stats.sent}, acknowledged {stats.acked}, failed {stats.failed}, reconnects {stats.reconnects}")

@@ -104,7 +104,7 @@ class EmbeddedStack:
             name="mosquitto", log_path=logs / "mosquitto.log", root=self.state / "mosquitto", port=ports.mqtt
         )
         self.services: list[Service] = []
-        self._stopping = False
+        self.stopping = False
 
     def check_ports(self) -> None:
         for name, port in vars(self.ports).items():
@@ -224,14 +224,14 @@ class EmbeddedStack:
         )
 
     def stop(self) -> None:
-        self._stopping = True
+        self.stopping = True
         for service in reversed(self.services):
             service.stop(signal.SIGTERM, timeout=20)
         for server in (self.mosquitto, self.nats, self.postgres):
             server.stop()
 
     def wait(self) -> None:
-        while not self._stopping:
+        while not self.stopping:
             for service in self.services:
                 if line := service.supervise():
                     print(line, flush=True)
@@ -242,7 +242,7 @@ def run_embedded(state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: f
     stack = EmbeddedStack(state_dir, ports, devices=devices, rate=rate, simulator=simulator)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stack._stopping = True
+        stack.stopping = True  # the main loop notices and stops everything in order
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

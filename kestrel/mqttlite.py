@@ -61,6 +61,7 @@ class MqttPublisher:
     _ids: Iterator[int] = field(default_factory=lambda: iter(()))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _window: asyncio.Semaphore | None = None
+    _topics: dict[str, bytes] = field(default_factory=dict)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def connect(self, connect_timeout: float = 10.0) -> None:
@@ -135,18 +136,41 @@ class MqttPublisher:
         return head[0] >> 4, head[0] & 0x0F, data
 
     async def _read_loop(self) -> None:
+        """Read in bulk and parse every complete packet in the buffer (one await per read, not per packet)."""
+        assert self._reader is not None
+        buffer = bytearray()
         try:
             while True:
-                kind, _, data = await self._read_packet()
-                if kind == PUBACK:
-                    packet_id = struct.unpack_from("!H", data)[0]
-                    reason = data[2] if len(data) > 2 else 0
-                    future = self._pending.pop(packet_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(reason)
-                elif kind == DISCONNECT:
+                chunk = await self._reader.read(65536)
+                if not chunk:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                buffer += chunk
+                pos = 0
+                while len(buffer) - pos >= 2:
+                    kind = buffer[pos] >> 4
+                    mult, length, i = 1, 0, pos + 1
+                    while i < len(buffer):
+                        byte = buffer[i]
+                        length += (byte & 0x7F) * mult
+                        mult *= 128
+                        i += 1
+                        if not byte & 0x80:
+                            break
+                    else:
+                        break  # length bytes incomplete
+                    if i + length > len(buffer):
+                        break  # body incomplete
+                    if kind == PUBACK:
+                        packet_id = (buffer[i] << 8) | buffer[i + 1]
+                        reason = buffer[i + 2] if length > 2 else 0
+                        future = self._pending.pop(packet_id, None)
+                        if future is not None and not future.done():
+                            future.set_result(reason)
+                    elif kind == DISCONNECT:
+                        return
+                    pos = i + length
+                del buffer[:pos]
+        except (ConnectionError, OSError):
             pass
         finally:
             self._fail_pending()
@@ -164,20 +188,32 @@ class MqttPublisher:
             if self._writer is not None and not self._writer.is_closing():
                 self._writer.write(_packet(PINGREQ, 0, b""))
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> int:
-        """Publish; for QoS 1 wait for the PUBACK and return its reason code (0 = success)."""
+    async def send(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[int] | None:
+        """Write a PUBLISH now; for QoS 1 return the future of its PUBACK reason code.
+
+        Waits only while the in-flight window (Receive Maximum) is full.
+        """
         if self.closed.is_set() or self._writer is None or self._window is None:
             raise MqttError("not connected")
         props = _varint(0) if self.version == 5 else b""
         if qos == 0:
             self._writer.write(_packet(PUBLISH, 0, _str(topic) + props + payload))
-            return 0
-        async with self._window:
-            packet_id = next(self._ids)
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._pending[packet_id] = future
-            self._writer.write(_packet(PUBLISH, 0x02, _str(topic) + struct.pack("!H", packet_id) + props + payload))
-            return await future
+            return None
+        await self._window.acquire()
+        encoded_topic = self._topics.get(topic)
+        if encoded_topic is None:
+            encoded_topic = self._topics[topic] = _str(topic)
+        packet_id = next(self._ids)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _: self._window.release() if self._window else None)
+        self._pending[packet_id] = future
+        self._writer.write(_packet(PUBLISH, 0x02, encoded_topic + struct.pack("!H", packet_id) + props + payload))
+        return future
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> int:
+        """Publish; for QoS 1 wait for the PUBACK and return its reason code (0 = success)."""
+        future = await self.send(topic, payload, qos)
+        return 0 if future is None else await future
 
     async def close(self) -> None:
         if self._writer is not None and not self._writer.is_closing():

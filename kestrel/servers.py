@@ -185,6 +185,7 @@ class PostgresServer(ManagedProcess):
     shared_buffers: str = "256MB"
     database: str = "kestrel"
     role: str = "kestrel"
+    extra_conf: str = ""
 
     @property
     def data_dir(self) -> Path:
@@ -246,7 +247,7 @@ class PostgresServer(ManagedProcess):
                 f"shared_buffers = {self.shared_buffers}\n"
                 "max_wal_size = 2GB\nsynchronous_commit = on\nfsync = on\n"
                 "max_connections = 200\nlog_min_messages = warning\n"
-                "timezone = 'UTC'\n"
+                "timezone = 'UTC'\n" + self.extra_conf
             )
 
     def start(self, timeout: float = 60.0) -> None:

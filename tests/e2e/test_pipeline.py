@@ -240,14 +240,14 @@ def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
 ) -> None:
     tenant = make_tenant(40)
     pipeline = pipeline_factory(fresh_nats)
-    writer = pipeline.start_writer(batch_size="2000", flush_interval_s="0.2")
+    writer = pipeline.start_writer(batch_size="2000", flush_interval_s="0.2", ack_wait_s="5")
     pipeline.start_bridge(f"bridge-{tenant.id}")
 
     def kill_and_restart() -> None:
         assert wait_until(lambda: scrape(writer.metrics_port, "kestrel_writer_messages_total") > 0, 10)
         writer.kill()  # SIGKILL: no drain, batches in flight are lost from memory
         time.sleep(1.5)
-        pipeline.start_writer(name="writer-2", batch_size="2000", flush_interval_s="0.2")
+        pipeline.start_writer(name="writer-2", batch_size="2000", flush_interval_s="0.2", ack_wait_s="5")
 
     acked = run_fleet_with_fault(tenant, mosquitto.port, kill_and_restart)
     assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 60)
