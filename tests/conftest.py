@@ -182,36 +182,25 @@ class Pipeline:
         )
         return env
 
-    def start_bridge(self, client_id: str) -> ServiceProcess:
+    def _start(self, name: str, service: str, env: dict[str, str]) -> ServiceProcess:
         port = free_port()
-        env = self._env() | {"KESTREL_BRIDGE_CLIENT_ID": client_id, "KESTREL_BRIDGE_METRICS_PORT": str(port)}
-        proc = ServiceProcess(
-            name=client_id,
-            log_path=self.root / f"{client_id}.log",
-            argv=[sys.executable, "-m", "ingest", "bridge"],
-            env=env,
-            metrics_port=port,
-        )
-        proc.start()
-        self.processes.append(proc)
-        assert wait_until(lambda: _metrics_up(port), 20), f"bridge {client_id} did not start"
-        return proc
-
-    def start_writer(self, name: str = "writer", **settings: str) -> ServiceProcess:
-        port = free_port()
-        env = self._env() | {"KESTREL_WRITER_METRICS_PORT": str(port)}
-        env |= {f"KESTREL_WRITER_{k.upper()}": v for k, v in settings.items()}
         proc = ServiceProcess(
             name=name,
             log_path=self.root / f"{name}.log",
-            argv=[sys.executable, "-m", "ingest", "writer"],
-            env=env,
+            argv=[sys.executable, "-m", "ingest", service],
+            env=self._env() | env | {f"KESTREL_{service.upper()}_METRICS_PORT": str(port)},
             metrics_port=port,
         )
         proc.start()
         self.processes.append(proc)
-        assert wait_until(lambda: _metrics_up(port), 20), "writer did not start"
+        assert wait_until(lambda: _metrics_up(port), 20), f"{name} did not start"
         return proc
+
+    def start_bridge(self, client_id: str) -> ServiceProcess:
+        return self._start(client_id, "bridge", {"KESTREL_BRIDGE_CLIENT_ID": client_id})
+
+    def start_writer(self, name: str = "writer", **settings: str) -> ServiceProcess:
+        return self._start(name, "writer", {f"KESTREL_WRITER_{k.upper()}": v for k, v in settings.items()})
 
     def stop(self) -> None:
         for proc in reversed(self.processes):

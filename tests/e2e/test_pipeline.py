@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from kestrel import streams
-from kestrel.servers import MosquittoServer, NatsServer, free_port
+from kestrel.servers import MosquittoServer, NatsServer, PostgresServer, free_port
 from kestrel.simulate import Fleet
 from tests.conftest import Pipeline, ServiceProcess, Tenant, scrape, stored_rows, wait_until
 from tests.jetstream_helpers import deadletters
@@ -215,6 +215,15 @@ def count_loss(database_url: str, tenant: str, acked: dict[tuple[str, int], floa
     return lost, len(rows) - len(keys), len(rows)
 
 
+def assert_nothing_lost(pipeline: Pipeline, tenant: Tenant, acked: dict[tuple[str, int], float], label: str) -> None:
+    """Wait until everything acknowledged is stored, then count: 0 lost and 0 duplicates (reliability.md)."""
+    assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 90)
+    time.sleep(1.0)  # give a wrongly stored extra copy time to appear
+    lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
+    print(f"{label}: acked={len(acked)} stored={stored} lost={lost} duplicates={duplicates}")
+    assert (lost, duplicates) == (0, 0)
+
+
 def run_fleet_with_fault(
     tenant: Tenant, port: int, fault: Callable[[], None], *, rate: float = 1500, duration: float = 8.0
 ) -> dict[tuple[str, int], float]:
@@ -250,11 +259,7 @@ def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
         pipeline.start_writer(name="writer-2", batch_size="2000", flush_interval_s="0.2", ack_wait_s="5")
 
     acked = run_fleet_with_fault(tenant, mosquitto.port, kill_and_restart)
-    assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 60)
-    time.sleep(1.0)
-    lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
-    print(f"writer SIGKILL: acked={len(acked)} stored={stored} lost={lost} duplicates={duplicates}")
-    assert (lost, duplicates) == (0, 0)
+    assert_nothing_lost(pipeline, tenant, acked, "writer SIGKILL")
 
 
 @pytest.mark.slow
@@ -276,14 +281,7 @@ def test_nats_restarted_under_load_loses_and_duplicates_nothing(
         fresh_nats.start()
 
     acked = run_fleet_with_fault(tenant, mosquitto.port, restart_nats)
-    assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 90)
-    time.sleep(1.0)
-    lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
-    print(
-        f"NATS SIGKILL+restart ({fresh_nats.sync}): acked={len(acked)} stored={stored} lost={lost} "
-        f"duplicates={duplicates}"
-    )
-    assert (lost, duplicates) == (0, 0)
+    assert_nothing_lost(pipeline, tenant, acked, f"NATS SIGKILL+restart ({fresh_nats.sync})")
 
 
 @pytest.mark.slow
@@ -311,8 +309,37 @@ def test_bridge_killed_while_jetstream_is_down_loses_and_duplicates_nothing(
         pipeline.start_bridge(client_id)  # same client id: resumes the persistent session
 
     acked = run_fleet_with_fault(tenant, mosquitto.port, kill_while_jetstream_is_down)
-    assert wait_until(lambda: count_loss(pipeline.database_url, tenant.id, acked)[2] >= len(acked), 60)
-    time.sleep(1.0)
-    lost, duplicates, stored = count_loss(pipeline.database_url, tenant.id, acked)
-    print(f"bridge SIGKILL with JetStream down: acked={len(acked)} stored={stored} lost={lost} duplicates={duplicates}")
-    assert (lost, duplicates) == (0, 0)
+    assert_nothing_lost(pipeline, tenant, acked, "bridge SIGKILL with JetStream down")
+
+
+@pytest.mark.slow
+def test_database_restart_under_load_naks_then_stores_everything(
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    fresh_nats: NatsServer,
+    mosquitto: MosquittoServer,
+    postgres: PostgresServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
+    """PostgreSQL going away is transient: the writer naks with backoff and stores everything once it is back."""
+    tenant = make_tenant(40)
+    pipeline = pipeline_factory(fresh_nats)
+    writer = pipeline.start_writer()
+    pipeline.start_bridge(f"bridge-{tenant.id}")
+
+    def restart_database() -> None:
+        postgres.stop()
+        time.sleep(2.0)
+        postgres.start()
+
+    acked = run_fleet_with_fault(tenant, mosquitto.port, restart_database)
+    assert_nothing_lost(pipeline, tenant, acked, "PostgreSQL restart")
+    assert scrape(writer.metrics_port, "kestrel_writer_messages_total") > 0
+    assert _nak_count(writer.metrics_port) > 0, "the writer never took the transient-error path"
+
+
+def _nak_count(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith('kestrel_writer_messages_total{outcome="nak"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
