@@ -90,11 +90,10 @@ def simulate(
     prefix: Annotated[str, typer.Option(help="Device id prefix: PREFIX-0001 ...")] = "sim",
     host: Annotated[str, typer.Option(help="MQTT broker host")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="MQTT broker port")] = 11883,
-    qos: Annotated[int, typer.Option(min=0, max=1, help="QoS of telemetry")] = 1,
     mqtt_version: Annotated[int, typer.Option(help="5 (MQTT 5) or 4 (MQTT 3.1.1)")] = 5,
     duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds")] = None,
 ) -> None:
-    """Publish realistic telemetry (with seq) from simulated devices over real MQTT."""
+    """Publish realistic telemetry (with seq, QoS 1) from simulated devices over real MQTT."""
     from kestrel.simulate import Fleet, device_ids  # noqa: PLC0415
     from kestrel.topics import require_id  # noqa: PLC0415
 
@@ -102,7 +101,7 @@ def simulate(
         raise InvalidInput("bad_mqtt_version", "--mqtt-version must be 4 (3.1.1) or 5")
     require_id("tenant", tenant)
     require_id("device prefix", prefix)
-    fleet = Fleet(host, port, tenant, device_ids(prefix, devices), rate, qos=qos, version=mqtt_version)
+    fleet = Fleet(host, port, tenant, device_ids(prefix, devices), rate, version=mqtt_version)
     typer.echo(f"simulating {devices} devices at {rate:g} msg/s on {host}:{port} (tenant {tenant})")
     import uvloop  # noqa: PLC0415
 

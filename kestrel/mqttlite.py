@@ -60,7 +60,9 @@ class MqttPublisher:
     _pending: dict[int, asyncio.Future[int]] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=lambda: iter(()))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _window: asyncio.Semaphore | None = None
+    _limit: int = 0
+    _in_flight: int = 0
+    _space: asyncio.Event = field(default_factory=asyncio.Event)
     _topics: dict[str, bytes] = field(default_factory=dict)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -79,7 +81,7 @@ class MqttPublisher:
         if code != 0:
             raise MqttError(f"connection refused (reason code {code:#x})", code)
         receive_max = self._connack_receive_maximum(data) if self.version == 5 else 65535
-        self._window = asyncio.Semaphore(min(self.max_inflight, receive_max))
+        self._limit = min(self.max_inflight, receive_max)
         self._ids = self._packet_ids()
         self._tasks = [
             asyncio.create_task(self._read_loop(), name=f"mqtt-read-{self.client_id}"),
@@ -177,6 +179,7 @@ class MqttPublisher:
 
     def _fail_pending(self) -> None:
         self.closed.set()
+        self._space.set()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(MqttError("connection lost before PUBACK"))
@@ -188,27 +191,45 @@ class MqttPublisher:
             if self._writer is not None and not self._writer.is_closing():
                 self._writer.write(_packet(PINGREQ, 0, b""))
 
-    async def send(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[int] | None:
-        """Write a PUBLISH now; for QoS 1 return the future of its PUBACK reason code.
+    def can_send(self) -> bool:
+        """True when connected and one more QoS 1 publish fits the in-flight window (Receive Maximum)."""
+        return not self.closed.is_set() and self._in_flight < self._limit
 
-        Waits only while the in-flight window (Receive Maximum) is full.
-        """
-        if self.closed.is_set() or self._writer is None or self._window is None:
-            raise MqttError("not connected")
-        props = _varint(0) if self.version == 5 else b""
-        if qos == 0:
-            self._writer.write(_packet(PUBLISH, 0, _str(topic) + props + payload))
-            return None
-        await self._window.acquire()
+    def send_nowait(self, topic: str, payload: bytes) -> asyncio.Future[int]:
+        """QoS 1 publish without awaiting; call only when ``can_send()``. Returns the PUBACK future."""
+        if not self.can_send() or self._writer is None:
+            raise MqttError("not connected or in-flight window full")
         encoded_topic = self._topics.get(topic)
         if encoded_topic is None:
             encoded_topic = self._topics[topic] = _str(topic)
         packet_id = next(self._ids)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda _: self._window.release() if self._window else None)
+        future.add_done_callback(self._release)
+        self._in_flight += 1
         self._pending[packet_id] = future
-        self._writer.write(_packet(PUBLISH, 0x02, encoded_topic + struct.pack("!H", packet_id) + props + payload))
+        props = b"\x00" if self.version == 5 else b""
+        self._writer.write(_packet(PUBLISH, 0x02, encoded_topic + packet_id.to_bytes(2, "big") + props + payload))
         return future
+
+    def _release(self, _: asyncio.Future[int]) -> None:
+        self._in_flight -= 1
+        self._space.set()
+
+    async def send(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[int] | None:
+        """Write a PUBLISH now; for QoS 1 return the future of its PUBACK reason code.
+
+        Waits only while the in-flight window (Receive Maximum) is full.
+        """
+        if self.closed.is_set() or self._writer is None:
+            raise MqttError("not connected")
+        if qos == 0:
+            props = b"\x00" if self.version == 5 else b""
+            self._writer.write(_packet(PUBLISH, 0, _str(topic) + props + payload))
+            return None
+        while self._in_flight >= self._limit and not self.closed.is_set():
+            self._space.clear()
+            await self._space.wait()
+        return self.send_nowait(topic, payload)
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> int:
         """Publish; for QoS 1 wait for the PUBACK and return its reason code (0 = success)."""

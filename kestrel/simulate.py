@@ -8,7 +8,6 @@ publishes the broker acknowledged, so tests and benchmarks can count loss exactl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import time
@@ -73,71 +72,91 @@ class Fleet:
     tenant: str
     device_ids: list[str]
     rate: float
-    qos: int = 1
     version: int = 5
     seed: int = 7
     record: bool = False
     stats: FleetStats = field(default_factory=FleetStats)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _clients: list[MqttPublisher | None] = field(default_factory=list)
+    _reconnecting: set[int] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self, duration: float | None = None, count: int | None = None) -> FleetStats:
-        """Publish until ``stop()``, ``duration`` seconds or ``count`` messages per device."""
-        rng = random.Random(self.seed)  # noqa: S311 - simulation, not security
-        tasks = [
-            asyncio.create_task(
-                self._device(SimulatedDevice(d, random.Random(rng.random())), count),  # noqa: S311
-                name=f"sim-{d}",
-            )
-            for d in self.device_ids
-        ]
-        if duration is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), duration)
-            self._stop.set()
-        await asyncio.gather(*tasks)
-        return self.stats
+        """Publish until ``stop()``, ``duration`` seconds or ``count`` messages per device.
 
-    async def _device(self, device: SimulatedDevice, count: int | None) -> None:
-        topic = telemetry_topic(self.tenant, device.device_id).mqtt
-        interval = len(self.device_ids) / self.rate if self.rate > 0 else 0.0
-        client: MqttPublisher | None = None
-        next_at = time.monotonic() + random.random() * interval  # noqa: S311 - spread the fleet's phase
+        One pacer sends every message that is due each tick, round-robin over the devices' connections,
+        so the fleet costs no task wake-up per message; a device whose in-flight window is full waits.
+        Telemetry is QoS 1 (the ledger of acknowledged messages needs PUBACKs).
+        """
+        rng = random.Random(self.seed)  # noqa: S311 - simulation, not security
+        devices = [SimulatedDevice(d, random.Random(rng.random())) for d in self.device_ids]  # noqa: S311
+        topics = [telemetry_topic(self.tenant, d).mqtt for d in self.device_ids]
+        self._clients = [None] * len(devices)
+        await asyncio.gather(*(self._reconnect(i) for i in range(len(devices))))
         in_flight: set[asyncio.Future[int]] = set()
-        sent = 0
-        while not self._stop.is_set() and (count is None or sent < count):
-            if client is None or client.closed.is_set():
-                client = await self._connect(device.device_id)
-                if client is None:
+        per_device = [0] * len(devices)
+        total = count * len(devices) if count is not None else None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        end = start + duration if duration is not None else float("inf")
+        cursor = scheduled = 0
+        while not self._stop.is_set() and loop.time() < end and (total is None or self.stats.sent < total):
+            due = int((loop.time() - start) * self.rate) + 1 - scheduled
+            due = min(due, max(1, int(self.rate * 0.25)))  # fall behind rather than burst after a stall
+            scheduled += max(due, 0)
+            now_ms = int(time.time() * 1000)
+            misses = 0
+            while due > 0 and misses < len(devices):
+                i, cursor = cursor, (cursor + 1) % len(devices)
+                client = self._clients[i]
+                if (count is not None and per_device[i] >= count) or client is None or not client.can_send():
+                    if client is not None and client.closed.is_set() and i not in self._reconnecting:
+                        self._reconnecting.add(i)
+                        task = asyncio.create_task(self._reconnect(i), name=f"sim-reconnect-{i}")
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    misses += 1
                     continue
-            delay = next_at - time.monotonic()
-            if delay > 1.0:  # long pauses stay interruptible by stop()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-            elif delay > 0:
-                await asyncio.sleep(delay)  # the hot path: no task per message
-            if self._stop.is_set():
-                break
-            next_at = max(next_at + interval, time.monotonic() - 1.0)
-            reading = device.reading(int(time.time() * 1000))
-            try:
-                future = await client.send(topic, _encoder.encode(reading), self.qos)
-            except MqttError:
-                self.stats.failed += 1
-                continue
-            self.stats.sent += 1
-            sent += 1
-            if future is None:
-                self.stats.acked += 1
-                continue
-            in_flight.add(future)
-            future.add_done_callback(partial(self._settled, in_flight, device.device_id, reading["seq"], time.time()))
+                misses = 0
+                reading = devices[i].reading(now_ms)
+                future = client.send_nowait(topics[i], _encoder.encode(reading))
+                in_flight.add(future)
+                future.add_done_callback(
+                    partial(self._settled, in_flight, devices[i].device_id, reading["seq"], time.time())
+                )
+                self.stats.sent += 1
+                per_device[i] += 1
+                due -= 1
+            await asyncio.sleep(0.005)
+        self._stop.set()
         if in_flight:
             await asyncio.wait(in_flight, timeout=30)
-        if client is not None:
-            await client.close()
+        for client in self._clients:
+            if client is not None:
+                await client.close()
+        return self.stats
+
+    async def _reconnect(self, index: int) -> None:
+        try:
+            while not self._stop.is_set():
+                client = MqttPublisher(
+                    self.host, self.port, self.device_ids[index], version=self.version, max_inflight=100
+                )
+                try:
+                    await client.connect()
+                except (OSError, MqttError, TimeoutError):
+                    self.stats.reconnects += 1
+                    await asyncio.sleep(0.5)
+                    continue
+                old, self._clients[index] = self._clients[index], client
+                if old is not None:
+                    await old.close()
+                return
+        finally:
+            self._reconnecting.discard(index)
 
     def _settled(
         self,
@@ -154,17 +173,6 @@ class Fleet:
         self.stats.acked += 1
         if self.record:
             self.stats.acked_keys[(device_id, int(seq))] = sent_at  # type: ignore[call-overload]
-
-    async def _connect(self, device_id: str) -> MqttPublisher | None:
-        client = MqttPublisher(self.host, self.port, device_id, version=self.version, max_inflight=100)
-        try:
-            await client.connect()
-        except (OSError, MqttError, TimeoutError):
-            self.stats.reconnects += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 0.5)
-            return None
-        return client
 
 
 def device_ids(prefix: str, count: int) -> list[str]:
