@@ -341,7 +341,10 @@ async def run_writer(
     await publisher.start()
     await forward_max_deliveries(nc, publisher, settings.durable)
     writer = Writer(settings, database_url, nc, publisher, metrics)
-    await writer.maintain()
+    try:
+        await writer.maintain()
+    except psycopg.Error as exc:  # the database may come later; batches nak until it does
+        log.warning("database not reachable at start-up: %s", str(exc).splitlines()[0] if str(exc) else exc)
     puller = RawPuller(nc, streams.TELEMETRY_STREAM, settings.durable)
     await puller.start()
     batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue(maxsize=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -38,11 +39,36 @@ class ServerFailed(Unavailable):
     """A server did not start; the message names its log file."""
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago (tests only; production ports are configured)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A free port for a test server, below the ephemeral range and never handed out twice.
+
+    Binding port 0 would draw from the ephemeral range, where any outgoing connection (the tests open
+    hundreds) can take the port before the server binds it.
+    """
+    rng = random.SystemRandom()
+    low = min(_ephemeral_low(), 65535)
+    for _ in range(500):
+        port = rng.randrange(20000, low) if low > 21000 else rng.randrange(1024, 65535)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise ServerFailed("no free port found below the ephemeral range")
 
 
 def ensure_port_free(name: str, port: int, host: str = LOOPBACK) -> None:

@@ -32,8 +32,8 @@ class SimulatedDevice:
     battery: float = 3.9
 
     def reading(self, now_ms: int) -> dict[str, object]:
-        self.temp += self.rng.gauss(0, 0.05) + 0.02 * math.sin(now_ms / 600_000)
-        self.humidity = min(100.0, max(0.0, self.humidity + self.rng.gauss(0, 0.2)))
+        self.temp += (self.rng.random() - 0.5) * 0.1 + 0.02 * math.sin(now_ms / 600_000)
+        self.humidity = min(100.0, max(0.0, self.humidity + (self.rng.random() - 0.5) * 0.4))
         self.battery = max(3.0, self.battery - 0.00001)
         reading = {
             "ts": now_ms,

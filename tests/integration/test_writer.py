@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -164,3 +165,36 @@ async def test_poison_row_does_not_block_its_batch(
     assert await eventually(lambda: len(rows(database_url, tenant.id)) == 20)
     dead = await deadletters(harness.nats_url, topic_contains=telemetry_topic(tenant.id, device).subject, expect=1)
     assert [d[streams.HDR_REASON] for d in dead] == ["storage_rejected"]
+
+
+@pytest.mark.asyncio
+async def test_messages_that_exhaust_max_deliver_end_in_the_dead_letter_stream(
+    fresh_nats: NatsServer, make_tenant: Callable[[int], Tenant]
+) -> None:
+    """With the database unreachable for good, messages are nak'd until MaxDeliver; the advisory then
+    copies each into DEADLETTER (reason max_deliveries), so nothing accepted is silently dropped."""
+    tenant = make_tenant(1)
+    nc = await nats.connect(fresh_nats.url)
+    await ensure_streams(nc)
+    publisher = JetStreamPublisher(nc)
+    await publisher.start()
+    stop = asyncio.Event()
+    writer_nc = await nats.connect(fresh_nats.url)
+    settings = WriterSettings(
+        batch_size=10, flush_interval_s=0.05, max_deliver=2, max_nak_delay_s=0.2, durable="writer-maxdeliver"
+    )
+    unreachable = "postgresql://kestrel:wrong@127.0.0.1:1/kestrel?connect_timeout=1"
+    task = asyncio.create_task(run_writer(settings, unreachable, stop, writer_nc, CollectorRegistry()))
+    try:
+        subject = telemetry_topic(tenant.id, tenant.devices[0]).subject
+        for seq in range(3):
+            await publisher.publish(*reading(tenant.id, tenant.devices[0], seq)[:2], {streams.HDR_MSG_ID: f"m{seq}"})
+        dead = await deadletters(fresh_nats.url, topic_contains=subject, expect=3, timeout=30)
+        assert sorted(d[streams.HDR_REASON] for d in dead) == ["max_deliveries"] * 3
+        assert all(json.loads(d["payload"])["device"] == tenant.devices[0] for d in dead)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await writer_nc.close()
+        await publisher.close()
+        await nc.close()
