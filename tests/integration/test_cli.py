@@ -1,0 +1,121 @@
+"""The `kestrel` command and the services' start-up, as an operator runs them: exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def kestrel(
+    *args: str, database_url: str | None = None, extra_env: dict[str, str] | None = None, module: str = "kestrel"
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")}
+    env["KESTREL_STATE_DIR"] = "/nonexistent-kestrel-state"
+    if database_url:
+        env["KESTREL_DATABASE_URL"] = database_url
+    env.update(extra_env or {})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_migrate_tenant_and_devices(database_url: str) -> None:
+    assert kestrel("db", "migrate", database_url=database_url).stdout.strip() == "database is up to date"
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    out = kestrel(
+        "device", "create", "--tenant", tenant, "--json", f"{tenant}-a", f"{tenant}-b", database_url=database_url
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"tenant": tenant, "created": 2, "devices": [f"{tenant}-a", f"{tenant}-b"]}
+    with psycopg.connect(database_url) as conn:
+        count = conn.execute("SELECT count(*) FROM devices WHERE tenant_id = %s", (tenant,)).fetchone()
+    assert count == (2,)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (("tenant", "create", "bad/id"), 2, "tenant id must match"),
+        (("device", "create", "--tenant", "no-such-tenant", "dev-x"), 1, "tenant no-such-tenant does not exist"),
+        (("device", "create", "dev-x"), 2, "Missing option '--tenant'"),
+        (("simulate", "--devices", "many"), 2, "Invalid value for '--devices'"),
+        (("simulate", "--mqtt-version", "3"), 2, "--mqtt-version must be 4 (3.1.1) or 5"),
+        (("run", "--api-port", "70000"), 2, "Invalid value for '--api-port'"),
+        (("run", "--api-port", "18081", "--mqtt-port", "18081"), 2, "every port must be different"),
+        (("no-such-command",), 2, "No such command"),
+    ],
+    ids=[
+        "bad-tenant-id",
+        "unknown-tenant",
+        "missing-option",
+        "bad-int",
+        "bad-mqtt-version",
+        "port-range",
+        "same-port-twice",
+        "unknown-command",
+    ],
+)
+def test_bad_input_gives_one_line_and_non_zero_exit(
+    database_url: str, args: tuple[str, ...], code: int, fragment: str
+) -> None:
+    result = kestrel(*args, database_url=database_url)
+    assert result.returncode == code, result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith("kestrel: ")
+    assert fragment in line
+
+
+def test_duplicate_tenant_is_a_conflict(database_url: str) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    again = kestrel("tenant", "create", tenant, database_url=database_url)
+    assert again.returncode == 1
+    assert one_line(again.stderr) == f"kestrel: tenant {tenant} already exists"
+
+
+def test_missing_database_setting_is_explained() -> None:
+    result = kestrel("db", "migrate")
+    assert result.returncode == 2
+    assert "KESTREL_DATABASE_URL" in one_line(result.stderr)
+
+
+def test_unreachable_database_is_one_line_without_secrets() -> None:
+    result = kestrel("db", "migrate", database_url="postgresql://kestrel:s3cr3t-pw@127.0.0.1:1/kestrel")
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "s3cr3t-pw" not in line
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "env", "fragment"),
+    [
+        ("ingest", ("writer",), {"KESTREL_WRITER_BATCH_SIZE": "lots"}, "KESTREL_WRITER_*"),
+        ("ingest", ("bridge",), {"KESTREL_BRIDGE_MQTT_PORT": "not-a-port"}, "KESTREL_BRIDGE_*"),
+        ("ingest", ("neither",), {}, "usage: python -m ingest {bridge|writer}"),
+        ("api", (), {}, "KESTREL_API_ADMIN_TOKEN is not set"),
+        ("api", (), {"KESTREL_API_PORT": "http"}, "KESTREL_API_*"),
+    ],
+    ids=["writer-bad-int", "bridge-bad-port", "ingest-usage", "api-no-token", "api-bad-port"],
+)
+def test_services_refuse_bad_settings_with_one_line(
+    module: str, args: tuple[str, ...], env: dict[str, str], fragment: str
+) -> None:
+    result = kestrel(*args, module=module, extra_env=env)
+    assert result.returncode == 2, result.stderr
+    assert fragment in one_line(result.stderr)
