@@ -90,16 +90,28 @@ def mosquitto_pub(port: int, topic: str, message: bytes, *, version: str = "mqtt
     )
 
 
+def start_ingest(
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    nats: NatsServer,
+    make_tenant: Callable[[int], Tenant],
+    devices: int,
+    **writer_settings: str,
+) -> tuple[Tenant, Pipeline, ServiceProcess, ServiceProcess]:
+    """A tenant of the test's own, with a writer and one bridge (client id ``bridge-<tenant>``) running."""
+    tenant = make_tenant(devices)
+    pipeline = pipeline_factory(nats)
+    writer = pipeline.start_writer(**writer_settings)
+    bridge = pipeline.start_bridge(f"bridge-{tenant.id}")
+    return tenant, pipeline, writer, bridge
+
+
 def test_publish_is_stored_and_served_by_the_api(
     pipeline_factory: Callable[[NatsServer], Pipeline],
     nats_server: NatsServer,
     mosquitto: MosquittoServer,
     make_tenant: Callable[[int], Tenant],
 ) -> None:
-    tenant = make_tenant(3)
-    pipeline = pipeline_factory(nats_server)
-    pipeline.start_writer()
-    pipeline.start_bridge(f"bridge-{tenant.id}")
+    tenant, pipeline, _writer, _bridge = start_ingest(pipeline_factory, nats_server, make_tenant, 3)
     api = start_api(pipeline)
     d5, d311, dbare = tenant.devices
     base = now_ms()
@@ -247,10 +259,9 @@ def test_writer_killed_mid_batch_loses_and_duplicates_nothing(
     mosquitto: MosquittoServer,
     make_tenant: Callable[[int], Tenant],
 ) -> None:
-    tenant = make_tenant(40)
-    pipeline = pipeline_factory(fresh_nats)
-    writer = pipeline.start_writer(batch_size="2000", flush_interval_s="0.2", ack_wait_s="5")
-    pipeline.start_bridge(f"bridge-{tenant.id}")
+    tenant, pipeline, writer, _bridge = start_ingest(
+        pipeline_factory, fresh_nats, make_tenant, 40, batch_size="2000", flush_interval_s="0.2", ack_wait_s="5"
+    )
 
     def kill_and_restart() -> None:
         assert wait_until(lambda: scrape(writer.metrics_port, "kestrel_writer_messages_total") > 0, 10)
@@ -270,10 +281,7 @@ def test_nats_restarted_under_load_loses_and_duplicates_nothing(
     mosquitto: MosquittoServer,
     make_tenant: Callable[[int], Tenant],
 ) -> None:
-    tenant = make_tenant(40)
-    pipeline = pipeline_factory(fresh_nats)
-    pipeline.start_writer()
-    pipeline.start_bridge(f"bridge-{tenant.id}")
+    tenant, pipeline, _writer, _bridge = start_ingest(pipeline_factory, fresh_nats, make_tenant, 40)
 
     def restart_nats() -> None:
         fresh_nats.stop(signal.SIGKILL)
@@ -321,10 +329,7 @@ def test_database_restart_under_load_naks_then_stores_everything(
     make_tenant: Callable[[int], Tenant],
 ) -> None:
     """PostgreSQL going away is transient: the writer naks with backoff and stores everything once it is back."""
-    tenant = make_tenant(40)
-    pipeline = pipeline_factory(fresh_nats)
-    writer = pipeline.start_writer()
-    pipeline.start_bridge(f"bridge-{tenant.id}")
+    tenant, pipeline, writer, _bridge = start_ingest(pipeline_factory, fresh_nats, make_tenant, 40)
 
     def restart_database() -> None:
         postgres.stop()
