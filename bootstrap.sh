@@ -8,7 +8,7 @@ APT_PACKAGES=(
   mosquitto mosquitto-clients                      # embedded MQTT broker and CLI clients
   postgresql-15                                    # PostgreSQL binaries (we run our own cluster)
   mosquitto-dev libmosquitto-dev libcurl4-openssl-dev libcjson-dev libssl-dev gcc make  # auth plugin build
-  python3 python3-venv ca-certificates curl
+  python3 python3-venv ca-certificates curl openssl
 )
 
 missing=()

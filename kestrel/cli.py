@@ -29,7 +29,8 @@ app.add_typer(device_app, name="device")
 STATE_DIR = Path(os.environ.get("KESTREL_STATE_DIR", ".kestrel"))
 
 
-def _database_url() -> str:
+def database_url() -> str:
+    """``KESTREL_DATABASE_URL``, else the embedded default's ``kestrel.env``."""
     if url := os.environ.get("KESTREL_DATABASE_URL"):
         return url
     env_file = STATE_DIR / "kestrel.env"
@@ -46,7 +47,7 @@ def db_migrate() -> None:
     """Apply pending migrations (idempotent)."""
     from kestrel.db.migrate import migrate  # noqa: PLC0415 - keep CLI start-up light
 
-    applied = migrate(_database_url())
+    applied = migrate(database_url())
     if applied:
         for m in applied:
             typer.echo(f"applied {m.version:04d}_{m.name} ({m.variant})")
@@ -62,7 +63,7 @@ def tenant_create(
     """Create a tenant."""
     from kestrel.db import registry  # noqa: PLC0415
 
-    registry.create_tenant(_database_url(), tenant, name)
+    registry.create_tenant(database_url(), tenant, name)
     typer.echo(f"created tenant {tenant}")
 
 
@@ -75,7 +76,7 @@ def device_create(
     """Register devices under a tenant."""
     from kestrel.db import registry  # noqa: PLC0415
 
-    created = registry.create_devices(_database_url(), tenant, devices)
+    created = registry.create_devices(database_url(), tenant, devices)
     if as_json:
         typer.echo(json.dumps({"tenant": tenant, "created": created, "devices": devices}))
     else:
@@ -136,8 +137,20 @@ def run(
     run_embedded(state_dir, ports, devices=devices, rate=rate, simulator=devices > 0)
 
 
+def _add_plugins() -> None:
+    """Sub-commands that other Kestrel packages register (entry point group ``kestrel.cli``), e.g. ``pki``.
+
+    The shared package never imports a service; installed packages plug their commands in.
+    """
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    for entry in entry_points(group="kestrel.cli"):
+        app.add_typer(entry.load(), name=entry.name)
+
+
 def main() -> None:
     try:
+        _add_plugins()
         app(standalone_mode=False)
     except KestrelError as exc:
         typer.echo(f"kestrel: {exc.detail}", err=True)

@@ -1,0 +1,194 @@
+"""``kestrel pki ...``: the PKI administrator's commands (registered into ``kestrel`` by entry point)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kestrel.errors import InvalidInput
+from pki import x509 as px
+from pki.builtin import BuiltinCA
+
+app = typer.Typer(no_args_is_help=True, help="Certificate authorities and device certificates.")
+REASON_HELP = f"One of: {', '.join(px.REASONS)}"
+
+
+def _state_dir() -> Path:
+    return Path(os.environ.get("KESTREL_STATE_DIR", ".kestrel"))
+
+
+def _passphrase(generate: bool = False) -> str:
+    """``KESTREL_PKI_PASSPHRASE``, else the embedded default's ``pki-passphrase`` file (0600)."""
+    if value := os.environ.get("KESTREL_PKI_PASSPHRASE"):
+        return value
+    path = _state_dir() / "pki-passphrase"
+    if path.exists():
+        return path.read_text().strip()
+    if generate:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(32)
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+        return value
+    raise InvalidInput("no_passphrase", "set KESTREL_PKI_PASSPHRASE (or run `kestrel pki init --generate-passphrase`)")
+
+
+def _ca(generate: bool = False) -> BuiltinCA:
+    from kestrel.cli import database_url  # noqa: PLC0415 - shared settings lookup of the CLI
+
+    return BuiltinCA(database_url(), _passphrase(generate))
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+@app.command()
+def init(
+    generate_passphrase: Annotated[bool, typer.Option(help="Create .kestrel/pki-passphrase if none is set")] = False,
+) -> None:
+    """Create the root CA (once)."""
+    serial = _ca(generate_passphrase).init_root(_actor())
+    typer.echo(f"root CA created (serial {serial})")
+
+
+@app.command("tenant-ca")
+def tenant_ca(tenant: Annotated[str, typer.Argument(help="Tenant id")]) -> None:
+    """Create the tenant's intermediate CA."""
+    serial = _ca().create_tenant_ca(tenant, _actor())
+    typer.echo(f"tenant CA for {tenant} created (serial {serial})")
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.write_text(text)
+    path.chmod(mode)
+
+
+@app.command()
+def sign(
+    csr_file: Annotated[Path, typer.Argument(help="PEM or DER CSR; '-' reads standard input")],
+    device: Annotated[str, typer.Option(help="Device id; must equal the CSR's common name")],
+    days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
+    out: Annotated[Path | None, typer.Option(help="Write the certificate here (default: stdout)")] = None,
+) -> None:
+    """Sign a device's CSR (the normal enrolment path: the key never leaves the device)."""
+    if str(csr_file) == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = csr_file.read_bytes()
+        except OSError as exc:
+            raise InvalidInput("bad_file", f"cannot read {csr_file}: {exc.strerror}") from exc
+    issued = _ca().sign_csr(data, device, days, _actor())
+    if out:
+        _write(out, issued.cert_pem)
+        typer.echo(f"signed {device}: serial {issued.serial}, valid until {issued.not_after:%Y-%m-%d}", err=True)
+    else:
+        typer.echo(issued.cert_pem, nl=False)
+
+
+@app.command()
+def issue(
+    device: Annotated[str, typer.Argument(help="Device id")],
+    out_dir: Annotated[Path, typer.Option(help="Where DEVICE.key, DEVICE.crt and ca-chain.pem go")] = Path(),
+    days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
+) -> None:
+    """Development only: generate a key here and issue its certificate (devices should send a CSR)."""
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+        .sign(key, hashes.SHA256())
+    )
+    issued = _ca().sign_csr(csr.public_bytes(serialization.Encoding.PEM), device, days, _actor())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(
+        out_dir / f"{device}.key",
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+        0o600,
+    )
+    _write(out_dir / f"{device}.crt", issued.cert_pem)
+    _write(out_dir / "ca-chain.pem", issued.chain_pem)
+    typer.echo(f"issued {device}: serial {issued.serial}, files in {out_dir}/")
+
+
+@app.command()
+def renew(
+    serial: Annotated[str, typer.Argument(help="Serial (hex) of the certificate to renew")],
+    days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
+    out: Annotated[Path | None, typer.Option(help="Write the certificate here (default: stdout)")] = None,
+) -> None:
+    """Issue a new certificate for the same key (the old one stays valid until it expires or is revoked)."""
+    issued = _ca().renew(serial, days, _actor())
+    if out:
+        _write(out, issued.cert_pem)
+        typer.echo(f"renewed: new serial {issued.serial}", err=True)
+    else:
+        typer.echo(issued.cert_pem, nl=False)
+
+
+@app.command()
+def revoke(
+    serial: Annotated[str | None, typer.Argument(help="Serial (hex)")] = None,
+    device: Annotated[str | None, typer.Option(help="Revoke every active certificate of this device")] = None,
+    tenant_ca: Annotated[str | None, typer.Option("--tenant-ca", help="Revoke this tenant's CA")] = None,
+    reason: Annotated[str, typer.Option(help=REASON_HELP)] = "unspecified",
+) -> None:
+    """Revoke a certificate, a device's certificates, or a tenant CA."""
+    if sum(x is not None for x in (serial, device, tenant_ca)) != 1:
+        raise InvalidInput("bad_arguments", "give exactly one of SERIAL, --device or --tenant-ca")
+    ca = _ca()
+    if serial:
+        ca.revoke(serial, reason, _actor())
+        typer.echo(f"revoked {serial.lower()} ({reason})")
+    elif device:
+        typer.echo(f"revoked {', '.join(ca.revoke_device(device, reason, _actor()))} ({reason})")
+    else:
+        assert tenant_ca is not None
+        ca.revoke_tenant_ca(tenant_ca, reason, _actor())
+        typer.echo(f"revoked the CA of tenant {tenant_ca} ({reason})")
+
+
+@app.command()
+def crl(
+    tenant: Annotated[str, typer.Option(help="Tenant whose CA signs the CRL")],
+    out: Annotated[Path | None, typer.Option(help="Write the CRL here (default: stdout)")] = None,
+) -> None:
+    """Print the tenant CA's current CRL (PEM)."""
+    data = _ca().crl(tenant)
+    if out:
+        out.write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+
+
+@app.command("list")
+def list_certificates(
+    tenant: Annotated[str | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option()] = None,
+    status: Annotated[str | None, typer.Option(help="active or revoked")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List issued device certificates."""
+    rows = _ca().list(tenant=tenant, device=device, status=status)
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    for r in rows:
+        typer.echo(
+            f"{r['serial']}  {r['tenant_id']:<20} {r['device_id']:<24} {r['status']:<8} until {r['not_after']:%Y-%m-%d}"
+        )
