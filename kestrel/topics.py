@@ -83,3 +83,22 @@ def shared_filter(group: str, topic_filter: str) -> str:
     """``$share/{group}/{filter}``: the MQTT v5 shared-subscription form."""
     require_id("group", group)
     return f"$share/{group}/{topic_filter}"
+
+
+def device_publish_topics(tenant: str, device: str) -> list[str]:
+    """Concrete topics (and single-level filters) a device may publish to (broker-auth-contract.md §7.2)."""
+    base = f"{VERSION}/{require_id('tenant', tenant)}/d/{require_id('device', device)}"
+    return [
+        f"{base}/telemetry",
+        f"{base}/telemetry/+",
+        f"{base}/events/+",
+        f"{base}/state/reported",
+        f"{base}/cmd-res/+",
+        f"{base}/status",
+    ]
+
+
+def device_subscribe_filters(tenant: str, device: str) -> list[str]:
+    """Filters a device may subscribe to: its commands and its desired state."""
+    base = f"{VERSION}/{require_id('tenant', tenant)}/d/{require_id('device', device)}"
+    return [f"{base}/cmd/+", f"{base}/state/desired"]

@@ -1,0 +1,41 @@
+"""PostgreSQL lookups for authentication decisions (the PKI and registry tables)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from cryptography import x509
+from psycopg_pool import AsyncConnectionPool
+
+from authsvc.decide import Authority, DeviceRecord
+
+AUTHORITY: Final = (
+    "SELECT tenant_id, cert_pem FROM pki_authorities WHERE kind = 'tenant' AND status = 'active' AND subject = %s"
+)
+CERTIFICATE: Final = "SELECT status FROM pki_certificates WHERE serial = %s AND fingerprint_sha256 = %s"
+DEVICE: Final = (
+    "SELECT d.tenant_id, d.status, t.status FROM devices d JOIN tenants t ON t.tenant_id = d.tenant_id"
+    " WHERE d.device_id = %s"
+)
+
+
+class PostgresIdentity:
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def authority(self, issuer: x509.Name) -> Authority | None:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(AUTHORITY, (issuer.rfc4514_string(),))).fetchone()
+        if row is None:
+            return None
+        return Authority(row[0], x509.load_pem_x509_certificate(row[1].encode()))
+
+    async def certificate_status(self, serial: str, fingerprint: str) -> str | None:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(CERTIFICATE, (serial, fingerprint))).fetchone()
+        return None if row is None else str(row[0])
+
+    async def device(self, device_id: str) -> DeviceRecord | None:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(DEVICE, (device_id,))).fetchone()
+        return None if row is None else DeviceRecord(row[0], row[1], row[2])

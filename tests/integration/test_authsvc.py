@@ -1,0 +1,279 @@
+"""authsvc on the EMQX 5.8 HTTP contract, replayed with EMQX-shaped bodies, attacked as an attacker would.
+
+Every field is a string and absent values are "" (EMQX renders placeholders that way); cert_pem is the
+base64 of the DER certificate.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from litestar.testing import TestClient
+
+from authsvc.app import AuthsvcSettings, create_app
+from kestrel.settings import Secret
+from pki import x509 as px
+from pki.builtin import BuiltinCA
+from tests.conftest import Tenant
+
+pytestmark = pytest.mark.integration
+PASSPHRASE = "authsvc-test-passphrase-" + uuid.uuid4().hex
+KEY = "broker-key-" + uuid.uuid4().hex
+HEADERS = {"x-authsvc-key": KEY}
+
+
+@pytest.fixture(scope="module")
+def isolated_db(postgres: Any) -> str:  # type: ignore[misc]
+    """A database of this module's own, so its root CA and passphrase are its own."""
+    from kestrel.db.migrate import migrate  # noqa: PLC0415
+
+    name = f"authsvc_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} OWNER kestrel")
+    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    migrate(url)
+    BuiltinCA(url, PASSPHRASE).init_root("test")
+    return url
+
+
+@pytest.fixture
+def client(isolated_db: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    with TestClient(create_app(AuthsvcSettings(broker_key=Secret(KEY)), isolated_db)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def tenant(isolated_db: str) -> Tenant:
+    from kestrel.db import registry  # noqa: PLC0415
+
+    tag = uuid.uuid4().hex[:8]
+    t = Tenant(f"t-{tag}", [f"d-{tag}-{i}" for i in range(3)])
+    registry.create_tenant(isolated_db, t.id)
+    registry.create_devices(isolated_db, t.id, t.devices)
+    BuiltinCA(isolated_db, PASSPHRASE).create_tenant_ca(t.id, "test")
+    return t
+
+
+def enrol(url: str, device: str) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+        .sign(key, hashes.SHA256())
+    )
+    issued = BuiltinCA(url, PASSPHRASE).sign_csr(csr.public_bytes(serialization.Encoding.PEM), device, 30, "test")
+    return px.load_certificate(issued.cert_pem)
+
+
+def body(cert: x509.Certificate | None, clientid: str, **extra: str) -> dict[str, str]:
+    der = cert.public_bytes(serialization.Encoding.DER) if cert else b""
+    cn = "" if cert is None else str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+    return {
+        "broker": "emqx",
+        "clientid": clientid,
+        "username": "",
+        "password": "",
+        "peerhost": "127.0.0.1",
+        "cert_subject": "" if cert is None else cert.subject.rfc4514_string(),
+        "cert_common_name": cn,
+        "cert_pem": base64.b64encode(der).decode(),
+    } | extra
+
+
+def authn(client: TestClient, payload: dict[str, str]) -> dict[str, Any]:  # type: ignore[type-arg]
+    resp = client.post("/mqtt/authn", json=payload, headers=HEADERS)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def test_a_certificate_device_gets_its_own_concrete_acl(
+    client: TestClient,
+    isolated_db: str,  # type: ignore[type-arg]
+    tenant: Tenant,
+) -> None:
+    device = tenant.devices[0]
+    cert = enrol(isolated_db, device)
+    answer = authn(client, body(cert, device))
+    assert answer["result"] == "allow"
+    assert answer["is_superuser"] is False
+    assert answer["client_attrs"] == {"tns": tenant.id, "dev": device}
+    now = dt.datetime.now(dt.UTC).timestamp()
+    assert now < answer["expire_at"] <= now + 24 * 3600 + 5
+    base = f"v1/{tenant.id}/d/{device}"
+    assert answer["acl"][-1] == {"permission": "deny", "action": "all", "topic": "#"}
+    topics = {(r["permission"], r["action"], r["topic"]) for r in answer["acl"][:-1]}
+    assert ("allow", "publish", f"{base}/telemetry") in topics
+    assert ("allow", "subscribe", f"{base}/cmd/+") in topics
+    assert all(r["topic"].startswith(base + "/") for r in answer["acl"][:-1])
+    assert not any(c in r["topic"] for r in answer["acl"][:-1] for c in ("#", "${"))
+
+
+def forged(
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    device: str,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=1))
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def tenant_ca(url: str, tenant: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT key_encrypted, cert_pem FROM pki_authorities WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    assert row is not None
+    return px.decrypt_key(row[0], PASSPHRASE), px.load_certificate(row[1])
+
+
+def test_attacks_are_denied(
+    client: TestClient,
+    isolated_db: str,
+    tenant: Tenant,  # type: ignore[type-arg]
+    make_other_tenant: Callable[[], Tenant],
+) -> None:
+    victim, other_device = tenant.devices[0], tenant.devices[1]
+    good = enrol(isolated_db, victim)
+    attacker = make_other_tenant()
+    attacker_cert = enrol(isolated_db, attacker.devices[0])
+    ca_key, ca_cert = tenant_ca(isolated_db, tenant.id)
+    attacker_ca_key, _ = tenant_ca(isolated_db, attacker.id)
+    self_signed_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    revoked = enrol(isolated_db, other_device)
+    BuiltinCA(isolated_db, PASSPHRASE).revoke(px.serial_hex(revoked), "key_compromise", "test")
+    cases: dict[str, dict[str, str]] = {
+        "client id differs from the certificate": body(good, other_device),
+        "client id empty": body(good, ""),
+        "client id with wildcard": body(good, victim + "/#"),
+        "another tenant's certificate naming this device as client id": body(attacker_cert, victim),
+        "certificate signed by another tenant's CA key, issuer name forged": body(
+            forged(attacker_ca_key, ca_cert.subject, victim), victim
+        ),
+        "self-signed certificate with the victim's CN": body(
+            forged(self_signed_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, victim)]), victim), victim
+        ),
+        "genuine CA signature but never issued by Kestrel": body(forged(ca_key, ca_cert.subject, victim), victim),
+        "expired": body(
+            forged(ca_key, ca_cert.subject, victim, now - dt.timedelta(days=10), now - dt.timedelta(days=1)), victim
+        ),
+        "not yet valid": body(
+            forged(ca_key, ca_cert.subject, victim, now + dt.timedelta(days=1), now + dt.timedelta(days=2)), victim
+        ),
+        "revoked": body(revoked, other_device),
+        "no certificate, no password": body(None, victim),
+        "no certificate, a password (JWT not built yet)": body(None, victim, password="eyJhbGciOiJub25lIn0.e30."),
+        "cert_pem not base64": body(good, victim, cert_pem="%%%not-base64%%%"),
+        "cert_pem base64 of garbage": body(good, victim, cert_pem=base64.b64encode(b"garbage").decode()),
+        "cert_subject claims the victim but the certificate is the attacker's": body(
+            attacker_cert, attacker.devices[0], cert_subject=good.subject.rfc4514_string(), cert_common_name=victim
+        )
+        | {"clientid": victim},
+    }
+    for name, payload in cases.items():
+        assert authn(client, payload) == {"result": "deny"}, name
+
+
+def test_suspended_device_and_tenant_are_denied(
+    client: TestClient,
+    isolated_db: str,  # type: ignore[type-arg]
+    tenant: Tenant,
+) -> None:
+    device = tenant.devices[2]
+    cert = enrol(isolated_db, device)
+    assert authn(client, body(cert, device))["result"] == "allow"
+    with psycopg.connect(isolated_db) as conn:
+        conn.execute("UPDATE devices SET status = 'suspended' WHERE device_id = %s", (device,))
+    assert authn(client, body(cert, device)) == {"result": "deny"}
+    with psycopg.connect(isolated_db) as conn:
+        conn.execute("UPDATE devices SET status = 'active' WHERE device_id = %s", (device,))
+        conn.execute("UPDATE tenants SET status = 'suspended' WHERE tenant_id = %s", (tenant.id,))
+    assert authn(client, body(cert, device)) == {"result": "deny"}
+
+
+def test_revoking_the_tenant_ca_locks_out_its_devices(
+    client: TestClient,
+    isolated_db: str,  # type: ignore[type-arg]
+    tenant: Tenant,
+) -> None:
+    device = tenant.devices[0]
+    cert = enrol(isolated_db, device)
+    BuiltinCA(isolated_db, PASSPHRASE).revoke_tenant_ca(tenant.id, "ca_compromise", "test")
+    assert authn(client, body(cert, device)) == {"result": "deny"}
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"x-authsvc-key": "wrong"}, {"x-authsvc-key": ""}], ids=["none", "wrong", "empty"]
+)
+def test_brokers_must_authenticate(
+    client: TestClient,
+    isolated_db: str,
+    tenant: Tenant,  # type: ignore[type-arg]
+    headers: dict[str, str],
+) -> None:
+    cert = enrol(isolated_db, tenant.devices[0])
+    resp = client.post("/mqtt/authn", json=body(cert, tenant.devices[0]), headers=headers)
+    assert resp.status_code == 401  # EMQX: ignore -> deny; plugin: defer -> deny
+
+
+def test_unparseable_request_is_refused(client: TestClient) -> None:  # type: ignore[type-arg]
+    for raw in (b"not json", b'{"clientid": 5}', b"[]"):
+        resp = client.post("/mqtt/authn", content=raw, headers=HEADERS | {"content-type": "application/json"})
+        assert resp.status_code == 400
+
+
+def test_database_down_fails_closed() -> None:
+    app = create_app(AuthsvcSettings(broker_key=Secret(KEY)), "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = forged(key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")]), "dev-1")
+    with TestClient(app) as c:
+        resp = c.post("/mqtt/authn", json=body(cert, "dev-1"), headers=HEADERS)
+    assert resp.status_code == 503  # never an allow
+
+
+def test_unknown_fields_from_newer_brokers_are_ignored(
+    client: TestClient,
+    isolated_db: str,  # type: ignore[type-arg]
+    tenant: Tenant,
+) -> None:
+    device = tenant.devices[1]
+    cert = enrol(isolated_db, device)
+    assert authn(client, body(cert, device, peerport="51234", listener="ssl:default"))["result"] == "allow"
+
+
+@pytest.fixture
+def make_other_tenant(isolated_db: str) -> Callable[[], Tenant]:
+    from kestrel.db import registry  # noqa: PLC0415
+
+    def make() -> Tenant:
+        tag = uuid.uuid4().hex[:8]
+        t = Tenant(f"x-{tag}", [f"x-{tag}-0"])
+        registry.create_tenant(isolated_db, t.id)
+        registry.create_devices(isolated_db, t.id, t.devices)
+        BuiltinCA(isolated_db, PASSPHRASE).create_tenant_ca(t.id, "test")
+        return t
+
+    return make
