@@ -20,7 +20,7 @@ from litestar.datastructures import State
 from psycopg_pool import AsyncConnectionPool
 
 from authsvc.contract import AuthnRequest, AuthnResponse
-from authsvc.decide import authenticate
+from authsvc.decide import DEFAULT_AUDIENCE, authenticate
 from authsvc.store import PostgresIdentity
 from kestrel.settings import Secret
 
@@ -34,6 +34,7 @@ class AuthsvcSettings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8090
     broker_key: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    jwt_audience: str = DEFAULT_AUDIENCE
     pool_max: int = 10
 
 
@@ -53,7 +54,9 @@ async def authn(request: Request[Any, Any, Any]) -> Response[Any]:
     except msgspec.MsgspecError:
         return _problem(400, "not an authentication request")
     try:
-        decision: AuthnResponse = await authenticate(body, request.app.state.identity, dt.datetime.now(dt.UTC))
+        decision: AuthnResponse = await authenticate(
+            body, request.app.state.identity, dt.datetime.now(dt.UTC), request.app.state.jwt_audience
+        )
     except Exception:
         log.exception("authentication failed internally; the broker will deny")
         return _problem(503, "authentication unavailable")
@@ -82,5 +85,5 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
         route_handlers=[authn, healthz],
         lifespan=[lifespan],
         openapi_config=None,
-        state=State({"broker_key": settings.broker_key.reveal()}),
+        state=State({"broker_key": settings.broker_key.reveal(), "jwt_audience": settings.jwt_audience}),
     )

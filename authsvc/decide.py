@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+import jwt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -22,12 +23,23 @@ from kestrel.topics import device_publish_topics, device_subscribe_filters, is_v
 
 log = logging.getLogger("kestrel.authsvc")
 MAX_SESSION = dt.timedelta(hours=24)  # ACL changes reach live sessions at least daily (contract §7.6)
+DEFAULT_AUDIENCE = "kestrel-mqtt"
+JWT_LEEWAY_S = 30
 
 
 @dataclass(frozen=True)
 class Authority:
     tenant: str
     certificate: x509.Certificate
+
+
+@dataclass(frozen=True)
+class JwtKey:
+    tenant: str
+    device: str | None
+    alg: str
+    public_key_pem: str
+    status: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,9 @@ class IdentityLookup(Protocol):
 
     async def device(self, device_id: str) -> DeviceRecord | None:
         """The registered device, if any."""
+
+    async def jwt_key(self, kid: str) -> JwtKey | None:
+        """The JWT verification key with this ``kid``, if any."""
 
 
 def device_acl(tenant: str, device: str) -> list[AclRule]:
@@ -74,12 +89,30 @@ def _deny(reason: str, request: AuthnRequest) -> AuthnResponse:
     return DENY
 
 
-async def authenticate(  # noqa: PLR0911 - one guard per check: the list of returns is the policy
+def _admit(tenant: str, device: str, expire_at: dt.datetime) -> AuthnResponse:
+    return AuthnResponse(
+        result="allow",
+        is_superuser=False,
+        client_attrs={"tns": tenant, "dev": device},
+        expire_at=int(expire_at.timestamp()),
+        acl=device_acl(tenant, device),
+    )
+
+
+async def authenticate(
+    request: AuthnRequest, lookup: IdentityLookup, now: dt.datetime, audience: str = DEFAULT_AUDIENCE
+) -> AuthnResponse:
+    """Decide one CONNECT: a client certificate if the broker saw one, otherwise a JWT in the password."""
+    if request.cert_pem:
+        return await _certificate(request, lookup, now)
+    if request.password:
+        return await _jwt(request, lookup, now, audience)
+    return _deny("no_credentials", request)
+
+
+async def _certificate(  # noqa: PLR0911 - one guard per check: the list of returns is the policy
     request: AuthnRequest, lookup: IdentityLookup, now: dt.datetime
 ) -> AuthnResponse:
-    """Decide one CONNECT. Certificates only for now; a JWT in the password is denied until it is built."""
-    if not request.cert_pem:
-        return _deny("no_certificate" if not request.password else "jwt_not_supported_yet", request)
     try:
         cert = x509.load_der_x509_certificate(base64.b64decode(request.cert_pem, validate=True))
     except (binascii.Error, ValueError):
@@ -102,16 +135,56 @@ async def authenticate(  # noqa: PLR0911 - one guard per check: the list of retu
     status = await lookup.certificate_status(format(cert.serial_number, "x"), cert.fingerprint(hashes.SHA256()).hex())
     if status != "active":
         return _deny("certificate_revoked" if status else "certificate_not_issued_by_kestrel", request)
+    if reason := await _device_refusal(lookup, device, authority.tenant):
+        return _deny(reason, request)
+    return _admit(authority.tenant, device, min(cert.not_valid_after_utc, now + MAX_SESSION))
+
+
+async def _device_refusal(lookup: IdentityLookup, device: str, tenant: str) -> str | None:
     record = await lookup.device(device)
-    if record is None or record.tenant != authority.tenant:
-        return _deny("device_not_in_certificate_tenant", request)
+    if record is None or record.tenant != tenant:
+        return "device_not_in_credential_tenant"
     if record.status != "active" or record.tenant_status != "active":
-        return _deny("device_or_tenant_not_active", request)
-    expire_at = min(cert.not_valid_after_utc, now + MAX_SESSION)
-    return AuthnResponse(
-        result="allow",
-        is_superuser=False,
-        client_attrs={"tns": authority.tenant, "dev": device},
-        expire_at=int(expire_at.timestamp()),
-        acl=device_acl(authority.tenant, device),
-    )
+        return "device_or_tenant_not_active"
+    return None
+
+
+async def _jwt(  # noqa: PLR0911 - one guard per check: the list of returns is the policy
+    request: AuthnRequest, lookup: IdentityLookup, now: dt.datetime, audience: str
+) -> AuthnResponse:
+    """EdDSA/ES256 only, algorithm pinned per key; ``kid``, ``aud``, ``iss`` (= the key's tenant), ``sub``
+    (= client id), ``exp`` required, ``nbf`` checked when present."""
+    token = request.password
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        return _deny("not_a_jwt", request)
+    kid = header.get("kid")
+    if not isinstance(kid, str) or header.get("alg") not in ("EdDSA", "ES256"):
+        return _deny("jwt_header", request)
+    key = await lookup.jwt_key(kid)
+    if key is None or key.status != "active" or header["alg"] != key.alg:
+        return _deny("jwt_key_unknown_revoked_or_other_alg", request)
+    try:
+        claims = jwt.decode(
+            token,
+            key.public_key_pem,
+            algorithms=[key.alg],
+            audience=audience,
+            issuer=key.tenant,
+            leeway=JWT_LEEWAY_S,
+            options={"require": ["exp", "sub", "aud", "iss"]},
+        )
+    except jwt.PyJWTError as exc:
+        return _deny(f"jwt_{type(exc).__name__}", request)
+    device = claims["sub"]
+    if not isinstance(device, str) or device != request.clientid or not is_valid_id(device):
+        return _deny("jwt_sub_is_not_clientid", request)
+    if key.device is not None and key.device != device:
+        return _deny("jwt_key_of_another_device", request)
+    if reason := await _device_refusal(lookup, device, key.tenant):
+        return _deny(reason, request)
+    expire_at = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+    if expire_at <= now:
+        return _deny("jwt_expired", request)
+    return _admit(key.tenant, device, min(expire_at, now + MAX_SESSION))

@@ -83,6 +83,22 @@ def device_create(
         typer.echo(f"registered {created} device(s) in tenant {tenant}")
 
 
+@device_app.command("jwt-key")
+def device_jwt_key(
+    key_file: Annotated[Path, typer.Argument(help="PEM public key: Ed25519 (EdDSA) or EC P-256 (ES256)")],
+    tenant: Annotated[str, typer.Option(help="Tenant whose devices this key may authenticate (the JWT's iss)")],
+    device: Annotated[str | None, typer.Option(help="Restrict the key to one device")] = None,
+) -> None:
+    """Register a public key that verifies device JWTs; prints its kid (put it in the JWT header)."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    try:
+        data = key_file.read_bytes()
+    except OSError as exc:
+        raise InvalidInput("bad_file", f"cannot read {key_file}: {exc.strerror}") from exc
+    typer.echo(registry.add_jwt_key(database_url(), tenant, data, device))
+
+
 @app.command()
 def simulate(
     devices: Annotated[int, typer.Option(min=1, max=100_000, help="Simulated device connections")] = 10,

@@ -47,3 +47,39 @@ def create_devices(conninfo: str, tenant: str, devices: Iterable[str], *, exist_
             )
         existing = {d for d, _ in taken}
         return len([d for d in ids if d not in existing])
+
+
+def add_jwt_key(conninfo: str, tenant: str, public_key_pem: bytes, device: str | None = None) -> str:
+    """Register a public key that verifies device JWTs; return its ``kid``. The algorithm follows the key."""
+    import secrets  # noqa: PLC0415
+
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: PLC0415
+
+    from kestrel.errors import InvalidInput  # noqa: PLC0415
+
+    require_id("tenant", tenant)
+    try:
+        key = serialization.load_pem_public_key(public_key_pem)
+    except ValueError as exc:
+        raise InvalidInput("bad_key", "not a PEM public key") from exc
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        alg = "EdDSA"
+    elif isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
+        alg = "ES256"
+    else:
+        raise InvalidInput("bad_key", "JWT keys must be Ed25519 (EdDSA) or EC P-256 (ES256)")
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    kid = "k" + secrets.token_hex(8)
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        if conn.execute("SELECT 1 FROM tenants WHERE tenant_id = %s", (tenant,)).fetchone() is None:
+            raise NotFound(f"tenant {tenant} does not exist")
+        if device is not None:
+            row = conn.execute("SELECT tenant_id FROM devices WHERE device_id = %s", (device,)).fetchone()
+            if row is None or row[0] != tenant:
+                raise NotFound(f"device {device} is not registered in tenant {tenant}")
+        conn.execute(
+            "INSERT INTO jwt_keys (kid, tenant_id, device_id, alg, public_key_pem) VALUES (%s, %s, %s, %s, %s)",
+            (kid, tenant, device, alg, pem),
+        )
+    return kid

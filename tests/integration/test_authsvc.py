@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -185,7 +186,7 @@ def test_attacks_are_denied(
         ),
         "revoked": body(revoked, other_device),
         "no certificate, no password": body(None, victim),
-        "no certificate, a password (JWT not built yet)": body(None, victim, password="eyJhbGciOiJub25lIn0.e30."),
+        "unsigned JWT (alg none) in the password": body(None, victim, password="eyJhbGciOiJub25lIn0.e30."),
         "cert_pem not base64": body(good, victim, cert_pem="%%%not-base64%%%"),
         "cert_pem base64 of garbage": body(good, victim, cert_pem=base64.b64encode(b"garbage").decode()),
         "cert_subject claims the victim but the certificate is the attacker's": body(
@@ -277,3 +278,128 @@ def make_other_tenant(isolated_db: str) -> Callable[[], Tenant]:
         return t
 
     return make
+
+
+# ------------------------------------------------------------------------------------------------- JWT devices
+
+
+def jwt_body(token: str, clientid: str) -> dict[str, str]:
+    return {
+        "broker": "mosquitto",
+        "clientid": clientid,
+        "username": clientid,
+        "password": token,
+        "peerhost": "127.0.0.1",
+        "cert_subject": "",
+        "cert_common_name": "",
+        "cert_pem": "",
+    }
+
+
+def relabel(token: str, alg: str) -> str:
+    """Swap the header's alg, keeping payload and signature: an algorithm-confusion attempt."""
+    header, payload, signature = token.split(".")
+    decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    new_header = base64.urlsafe_b64encode(json.dumps(decoded | {"alg": alg}).encode()).rstrip(b"=").decode()
+    return f"{new_header}.{payload}.{signature}"
+
+
+def public_pem(key: Any) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM,  # type: ignore[no-any-return]
+        serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+
+
+def test_jwt_devices_and_attacks_on_them(
+    client: TestClient,
+    isolated_db: str,
+    tenant: Tenant,  # type: ignore[type-arg]
+    make_other_tenant: Callable[[], Tenant],
+) -> None:
+    import jwt  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
+
+    from kestrel.db import registry  # noqa: PLC0415
+
+    device, other = tenant.devices[0], tenant.devices[1]
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    ed_kid = registry.add_jwt_key(isolated_db, tenant.id, public_pem(ed_key))
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    ec_kid = registry.add_jwt_key(isolated_db, tenant.id, public_pem(ec_key), device=other)
+    attacker = make_other_tenant()
+    attacker_key = ed25519.Ed25519PrivateKey.generate()
+    attacker_kid = registry.add_jwt_key(isolated_db, attacker.id, public_pem(attacker_key))
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+
+    def token(key: Any = ed_key, kid: str = ed_kid, alg: str = "EdDSA", **claims: Any) -> str:
+        payload = {"sub": device, "aud": "kestrel-mqtt", "iss": tenant.id, "exp": now + 600, "iat": now} | claims
+        return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm=alg, headers={"kid": kid})
+
+    allowed = authn(client, jwt_body(token(), device))
+    assert allowed["result"] == "allow"
+    assert allowed["expire_at"] == now + 600
+    assert allowed["client_attrs"] == {"tns": tenant.id, "dev": device}
+    assert authn(client, jwt_body(token(ec_key, ec_kid, "ES256", sub=other), other))["result"] == "allow"
+
+    header_none = base64.urlsafe_b64encode(f'{{"alg":"none","kid":"{ed_kid}"}}'.encode()).rstrip(b"=").decode()
+    claims_b64 = (
+        base64.urlsafe_b64encode(
+            f'{{"sub":"{device}","aud":"kestrel-mqtt","iss":"{tenant.id}","exp":{now + 600}}}'.encode()
+        )
+        .rstrip(b"=")
+        .decode()
+    )
+    hmac_confusion = jwt.encode(
+        {"sub": device, "aud": "kestrel-mqtt", "iss": tenant.id, "exp": now + 600},
+        "not-the-key-but-long-enough-for-hs256!",
+        algorithm="HS256",
+        headers={"kid": ed_kid},
+    )
+    other_ed = ed25519.Ed25519PrivateKey.generate()
+    cases = {
+        "expired": jwt_body(token(exp=now - 120), device),
+        "not yet valid": jwt_body(token(nbf=now + 600), device),
+        "no exp": jwt_body(token(exp=None), device),
+        "wrong audience": jwt_body(token(aud="someone-else"), device),
+        "no audience": jwt_body(token(aud=None), device),
+        "wrong issuer": jwt_body(token(iss=attacker.id), device),
+        "sub is not the client id": jwt_body(token(), other),
+        "sub of another device, client id matching it": jwt_body(token(sub=other), tenant.devices[2] + "x"),
+        "unsigned (alg none)": jwt_body(f"{header_none}.{claims_b64}.", device),
+        "HS256 key confusion": jwt_body(hmac_confusion, device),
+        "signed by another key under a valid kid": jwt_body(token(other_ed), device),
+        "ES256 token relabelled EdDSA": jwt_body(relabel(token(ec_key, ec_kid, "ES256", sub=other), "EdDSA"), other),
+        "unknown kid": jwt_body(token(kid="kunknown00000000"), device),
+        "per-device key used for another device": jwt_body(token(ec_key, ec_kid, "ES256"), device),
+        "another tenant's key for this tenant's device": jwt_body(
+            token(attacker_key, attacker_kid, iss=attacker.id), device
+        ),
+        "garbage": jwt_body("not.a.jwt", device),
+        "empty token pieces": jwt_body("..", device),
+    }
+    for name, payload in cases.items():
+        assert authn(client, payload) == {"result": "deny"}, name
+
+    with psycopg.connect(isolated_db) as conn:
+        conn.execute("UPDATE jwt_keys SET status = 'revoked' WHERE kid = %s", (ed_kid,))
+    assert authn(client, jwt_body(token(), device)) == {"result": "deny"}, "revoked key"
+
+
+def test_jwt_key_registration_refuses_weak_or_foreign_keys(
+    isolated_db: str, tenant: Tenant, make_other_tenant: Callable[[], Tenant]
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.errors import InvalidInput, NotFound  # noqa: PLC0415
+
+    with pytest.raises(InvalidInput):
+        registry.add_jwt_key(isolated_db, tenant.id, public_pem(rsa.generate_private_key(65537, 2048)))
+    with pytest.raises(InvalidInput):
+        registry.add_jwt_key(isolated_db, tenant.id, b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    other = make_other_tenant()
+    with pytest.raises(NotFound):
+        registry.add_jwt_key(
+            isolated_db, tenant.id, public_pem(ec.generate_private_key(ec.SECP256R1())), device=other.devices[0]
+        )

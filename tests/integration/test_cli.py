@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -119,3 +120,21 @@ def test_services_refuse_bad_settings_with_one_line(
     result = kestrel(*args, module=module, extra_env=env)
     assert result.returncode == 2, result.stderr
     assert fragment in one_line(result.stderr)
+
+
+def test_jwt_key_registration(database_url: str, tmp_path: Path) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(tmp_path / "k.pem")], check=True)
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(tmp_path / "k.pem"), "-pubout", "-out", str(tmp_path / "pub.pem")], check=True
+    )
+    ok = kestrel("device", "jwt-key", str(tmp_path / "pub.pem"), "--tenant", tenant, database_url=database_url)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().startswith("k")
+    bad = kestrel("device", "jwt-key", str(tmp_path / "k.pem"), "--tenant", tenant, database_url=database_url)
+    assert bad.returncode == 2
+    assert "not a PEM public key" in one_line(bad.stderr)
+    missing = kestrel("device", "jwt-key", str(tmp_path / "none.pem"), "--tenant", tenant, database_url=database_url)
+    assert missing.returncode == 2
+    assert "cannot read" in one_line(missing.stderr)
