@@ -20,6 +20,7 @@ lint:
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/authsvc_bench.py
 
 openapi: install
 	$(PY) -m api openapi > api/openapi.json
