@@ -145,11 +145,8 @@ def test_duplicates_are_stored_once(
     mosquitto: MosquittoServer,
     make_tenant: Callable[[int], Tenant],
 ) -> None:
-    tenant = make_tenant(1)
+    tenant, pipeline, _writer, _bridge = start_ingest(pipeline_factory, nats_server, make_tenant, 1)
     device = tenant.devices[0]
-    pipeline = pipeline_factory(nats_server)
-    pipeline.start_writer()
-    pipeline.start_bridge(f"bridge-{tenant.id}")
     payload = json.dumps({"ts": now_ms(), "seq": 77, "metrics": {"t": 1}}).encode()
     topic = f"v1/{tenant.id}/d/{device}/telemetry"
     paho_publish(mosquitto.port, device, topic, [payload] * 3)
@@ -166,11 +163,8 @@ def test_malformed_payloads_are_dead_lettered_while_good_traffic_continues(
     mosquitto: MosquittoServer,
     make_tenant: Callable[[int], Tenant],
 ) -> None:
-    tenant = make_tenant(1)
+    tenant, pipeline, _writer, bridge = start_ingest(pipeline_factory, nats_server, make_tenant, 1)
     device = tenant.devices[0]
-    pipeline = pipeline_factory(nats_server)
-    pipeline.start_writer()
-    bridge = pipeline.start_bridge(f"bridge-{tenant.id}")
     topic = f"v1/{tenant.id}/d/{device}/telemetry"
     bad: list[tuple[str, bytes, str]] = [
         (topic, b"not json at all", "not_json"),
