@@ -20,7 +20,7 @@ from api import queries
 from api.auth import require_admin
 from api.problems import PROBLEM_JSON, Problem, handle_exception
 from kestrel import __version__
-from kestrel.db.migrate import available_migrations, current_version
+from kestrel.db.migrate import available_migrations
 from kestrel.errors import InvalidInput, Unavailable
 from kestrel.settings import Secret
 from kestrel.topics import ID_PATTERN
@@ -278,4 +278,4 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
     )
 
 
-__all__ = ["ApiSettings", "create_app", "current_version"]
+__all__ = ["ApiSettings", "create_app"]

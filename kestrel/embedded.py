@@ -12,14 +12,21 @@ import secrets
 import signal
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from kestrel.db import registry
 from kestrel.db.migrate import migrate
-from kestrel.servers import LOOPBACK, ManagedProcess, MosquittoServer, NatsServer, PostgresServer, ensure_port_free
+from kestrel.servers import (
+    LOOPBACK,
+    ManagedProcess,
+    MosquittoServer,
+    NatsServer,
+    PostgresServer,
+    ensure_port_free,
+    http_ok,
+)
 from kestrel.simulate import device_ids
 
 DEMO_TENANT = "demo"
@@ -61,14 +68,6 @@ class Service(ManagedProcess):
         self._next_restart = time.monotonic() + min(2**self.restarts, 30)
         self.start()
         return f"{self.name} exited with {code}; restarted (see {self.log_path})"
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback URL we built
-            return bool(resp.status == 200)
-    except OSError:
-        return False
 
 
 def _read_or_create_token(path: Path) -> str:
@@ -187,7 +186,7 @@ class EmbeddedStack:
         deadline = time.monotonic() + timeout
         for name, url in checks.items():
             service = next(s for s in self.services if s.name == name)
-            while not _answers(url):
+            while not http_ok(url):
                 if not service.alive():
                     raise service.fail("exited during start-up")
                 if time.monotonic() > deadline:

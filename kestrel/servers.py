@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -88,6 +87,15 @@ def wait_for_port(port: int, host: str = LOOPBACK, timeout: float = 30.0) -> boo
             return True
         time.sleep(0.05)
     return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """True when ``url`` (a loopback URL we built) answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def _as_user(name: str) -> dict[str, object]:
@@ -363,9 +371,8 @@ class NatsServer(ManagedProcess):
         while time.monotonic() < deadline:
             if not self.alive():
                 raise self.fail("exited during start-up")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
+            if http_ok(url):
+                return
             time.sleep(0.05)
         raise self.fail(f"JetStream not healthy within {timeout:.0f}s")
 
@@ -429,13 +436,3 @@ class MosquittoServer(ManagedProcess):
             if wait_for_port(self.port, timeout=0.2):
                 return
         raise self.fail(f"did not listen on {self.port} within {timeout:.0f}s")
-
-
-@contextlib.contextmanager
-def running(server: ManagedProcess) -> Iterator[ManagedProcess]:
-    """``with running(NatsServer(...)) as s:`` starts and always stops ``server``."""
-    try:
-        server.start()  # type: ignore[attr-defined]
-        yield server
-    finally:
-        server.stop()

@@ -24,7 +24,7 @@ import pytest
 
 from kestrel.db import registry
 from kestrel.db.migrate import migrate
-from kestrel.servers import ManagedProcess, MosquittoServer, NatsServer, PostgresServer, free_port
+from kestrel.servers import ManagedProcess, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,16 +129,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
     return predicate()
 
 
-def scrape(port: int, metric: str) -> float:
-    """Sum of a Prometheus counter/gauge family (all label sets) from a /metrics endpoint."""
+def scrape(port: int, metric: str, **labels: str) -> float:
+    """Sum of a Prometheus family from a /metrics endpoint, over the samples carrying ``labels``."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(metric) and not line.startswith("#"):
-            name = line.split("{")[0].split(" ")[0]
-            if name == metric:
-                total += float(line.rsplit(" ", 1)[1])
+        if line.startswith("#") or line.split("{")[0].split(" ")[0] != metric:
+            continue
+        if all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 
@@ -208,11 +209,7 @@ class Pipeline:
 
 
 def _metrics_up(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
-            return True
-    except OSError:
-        return False
+    return http_ok(f"http://127.0.0.1:{port}/metrics")
 
 
 def clear_session(port: int, client_id: str) -> None:

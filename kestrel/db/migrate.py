@@ -121,12 +121,3 @@ def _apply(conn: psycopg.Connection, migration: Migration) -> None:
     with conn.transaction():
         conn.execute(migration.sql.encode())
         conn.execute(*record)
-
-
-def current_version(conninfo: str) -> int:
-    """Highest applied migration version, 0 when none."""
-    with psycopg.connect(conninfo) as conn:
-        row = conn.execute(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations WHERE to_regclass('schema_migrations') IS NOT NULL"
-        ).fetchone()
-        return int(row[0]) if row else 0

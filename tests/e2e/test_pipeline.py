@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from kestrel import streams
-from kestrel.servers import MosquittoServer, NatsServer, PostgresServer, free_port
+from kestrel.servers import MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
 from kestrel.simulate import Fleet
 from tests.conftest import Pipeline, ServiceProcess, Tenant, scrape, stored_rows, wait_until
 from tests.jetstream_helpers import deadletters
@@ -47,16 +47,8 @@ def start_api(pipeline: Pipeline) -> ServiceProcess:
     )
     proc.start()
     pipeline.processes.append(proc)
-    assert wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), 20), "api did not become ready"
+    assert wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 20), "api did not become ready"
     return proc
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
-            return bool(resp.status == 200)
-    except OSError:
-        return False
 
 
 def api_get(port: int, path: str) -> Any:
@@ -333,43 +325,6 @@ def test_database_restart_under_load_naks_then_stores_everything(
     acked = run_fleet_with_fault(tenant, mosquitto.port, restart_database)
     assert_nothing_lost(pipeline, tenant, acked, "PostgreSQL restart")
     assert scrape(writer.metrics_port, "kestrel_writer_messages_total") > 0
-    assert _nak_count(writer.metrics_port) > 0, "the writer never took the transient-error path"
-
-
-def _nak_count(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith('kestrel_writer_messages_total{outcome="nak"}'):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-@pytest.mark.slow
-def test_rolling_restart_drains_gracefully_and_loses_nothing(
-    pipeline_factory: Callable[[NatsServer], Pipeline],
-    fresh_nats: NatsServer,
-    mosquitto: MosquittoServer,
-    make_tenant: Callable[[int], Tenant],
-) -> None:
-    """SIGTERM (a deploy): each service drains, exits 0, and its replacement carries on with nothing lost."""
-    tenant = make_tenant(40)
-    pipeline = pipeline_factory(fresh_nats)
-    writer = pipeline.start_writer()
-    client_id = f"bridge-{tenant.id}"
-    bridge = pipeline.start_bridge(client_id)
-    exit_codes: dict[str, int | None] = {}
-
-    def rolling_restart() -> None:
-        for proc, restart in (
-            (writer, lambda: pipeline.start_writer(name="writer-2")),
-            (bridge, lambda: pipeline.start_bridge(client_id)),
-        ):
-            assert proc.proc is not None
-            popen = proc.proc
-            proc.send_signal(signal.SIGTERM)
-            exit_codes[proc.name] = popen.wait(30)
-            restart()
-
-    acked = run_fleet_with_fault(tenant, mosquitto.port, rolling_restart)
-    assert_nothing_lost(pipeline, tenant, acked, "rolling restart")
-    assert exit_codes == {"writer": 0, client_id: 0}
+    assert scrape(writer.metrics_port, "kestrel_writer_messages_total", outcome="nak") > 0, (
+        "the writer never took the transient-error path"
+    )
