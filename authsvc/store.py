@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final
 
 from cryptography import x509
@@ -20,6 +21,13 @@ DEVICE: Final = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_certificate(pem: str) -> x509.Certificate:
+    """Tenant CA certificates change rarely; parse each PEM once, not on every connect. The row itself
+    (and so revocation) is still read per request."""
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
 class PostgresIdentity:
     def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
         self.pool = pool
@@ -29,7 +37,7 @@ class PostgresIdentity:
             row = await (await conn.execute(AUTHORITY, (issuer.rfc4514_string(),))).fetchone()
         if row is None:
             return None
-        return Authority(row[0], x509.load_pem_x509_certificate(row[1].encode()))
+        return Authority(row[0], _parse_certificate(row[1]))
 
     async def certificate_status(self, serial: str, fingerprint: str) -> str | None:
         async with self.pool.connection() as conn:

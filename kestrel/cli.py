@@ -26,14 +26,17 @@ app.add_typer(db_app, name="db")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(device_app, name="device")
 
-STATE_DIR = Path(os.environ.get("KESTREL_STATE_DIR", ".kestrel"))
+
+def state_dir() -> Path:
+    """``KESTREL_STATE_DIR`` (read when a command runs, not at import), default ``.kestrel``."""
+    return Path(os.environ.get("KESTREL_STATE_DIR", ".kestrel"))
 
 
 def database_url() -> str:
     """``KESTREL_DATABASE_URL``, else the embedded default's ``kestrel.env``."""
     if url := os.environ.get("KESTREL_DATABASE_URL"):
         return url
-    env_file = STATE_DIR / "kestrel.env"
+    env_file = state_dir() / "kestrel.env"
     if env_file.exists():
         for line in env_file.read_text().splitlines():
             key, _, value = line.partition("=")
@@ -131,7 +134,9 @@ def simulate(
 
 @app.command()
 def run(
-    state_dir: Annotated[Path, typer.Option(help="Where data and logs live")] = STATE_DIR,
+    state: Annotated[
+        Path | None, typer.Option("--state-dir", help="Where data and logs live [default: .kestrel]")
+    ] = None,
     postgres_port: Annotated[int, typer.Option(min=1, max=65535)] = 15432,
     nats_port: Annotated[int, typer.Option(min=1, max=65535)] = 14222,
     nats_monitor_port: Annotated[int, typer.Option(min=1, max=65535)] = 18222,
@@ -150,7 +155,7 @@ def run(
     )
     if len(set(vars(ports).values())) != len(vars(ports)):
         raise InvalidInput("bad_ports", "every port must be different")
-    run_embedded(state_dir, ports, devices=devices, rate=rate, simulator=devices > 0)
+    run_embedded(state or state_dir(), ports, devices=devices, rate=rate, simulator=devices > 0)
 
 
 def _add_plugins() -> None:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import psycopg
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from psycopg.rows import dict_row
 
@@ -231,32 +232,35 @@ class BuiltinCA:
     def revoke(self, serial: str, reason: str, actor: str) -> None:
         _check_reason(reason)
         with self._connect() as conn, conn.transaction():
-            row = conn.execute(
-                "UPDATE pki_certificates SET status = 'revoked', revoked_at = now(),"
-                " revocation_reason = %s WHERE serial = %s AND status = 'active'"
-                " RETURNING tenant_id, device_id",
-                (reason, serial.lower()),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no active certificate with serial {serial}")
-            _audit(
-                conn, actor, "certificate_revoked", tenant=row[0], device=row[1], serial=serial.lower(), reason=reason
-            )
+            self._revoke(conn, serial.lower(), reason, actor)
 
     def revoke_device(self, device: str, reason: str, actor: str) -> list[str]:
-        """Revoke every active certificate of ``device``; return their serials."""
-        with self._connect() as conn:
+        """Revoke every active certificate of ``device`` in one transaction; return their serials."""
+        _check_reason(reason)
+        with self._connect() as conn, conn.transaction():
             serials = [
                 r[0]
                 for r in conn.execute(
-                    "SELECT serial FROM pki_certificates WHERE device_id = %s AND status = 'active'", (device,)
+                    "SELECT serial FROM pki_certificates WHERE device_id = %s AND status = 'active' FOR UPDATE",
+                    (device,),
                 )
             ]
-        if not serials:
-            raise NotFound(f"device {device} has no active certificate")
-        for serial in serials:
-            self.revoke(serial, reason, actor)
+            if not serials:
+                raise NotFound(f"device {device} has no active certificate")
+            for serial in serials:
+                self._revoke(conn, serial, reason, actor)
         return serials
+
+    @staticmethod
+    def _revoke(conn: psycopg.Connection[Any], serial: str, reason: str, actor: str) -> None:
+        row = conn.execute(
+            "UPDATE pki_certificates SET status = 'revoked', revoked_at = now(), revocation_reason = %s"
+            " WHERE serial = %s AND status = 'active' RETURNING tenant_id, device_id",
+            (reason, serial),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no active certificate with serial {serial}")
+        _audit(conn, actor, "certificate_revoked", tenant=row[0], device=row[1], serial=serial, reason=reason)
 
     def crl(self, tenant: str) -> bytes:
         with self._connect() as conn, conn.transaction():
@@ -271,8 +275,6 @@ class BuiltinCA:
             ]
             number = conn.execute("SELECT nextval('pki_crl_number')").fetchone()
             crl = px.build_crl(revoked, ca_key, ca, int(number[0]) if number else 1)
-        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-
         return crl.public_bytes(serialization.Encoding.PEM)
 
     def list(

@@ -12,23 +12,20 @@ from typing import Annotated
 
 import typer
 
+from kestrel.cli import database_url, state_dir
 from kestrel.errors import InvalidInput
 from pki import x509 as px
-from pki.builtin import BuiltinCA
+from pki.builtin import BuiltinCA, IssuedCertificate
 
 app = typer.Typer(no_args_is_help=True, help="Certificate authorities and device certificates.")
 REASON_HELP = f"One of: {', '.join(px.REASONS)}"
-
-
-def _state_dir() -> Path:
-    return Path(os.environ.get("KESTREL_STATE_DIR", ".kestrel"))
 
 
 def _passphrase(generate: bool = False) -> str:
     """``KESTREL_PKI_PASSPHRASE``, else the embedded default's ``pki-passphrase`` file (0600)."""
     if value := os.environ.get("KESTREL_PKI_PASSPHRASE"):
         return value
-    path = _state_dir() / "pki-passphrase"
+    path = state_dir() / "pki-passphrase"
     if path.exists():
         return path.read_text().strip()
     if generate:
@@ -41,8 +38,6 @@ def _passphrase(generate: bool = False) -> str:
 
 
 def _ca(generate: bool = False) -> BuiltinCA:
-    from kestrel.cli import database_url  # noqa: PLC0415 - shared settings lookup of the CLI
-
     return BuiltinCA(database_url(), _passphrase(generate))
 
 
@@ -71,6 +66,15 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+def _emit(issued: IssuedCertificate, out: Path | None, verb: str) -> None:
+    """The certificate to ``out`` (with a summary on stderr) or to stdout."""
+    if out is None:
+        typer.echo(issued.cert_pem, nl=False)
+        return
+    _write(out, issued.cert_pem)
+    typer.echo(f"{verb} {issued.device}: serial {issued.serial}, valid until {issued.not_after:%Y-%m-%d}", err=True)
+
+
 @app.command()
 def sign(
     csr_file: Annotated[Path, typer.Argument(help="PEM or DER CSR; '-' reads standard input")],
@@ -86,12 +90,7 @@ def sign(
             data = csr_file.read_bytes()
         except OSError as exc:
             raise InvalidInput("bad_file", f"cannot read {csr_file}: {exc.strerror}") from exc
-    issued = _ca().sign_csr(data, device, days, _actor())
-    if out:
-        _write(out, issued.cert_pem)
-        typer.echo(f"signed {device}: serial {issued.serial}, valid until {issued.not_after:%Y-%m-%d}", err=True)
-    else:
-        typer.echo(issued.cert_pem, nl=False)
+    _emit(_ca().sign_csr(data, device, days, _actor()), out, "signed")
 
 
 @app.command()
@@ -133,12 +132,7 @@ def renew(
     out: Annotated[Path | None, typer.Option(help="Write the certificate here (default: stdout)")] = None,
 ) -> None:
     """Issue a new certificate for the same key (the old one stays valid until it expires or is revoked)."""
-    issued = _ca().renew(serial, days, _actor())
-    if out:
-        _write(out, issued.cert_pem)
-        typer.echo(f"renewed: new serial {issued.serial}", err=True)
-    else:
-        typer.echo(issued.cert_pem, nl=False)
+    _emit(_ca().renew(serial, days, _actor()), out, "renewed")
 
 
 @app.command()
