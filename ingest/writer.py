@@ -220,11 +220,13 @@ class Writer:
         """Store ``msgs`` and settle every one of them: ack, nak or term (+ dead-letter)."""
         started = time.perf_counter()
         decoded: list[Decoded] = []
+        malformed: list[tuple[Msg, InvalidInput]] = []
         for msg in msgs:
             try:
                 decoded.append(Decoded(msg, decode_envelope(msg.data)))
             except InvalidInput as exc:
-                await self._reject(msg, exc.reason, exc.detail, term=True)
+                malformed.append((msg, exc))
+        await asyncio.gather(*(self._reject(msg, exc.reason, exc.detail, term=True) for msg, exc in malformed))
         if decoded:
             try:
                 await self._store_and_settle(decoded)
@@ -241,23 +243,25 @@ class Writer:
 
     async def _store_and_settle(self, decoded: list[Decoded]) -> None:
         staged, inserted, unknown = await self._store(decoded)
-        self.metrics.rows.labels("inserted").inc(inserted)
+        strangers = [d for d in decoded if (d.envelope.tenant, d.envelope.device) in unknown]
         for item in decoded:
-            env = item.envelope
-            if (env.tenant, env.device) in unknown:
-                await self._reject(
-                    item.msg,
+            if (item.envelope.tenant, item.envelope.device) not in unknown:
+                await self.nc.publish(item.msg.reply, b"+ACK")
+        await asyncio.gather(
+            *(
+                self._reject(
+                    d.msg,
                     "unknown_device",
-                    f"device {env.device} is not registered in tenant {env.tenant}",
+                    f"device {d.envelope.device} is not registered in tenant {d.envelope.tenant}",
                     term=False,
                 )
-            else:
-                await self.nc.publish(item.msg.reply, b"+ACK")
-        known_staged = staged - sum(
-            len(d.envelope.points) for d in decoded if (d.envelope.tenant, d.envelope.device) in unknown
+                for d in strangers
+            )
         )
+        known_staged = staged - sum(len(d.envelope.points) for d in strangers)
+        self.metrics.rows.labels("inserted").inc(inserted)
         self.metrics.rows.labels("duplicate").inc(max(known_staged - inserted, 0))
-        self.metrics.messages.labels("stored").inc(len(decoded))
+        self.metrics.messages.labels("stored").inc(len(decoded) - len(strangers))
 
     async def _reject(self, msg: Msg, reason: str, detail: str, *, term: bool) -> None:
         """Dead-letter first, then settle: the message is never dropped before it is in the DLQ."""
