@@ -113,8 +113,10 @@ def reachable_root(preferred: Path, user: str) -> Path:
     ``/var/lib/kestrel/<hash of preferred>/<name>`` and ``preferred`` becomes a symlink to it, so the
     same state directory always finds the same data. We never loosen permissions of the user's dirs.
     """
-    if os.geteuid() != 0 or preferred.is_symlink():
-        return preferred.resolve() if preferred.is_symlink() else preferred
+    if preferred.is_symlink():
+        return preferred.resolve()
+    if os.geteuid() != 0:
+        return preferred
     parent = preferred.parent.resolve()
     parent.mkdir(parents=True, exist_ok=True)
     probe = subprocess.run(["test", "-x", str(parent)], check=False, **_as_user(user))  # type: ignore[call-overload]
@@ -243,7 +245,6 @@ class PostgresServer(ManagedProcess):
 
     def _initdb(self) -> None:
         bindir = postgres_bindir()
-        self.root = reachable_root(self.root, "postgres")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         password = secrets.token_urlsafe(24)
@@ -285,8 +286,7 @@ class PostgresServer(ManagedProcess):
             )
 
     def start(self, timeout: float = 60.0) -> None:
-        if self.root.is_symlink():
-            self.root = self.root.resolve()
+        self.root = reachable_root(self.root, "postgres")
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         ensure_port_free("postgres", self.port)

@@ -254,3 +254,26 @@ def pipeline_factory(
         for proc in pipeline.processes:
             if proc.argv[-1] == "bridge":
                 clear_session(pipeline.mqtt_port, proc.name)
+
+
+def openssl_verify(chain: str, leaf: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`openssl verify -purpose sslclient` of ``leaf`` against a tenant-CA-then-root ``chain``."""
+    certs = chain.split("-----END CERTIFICATE-----")
+    (tmp_path / "tenant-ca.pem").write_text(certs[0] + "-----END CERTIFICATE-----\n")
+    (tmp_path / "root.pem").write_text(certs[1].lstrip() + "-----END CERTIFICATE-----\n")
+    return subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            str(tmp_path / "root.pem"),
+            "-untrusted",
+            str(tmp_path / "tenant-ca.pem"),
+            str(leaf),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )

@@ -53,16 +53,21 @@ def client(isolated_db: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
         yield test_client
 
 
-@pytest.fixture
-def tenant(isolated_db: str) -> Tenant:
+def tenant_with_ca(url: str, prefix: str, devices: int) -> Tenant:
+    """A registered tenant with ``devices`` devices and its own CA."""
     from kestrel.db import registry  # noqa: PLC0415
 
     tag = uuid.uuid4().hex[:8]
-    t = Tenant(f"t-{tag}", [f"d-{tag}-{i}" for i in range(3)])
-    registry.create_tenant(isolated_db, t.id)
-    registry.create_devices(isolated_db, t.id, t.devices)
-    BuiltinCA(isolated_db, PASSPHRASE).create_tenant_ca(t.id, "test")
+    t = Tenant(f"{prefix}-{tag}", [f"{prefix}-{tag}-{i}" for i in range(devices)])
+    registry.create_tenant(url, t.id)
+    registry.create_devices(url, t.id, t.devices)
+    BuiltinCA(url, PASSPHRASE).create_tenant_ca(t.id, "test")
     return t
+
+
+@pytest.fixture
+def tenant(isolated_db: str) -> Tenant:
+    return tenant_with_ca(isolated_db, "t", 3)
 
 
 def enrol(url: str, device: str) -> x509.Certificate:
@@ -267,17 +272,7 @@ def test_unknown_fields_from_newer_brokers_are_ignored(
 
 @pytest.fixture
 def make_other_tenant(isolated_db: str) -> Callable[[], Tenant]:
-    from kestrel.db import registry  # noqa: PLC0415
-
-    def make() -> Tenant:
-        tag = uuid.uuid4().hex[:8]
-        t = Tenant(f"x-{tag}", [f"x-{tag}-0"])
-        registry.create_tenant(isolated_db, t.id)
-        registry.create_devices(isolated_db, t.id, t.devices)
-        BuiltinCA(isolated_db, PASSPHRASE).create_tenant_ca(t.id, "test")
-        return t
-
-    return make
+    return lambda: tenant_with_ca(isolated_db, "x", 1)
 
 
 # ------------------------------------------------------------------------------------------------- JWT devices

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from kestrel.db import registry
-from tests.conftest import Tenant
+from tests.conftest import Tenant, openssl_verify
 from tests.integration.test_cli import kestrel, one_line
 
 pytestmark = pytest.mark.integration
@@ -60,28 +60,6 @@ def make_csr(tmp_path: Path, cn: str) -> tuple[Path, Path]:
         capture_output=True,
     )
     return key, csr
-
-
-def openssl_verify(chain: str, leaf: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    certs = chain.split("-----END CERTIFICATE-----")
-    (tmp_path / "tenant-ca.pem").write_text(certs[0] + "-----END CERTIFICATE-----\n")
-    (tmp_path / "root.pem").write_text(certs[1].lstrip() + "-----END CERTIFICATE-----\n")
-    return subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-purpose",
-            "sslclient",
-            "-CAfile",
-            str(tmp_path / "root.pem"),
-            "-untrusted",
-            str(tmp_path / "tenant-ca.pem"),
-            str(leaf),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def audit(database_url: str, tenant: str) -> list[str]:

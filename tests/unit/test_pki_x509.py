@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from kestrel.errors import InvalidInput, Unauthenticated
 from pki import x509 as px
+from tests.conftest import openssl_verify
 
 
 def csr_for(cn: str | None, key: object = None, extra_cn: str | None = None) -> bytes:
@@ -61,24 +61,8 @@ def test_device_certificate_verifies_as_a_client_certificate(hierarchy) -> None:
 def test_openssl_accepts_the_chain_for_client_auth(hierarchy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, root, _, ca = hierarchy
     leaf = issue(hierarchy)
-    for name, cert in (("root.pem", root), ("ca.pem", ca), ("leaf.pem", leaf)):
-        (tmp_path / name).write_text(px.pem(cert))
-    result = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-purpose",
-            "sslclient",
-            "-CAfile",
-            str(tmp_path / "root.pem"),
-            "-untrusted",
-            str(tmp_path / "ca.pem"),
-            str(tmp_path / "leaf.pem"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    (tmp_path / "leaf.pem").write_text(px.pem(leaf))
+    result = openssl_verify(px.pem(ca) + px.pem(root), tmp_path / "leaf.pem", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")
 
