@@ -121,7 +121,12 @@ class Decoded:
     envelope: TelemetryEnvelope
 
 
-def to_rows(envelope: TelemetryEnvelope) -> list[tuple[object, ...]]:
+#: tenant, device, stream, ts, seq, metrics, received_at: one staging row
+Row = tuple[str, str, str, datetime, int, RawJson, datetime]
+StoreResult = tuple[int, int, set[tuple[str, str]]]  # rows staged, rows inserted, unknown (tenant, device)
+
+
+def to_rows(envelope: TelemetryEnvelope) -> list[Row]:
     """The staging rows of one envelope (pure)."""
     received = EPOCH + timedelta(microseconds=envelope.received_us)
     return [
@@ -136,6 +141,45 @@ def to_rows(envelope: TelemetryEnvelope) -> list[tuple[object, ...]]:
         )
         for p in envelope.points
     ]
+
+
+async def prepare_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Raw-JSON jsonb dumping and the session's staging table; once per connection."""
+    RawJsonbBinaryDumper.oid = conn.adapters.types["jsonb"].oid
+    conn.adapters.register_dumper(RawJson, RawJsonbBinaryDumper)
+    await conn.execute(STAGE_DDL)
+    await conn.commit()
+
+
+async def store_rows(conn: psycopg.AsyncConnection[Any], rows: list[Row]) -> StoreResult:
+    """Binary COPY into staging, idempotent insert of known devices' rows, commit.
+
+    Returns (rows staged, rows inserted, unknown devices). A missing daily partition is created and the
+    batch retried once; content PostgreSQL refuses raises ``StorageRejected``.
+    """
+    for attempt in (1, 2):
+        try:
+            async with conn.cursor() as cur:
+                async with cur.copy(COPY_STAGE) as copy:
+                    copy.set_types(COPY_TYPES)
+                    for row in rows:
+                        await copy.write_row(row)
+                inserted_row = await (await cur.execute(INSERT_FROM_STAGE)).fetchone()
+                unknown = {(t, d) for t, d in await (await cur.execute(UNKNOWN_DEVICES)).fetchall()}
+            await conn.commit()
+            return len(rows), int(inserted_row[0]) if inserted_row else 0, unknown
+        except psycopg.errors.CheckViolation:
+            # "no partition of relation found": create the days this batch needs, then retry once.
+            await conn.rollback()
+            if attempt == 2:
+                raise StorageRejected("no partition for the batch") from None
+            times = [row[3] for row in rows]
+            await conn.execute("SELECT telemetry_ensure_partitions(%s, %s)", (min(times), max(times)))
+            await conn.commit()
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+            await conn.rollback()
+            raise StorageRejected(str(exc).splitlines()[0]) from exc
+    raise AssertionError("unreachable")
 
 
 def delivery_count(msg: Msg) -> int:
@@ -172,10 +216,7 @@ class Writer:
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None or self.conn.closed:
             conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=False)
-            RawJsonbBinaryDumper.oid = conn.adapters.types["jsonb"].oid
-            conn.adapters.register_dumper(RawJson, RawJsonbBinaryDumper)
-            await conn.execute(STAGE_DDL)
-            await conn.commit()
+            await prepare_connection(conn)
             self.conn = conn
         return self.conn
 
@@ -188,33 +229,8 @@ class Writer:
         await conn.execute("SELECT telemetry_maintain()")
         await conn.commit()
 
-    async def _store(self, decoded: list[Decoded]) -> tuple[int, int, set[tuple[str, str]]]:
-        """COPY + insert + commit. Returns (rows staged, rows inserted, unknown devices)."""
-        conn = await self.connect()
-        rows = [row for d in decoded for row in to_rows(d.envelope)]
-        for attempt in (1, 2):
-            try:
-                async with conn.cursor() as cur:
-                    async with cur.copy(COPY_STAGE) as copy:
-                        copy.set_types(COPY_TYPES)
-                        for row in rows:
-                            await copy.write_row(row)
-                    inserted_row = await (await cur.execute(INSERT_FROM_STAGE)).fetchone()
-                    unknown = {(t, d) for t, d in await (await cur.execute(UNKNOWN_DEVICES)).fetchall()}
-                await conn.commit()
-                return len(rows), int(inserted_row[0]) if inserted_row else 0, unknown
-            except psycopg.errors.CheckViolation:
-                # "no partition of relation found": create the days this batch needs, then retry once.
-                await conn.rollback()
-                if attempt == 2:
-                    raise StorageRejected("no partition for the batch") from None
-                bounds = [EPOCH + timedelta(microseconds=p.ts_us) for d in decoded for p in d.envelope.points]
-                await conn.execute("SELECT telemetry_ensure_partitions(%s, %s)", (min(bounds), max(bounds)))
-                await conn.commit()
-            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
-                await conn.rollback()
-                raise StorageRejected(str(exc).splitlines()[0]) from exc
-        raise AssertionError("unreachable")
+    async def _store(self, decoded: list[Decoded]) -> StoreResult:
+        return await store_rows(await self.connect(), [row for d in decoded for row in to_rows(d.envelope)])
 
     async def flush(self, msgs: list[Msg]) -> None:
         """Store ``msgs`` and settle every one of them: ack, nak or term (+ dead-letter)."""

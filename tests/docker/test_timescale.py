@@ -61,7 +61,7 @@ def test_timescale_variant_is_applied(timescale_url: str) -> None:
 
 def test_writer_insert_path_and_api_queries_on_a_hypertable(timescale_url: str) -> None:
     from api import queries  # noqa: PLC0415
-    from ingest.writer import COPY_STAGE, COPY_TYPES, INSERT_FROM_STAGE, STAGE_DDL, RawJson, RawJsonbBinaryDumper  # noqa: PLC0415
+    from ingest.writer import RawJson, prepare_connection, store_rows  # noqa: PLC0415
 
     registry.create_tenant(timescale_url, "ts-tenant", exist_ok=True)
     registry.create_devices(timescale_url, "ts-tenant", ["ts-dev"], exist_ok=True)
@@ -82,19 +82,10 @@ def test_writer_insert_path_and_api_queries_on_a_hypertable(timescale_url: str) 
 
     async def store() -> int:
         conn = await psycopg.AsyncConnection.connect(timescale_url)
-        RawJsonbBinaryDumper.oid = conn.adapters.types["jsonb"].oid
-        conn.adapters.register_dumper(RawJson, RawJsonbBinaryDumper)
-        await conn.execute(STAGE_DDL)
+        await prepare_connection(conn)
         inserted = 0
         for _ in range(2):  # the second pass must insert nothing (idempotent)
-            async with conn.cursor() as cur:
-                async with cur.copy(COPY_STAGE) as copy:
-                    copy.set_types(COPY_TYPES)
-                    for row in rows:
-                        await copy.write_row(row)
-                result = await (await cur.execute(INSERT_FROM_STAGE)).fetchone()
-                inserted += int(result[0]) if result else 0
-            await conn.commit()
+            inserted += (await store_rows(conn, rows))[1]
         points = await queries.raw_points(
             conn,
             tenant="ts-tenant",
