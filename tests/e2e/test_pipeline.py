@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import nats
 import paho.mqtt.client as paho
 import psycopg
 import pytest
@@ -141,12 +142,25 @@ def test_duplicates_are_stored_once(
     device = tenant.devices[0]
     payload = json.dumps({"ts": now_ms(), "seq": 77, "metrics": {"t": 1}}).encode()
     topic = f"v1/{tenant.id}/d/{device}/telemetry"
+    subject = topic.replace("/", ".")
     paho_publish(mosquitto.port, device, topic, [payload] * 3)
     mosquitto_pub(mosquitto.port, topic, payload)
     paho_publish(mosquitto.port, device, topic, [json.dumps({"ts": now_ms(), "seq": 78, "metrics": {"t": 2}}).encode()])
     assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == 2, 20)
     time.sleep(1.0)  # give a wrongly stored copy time to appear
     assert sorted(stored_rows(pipeline.database_url, tenant.id)) == [(device, 77), (device, 78)]
+    # The copies were already dropped by JetStream (Nats-Msg-Id), not only by the storage key.
+    assert asyncio.run(stream_messages(pipeline.nats_url, subject)) == 2
+
+
+async def stream_messages(url: str, subject: str) -> int:
+    """Messages the TELEMETRY stream holds on ``subject``."""
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(streams.TELEMETRY_STREAM, subjects_filter=subject)
+        return int((info.state.subjects or {}).get(subject, 0))
+    finally:
+        await nc.close()
 
 
 def test_malformed_payloads_are_dead_lettered_while_good_traffic_continues(
