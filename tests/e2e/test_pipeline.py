@@ -342,3 +342,34 @@ def test_database_restart_under_load_naks_then_stores_everything(
     assert scrape(writer.metrics_port, "kestrel_writer_messages_total", outcome="nak") > 0, (
         "the writer never took the transient-error path"
     )
+
+
+@pytest.mark.slow
+def test_rolling_restart_drains_gracefully_and_loses_nothing(
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    fresh_nats: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+) -> None:
+    """SIGTERM (a deploy): each service drains, exits 0, and its replacement carries on with nothing lost."""
+    tenant = make_tenant(40)
+    pipeline = pipeline_factory(fresh_nats)
+    writer = pipeline.start_writer()
+    client_id = f"bridge-{tenant.id}"
+    bridge = pipeline.start_bridge(client_id)
+    exit_codes: dict[str, int | None] = {}
+
+    def rolling_restart() -> None:
+        for proc, restart in (
+            (writer, lambda: pipeline.start_writer(name="writer-2")),
+            (bridge, lambda: pipeline.start_bridge(client_id)),
+        ):
+            assert proc.proc is not None
+            popen = proc.proc
+            proc.send_signal(signal.SIGTERM)
+            exit_codes[proc.name] = popen.wait(30)
+            restart()
+
+    acked = run_fleet_with_fault(tenant, mosquitto.port, rolling_restart)
+    assert_nothing_lost(pipeline, tenant, acked, "rolling restart")
+    assert exit_codes == {"writer": 0, client_id: 0}
