@@ -7,9 +7,12 @@ non-200 as "ignore" and our plugin as "defer", and both end in a deny when no ot
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hmac
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from authsvc.contract import AuthnRequest, AuthnResponse
 from authsvc.decide import DEFAULT_AUDIENCE, authenticate
+from authsvc.revocation import CachedIdentity, MosquittoKicker, listen_for_revocations
 from authsvc.store import PostgresIdentity
 from kestrel.settings import Secret
 
@@ -36,6 +40,13 @@ class AuthsvcSettings(msgspec.Struct, frozen=True, kw_only=True):
     broker_key: Secret = msgspec.field(default_factory=lambda: Secret(""))
     jwt_audience: str = DEFAULT_AUDIENCE
     pool_max: int = 10
+    cache_ttl_s: float = 30.0
+    #: Mosquitto to disconnect revoked clients on (through the plugin's control topic), as a principal
+    #: of role ``control``. Unset: revoked sessions end at their ``expire_at`` only (logged at start).
+    kick_mqtt_host: str = "127.0.0.1"
+    kick_mqtt_port: int = 0
+    kick_username: str = ""
+    kick_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
 
 
 def _problem(status: int, detail: str) -> Response[dict[str, object]]:
@@ -75,10 +86,30 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
             database_url, min_size=1, max_size=settings.pool_max, open=False, timeout=2
         )
         await pool.open(wait=False)
-        app.state.identity = PostgresIdentity(pool)
+        cache = CachedIdentity(PostgresIdentity(pool), ttl=settings.cache_ttl_s)
+        app.state.identity = cache
+        kicker = None
+        if settings.kick_mqtt_port and settings.kick_username:
+            kicker = MosquittoKicker(
+                settings.kick_mqtt_host,
+                settings.kick_mqtt_port,
+                settings.kick_username,
+                settings.kick_password.reveal(),
+                instance=f"{socket.gethostname()[:40]}-{settings.port}".replace(".", "-"),
+            )
+        else:
+            log.warning("no kick target configured: revoked sessions end at their expire_at only")
+        listener = asyncio.create_task(
+            listen_for_revocations(database_url, cache, kicker.kick if kicker else None), name="revocations"
+        )
         try:
             yield
         finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            if kicker is not None:
+                await kicker.close()
             await pool.close()
 
     return Litestar(

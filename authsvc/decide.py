@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
+import hmac
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,12 +21,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from authsvc.contract import DENY, AclRule, AuthnRequest, AuthnResponse
-from kestrel.topics import device_publish_topics, device_subscribe_filters, is_valid_id
+from kestrel.db.registry import SERVICE_SECRET_PREFIX
+from kestrel.topics import TELEMETRY_FILTERS, device_publish_topics, device_subscribe_filters, is_valid_id
 
 log = logging.getLogger("kestrel.authsvc")
 MAX_SESSION = dt.timedelta(hours=24)  # ACL changes reach live sessions at least daily (contract §7.6)
 DEFAULT_AUDIENCE = "kestrel-mqtt"
 JWT_LEEWAY_S = 30
+#: Where the Mosquitto plugin takes control commands (kick); only the ``control`` role may publish there.
+CONTROL_TOPIC = "$CONTROL/kestrel/v1"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,14 @@ class DeviceRecord:
     tenant_status: str
 
 
+@dataclass(frozen=True)
+class ServicePrincipal:
+    name: str
+    role: str
+    secret_sha256: str
+    status: str
+
+
 class IdentityLookup(Protocol):
     """What the decision needs from storage."""
 
@@ -64,6 +77,9 @@ class IdentityLookup(Protocol):
     async def jwt_key(self, kid: str) -> JwtKey | None:
         """The JWT verification key with this ``kid``, if any."""
 
+    async def service_principal(self, name: str) -> ServicePrincipal | None:
+        """The backend principal with this name, if any."""
+
 
 def device_acl(tenant: str, device: str) -> list[AclRule]:
     """Concrete rules for one device, ending with an explicit deny of everything else."""
@@ -72,8 +88,23 @@ def device_acl(tenant: str, device: str) -> list[AclRule]:
         AclRule(permission="allow", action="subscribe", topic=f, qos=[0, 1])
         for f in device_subscribe_filters(tenant, device)
     ]
-    rules.append(AclRule(permission="deny", action="all", topic="#"))
+    rules.append(_DENY_ALL)
     return rules
+
+
+_DENY_ALL = AclRule(permission="deny", action="all", topic="#")
+
+
+def service_acl(role: str) -> list[AclRule]:
+    """Fixed rules per backend role; nothing is a superuser (ADR-0010). Subscribe rules are checked
+    against the filter without its ``$share/{group}/`` prefix, as EMQX does."""
+    if role == "ingest":
+        rules = [AclRule(permission="allow", action="subscribe", topic=f, qos=[0, 1]) for f in TELEMETRY_FILTERS]
+    elif role == "control":
+        rules = [AclRule(permission="allow", action="publish", topic=CONTROL_TOPIC, qos=[0, 1])]
+    else:
+        rules = []
+    return [*rules, _DENY_ALL]
 
 
 def _deny(reason: str, request: AuthnRequest) -> AuthnResponse:
@@ -105,6 +136,8 @@ async def authenticate(
     """Decide one CONNECT: a client certificate if the broker saw one, otherwise a JWT in the password."""
     if request.cert_pem:
         return await _certificate(request, lookup, now)
+    if request.password.startswith(SERVICE_SECRET_PREFIX):
+        return await _service(request, lookup, now)
     if request.password:
         return await _jwt(request, lookup, now, audience)
     return _deny("no_credentials", request)
@@ -188,3 +221,25 @@ async def _jwt(  # noqa: PLR0911 - one guard per check: the list of returns is t
     if expire_at <= now:
         return _deny("jwt_expired", request)
     return _admit(key.tenant, device, min(expire_at, now + MAX_SESSION))
+
+
+async def _service(request: AuthnRequest, lookup: IdentityLookup, now: dt.datetime) -> AuthnResponse:
+    """A backend principal: username = its name, password = its secret, client id ``svc:{name}:{instance}``
+    (a form no device id can take, so neither can take over the other's session)."""
+    name = request.username
+    parts = request.clientid.split(":")
+    if not is_valid_id(name) or len(parts) != 3 or parts[:2] != ["svc", name] or not is_valid_id(parts[2]):
+        return _deny("service_clientid_or_username", request)
+    principal = await lookup.service_principal(name)
+    digest = hashlib.sha256(request.password.encode()).hexdigest()
+    if principal is None or not hmac.compare_digest(digest, principal.secret_sha256):
+        return _deny("service_secret", request)
+    if principal.status != "active":
+        return _deny("service_revoked", request)
+    return AuthnResponse(
+        result="allow",
+        is_superuser=False,
+        client_attrs={"svc": name, "role": principal.role},
+        expire_at=int((now + MAX_SESSION).timestamp()),
+        acl=service_acl(principal.role),
+    )

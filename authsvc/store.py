@@ -8,13 +8,14 @@ from typing import Any, Final
 from cryptography import x509
 from psycopg_pool import AsyncConnectionPool
 
-from authsvc.decide import Authority, DeviceRecord, JwtKey
+from authsvc.decide import Authority, DeviceRecord, JwtKey, ServicePrincipal
 
 AUTHORITY: Final = (
     "SELECT tenant_id, cert_pem FROM pki_authorities WHERE kind = 'tenant' AND status = 'active' AND subject = %s"
 )
 CERTIFICATE: Final = "SELECT status FROM pki_certificates WHERE serial = %s AND fingerprint_sha256 = %s"
 JWT_KEY: Final = "SELECT tenant_id, device_id, alg, public_key_pem, status FROM jwt_keys WHERE kid = %s"
+SERVICE: Final = "SELECT name, role, secret_sha256, status FROM service_principals WHERE name = %s"
 DEVICE: Final = (
     "SELECT d.tenant_id, d.status, t.status FROM devices d JOIN tenants t ON t.tenant_id = d.tenant_id"
     " WHERE d.device_id = %s"
@@ -53,3 +54,8 @@ class PostgresIdentity:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(JWT_KEY, (kid,))).fetchone()
         return None if row is None else JwtKey(*row)
+
+    async def service_principal(self, name: str) -> ServicePrincipal | None:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(SERVICE, (name,))).fetchone()
+        return None if row is None else ServicePrincipal(*row)

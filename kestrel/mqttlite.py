@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,18 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _decode_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``pos``: (value, position after it)."""
+    value, mult = 0, 1
+    while True:
+        byte = data[pos]
+        pos += 1
+        value += (byte & 0x7F) * mult
+        mult *= 128
+        if not byte & 0x80:
+            return value, pos
+
+
 def _str(s: str | bytes) -> bytes:
     b = s.encode() if isinstance(s, str) else s
     return struct.pack("!H", len(b)) + b
@@ -55,6 +68,9 @@ class MqttPublisher:
     keepalive: int = 30
     clean_start: bool = True
     max_inflight: int = 100
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
     _pending: dict[int, asyncio.Future[int]] = field(default_factory=dict)
@@ -65,14 +81,25 @@ class MqttPublisher:
     _space: asyncio.Event = field(default_factory=asyncio.Event)
     _topics: dict[str, bytes] = field(default_factory=dict)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Messages delivered to this client's subscriptions: (topic, payload).
+    received: asyncio.Queue[tuple[str, bytes]] = field(default_factory=asyncio.Queue)
+    #: The DISCONNECT reason code when the broker closed the session with one.
+    disconnect_reason: int | None = None
 
     async def connect(self, connect_timeout: float = 10.0) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), connect_timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=self.tls), connect_timeout
+        )
         self._reader, self._writer = reader, writer
         flags = 0x02 if self.clean_start else 0x00
+        flags |= (0x80 if self.username is not None else 0) | (0x40 if self.password is not None else 0)
         props = _varint(0) if self.version == 5 else b""
         body = _str("MQTT") + bytes([self.version, flags]) + struct.pack("!H", self.keepalive) + props
         body += _str(self.client_id)
+        if self.username is not None:
+            body += _str(self.username)
+        if self.password is not None:
+            body += _str(self.password)
         writer.write(_packet(CONNECT, 0, body))
         kind, _, data = await asyncio.wait_for(self._read_packet(), connect_timeout)
         if kind != CONNACK:
@@ -91,14 +118,7 @@ class MqttPublisher:
     @staticmethod
     def _connack_receive_maximum(data: bytes) -> int:
         # CONNACK v5: flags, reason, properties(varint length + properties); Receive Maximum is id 0x21.
-        pos, mult, length = 2, 1, 0
-        while True:
-            byte = data[pos]
-            pos += 1
-            length += (byte & 0x7F) * mult
-            mult *= 128
-            if not byte & 0x80:
-                break
+        length, pos = _decode_varint(data, 2)
         end = pos + length
         while pos < end:
             prop = data[pos]
@@ -168,7 +188,12 @@ class MqttPublisher:
                         future = self._pending.pop(packet_id, None)
                         if future is not None and not future.done():
                             future.set_result(reason)
+                    elif kind == SUBACK:
+                        self._on_suback(bytes(buffer[i : i + length]))
+                    elif kind == PUBLISH:
+                        self._on_publish(buffer[pos] & 0x0F, bytes(buffer[i : i + length]))
                     elif kind == DISCONNECT:
+                        self.disconnect_reason = buffer[i] if length else 0
                         return
                     pos = i + length
                 del buffer[:pos]
@@ -176,6 +201,44 @@ class MqttPublisher:
             pass
         finally:
             self._fail_pending()
+
+    def _on_suback(self, body: bytes) -> None:
+        packet_id = (body[0] << 8) | body[1]
+        pos = 2
+        if self.version == 5:
+            length, pos = _decode_varint(body, pos)
+            pos += length
+        future = self._pending.pop(packet_id, None)
+        if future is not None and not future.done():
+            future.set_result(body[pos])
+
+    def _on_publish(self, flags: int, body: bytes) -> None:
+        qos = (flags >> 1) & 0x03
+        topic_len = (body[0] << 8) | body[1]
+        topic = body[2 : 2 + topic_len].decode()
+        pos = 2 + topic_len
+        packet_id = 0
+        if qos:
+            packet_id = (body[pos] << 8) | body[pos + 1]
+            pos += 2
+        if self.version == 5:
+            length, pos = _decode_varint(body, pos)
+            pos += length
+        self.received.put_nowait((topic, body[pos:]))
+        if qos == 1 and self._writer is not None:
+            self._writer.write(_packet(PUBACK, 0, packet_id.to_bytes(2, "big")))
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> int:
+        """SUBSCRIBE one filter; return the SUBACK reason code (granted QoS 0-2, or >= 0x80 refused)."""
+        if self.closed.is_set() or self._writer is None:
+            raise MqttError("not connected")
+        packet_id = next(self._ids)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[packet_id] = future
+        props = b"\x00" if self.version == 5 else b""
+        body = packet_id.to_bytes(2, "big") + props + _str(topic_filter) + bytes([qos])
+        self._writer.write(_packet(SUBSCRIBE, 0x02, body))
+        return await asyncio.wait_for(future, 10.0)
 
     def _fail_pending(self) -> None:
         self.closed.set()

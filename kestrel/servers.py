@@ -387,25 +387,90 @@ def mosquitto_binary() -> Path:
     raise ServerFailed("mosquitto not found; install it with `apt-get install mosquitto` (see README)")
 
 
+PLUGIN_ENV = "KESTREL_MOSQUITTO_PLUGIN"
+
+
+def auth_plugin_path() -> Path:
+    """The built auth plugin: ``$KESTREL_MOSQUITTO_PLUGIN`` or ``broker/mosquitto/build`` of this checkout."""
+    if value := os.environ.get(PLUGIN_ENV):
+        return Path(value)
+    path = Path(__file__).resolve().parent.parent / "broker" / "mosquitto" / "build" / "kestrel_auth.so"
+    if not path.exists():
+        raise ServerFailed(f"the Mosquitto auth plugin is not built ({path}); run `make plugin`")
+    return path
+
+
+@dataclass(frozen=True)
+class BrokerAuth:
+    """Authenticated Mosquitto (broker-auth-contract.md §4, ADR-0010): our plugin asks authsvc about every
+    CONNECT; 8883-style mTLS and 8884-style TLS+JWT listeners; the plain listener stays on loopback."""
+
+    authn_url: str
+    broker_key: str
+    server_cert: Path  # PEM
+    server_key: Path  # PEM
+    ca_file: Path  # the root CA: devices present their certificate followed by their tenant CA
+    mtls_port: int
+    jwt_port: int
+    plugin: Path = field(default_factory=auth_plugin_path)
+
+
 @dataclass
 class MosquittoServer(ManagedProcess):
     """Mosquitto with Kestrel's settings: persistence on, queue limits raised from lossy defaults.
 
-    Plain MQTT listens on loopback only; the authenticated TLS listeners and the auth plugin are
-    added by the device-identity work (broker-auth-contract.md).
+    Without ``auth`` it is the anonymous development broker on loopback (the telemetry tests); with
+    ``auth`` every client is authenticated by the plugin and nothing is anonymous.
     """
 
     root: Path = Path()
     port: int = 1883
     max_queued_messages: int = 1_000_000
     max_inflight_messages: int = 1000
+    auth: BrokerAuth | None = None
+
+    def _auth_config(self) -> str:
+        auth = self.auth
+        assert auth is not None
+        files = self.root / "auth"
+        tls = (
+            f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"
+            "tls_version tlsv1.2\n"  # minimum; TLS 1.3 is negotiated when both sides can
+        )
+        return (
+            "allow_anonymous false\n"
+            f"plugin {files / 'kestrel_auth.so'}\n"
+            f"plugin_opt_authn_url {auth.authn_url}\n"
+            f"plugin_opt_broker_key_file {files / 'broker-key'}\n"
+            "plugin_opt_timeout_ms 1500\n"
+            f"listener {auth.mtls_port} {LOOPBACK}\n{tls}"
+            f"cafile {files / 'ca.pem'}\n"
+            "require_certificate true\nuse_identity_as_username false\nuse_subject_as_username false\n"
+            f"listener {auth.jwt_port} {LOOPBACK}\n{tls}require_certificate false\n"
+        )
+
+    def _install_auth_files(self) -> None:
+        """Copies the plugin, TLS files and broker key where the ``mosquitto`` user can read them."""
+        auth = self.auth
+        assert auth is not None
+        files = self.root / "auth"
+        files.mkdir(parents=True, exist_ok=True)
+        files.chmod(0o700)
+        shutil.copyfile(auth.plugin, files / "kestrel_auth.so")
+        shutil.copyfile(auth.server_cert, files / "server.crt")
+        shutil.copyfile(auth.server_key, files / "server.key")
+        shutil.copyfile(auth.ca_file, files / "ca.pem")
+        (files / "broker-key").write_text(auth.broker_key + "\n")
+        for path in files.iterdir():
+            path.chmod(0o600)
+        _chown(files, "mosquitto")
 
     def config_text(self) -> str:
         return (
             "per_listener_settings false\n"
-            "allow_anonymous true\n"
-            f"listener {self.port} {LOOPBACK}\n"
-            "persistence true\n"
+            + (self._auth_config() if self.auth else "allow_anonymous true\n")
+            + f"listener {self.port} {LOOPBACK}\n"
+            + "persistence true\n"
             f"persistence_location {self.root / 'data'}/\n"
             "autosave_interval 5\n"
             "persistent_client_expiration 7d\n"
@@ -422,17 +487,23 @@ class MosquittoServer(ManagedProcess):
 
     def start(self, timeout: float = 20.0) -> None:
         ensure_port_free("mqtt", self.port)
+        if self.auth:
+            ensure_port_free("mqtt-tls", self.auth.mtls_port)
+            ensure_port_free("mqtt-jwt", self.auth.jwt_port)
         self.root = reachable_root(self.root, "mosquitto")
         (self.root / "data").mkdir(parents=True, exist_ok=True)
+        if self.auth:
+            self._install_auth_files()
         conf = self.root / "mosquitto.conf"
         conf.write_text(self.config_text())
         self.root.chmod(0o755)
         _chown(self.root / "data", "mosquitto")
         self._spawn([str(mosquitto_binary()), "-c", str(conf)])
+        ports = [self.port, *([self.auth.mtls_port, self.auth.jwt_port] if self.auth else [])]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 raise self.fail("exited during start-up")
-            if wait_for_port(self.port, timeout=0.2):
+            if all(wait_for_port(p, timeout=0.2) for p in ports):
                 return
-        raise self.fail(f"did not listen on {self.port} within {timeout:.0f}s")
+        raise self.fail(f"did not listen on {ports} within {timeout:.0f}s")

@@ -143,6 +143,38 @@ class BuiltinCA:
                 raise NotFound(f"tenant {tenant} has no active CA")
             _audit(conn, actor, "tenant_ca_revoked", tenant=tenant, reason=reason)
 
+    def root_pem(self) -> str:
+        """The root certificate: what devices (``--cafile``) and brokers trust."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT cert_pem FROM pki_authorities WHERE ca_id = 'root'").fetchone()
+        if row is None:
+            raise NotFound("the root CA does not exist; create it with `kestrel pki init`")
+        return str(row[0])
+
+    def issue_server(self, hostnames: list[str], addresses: list[str], days: int, actor: str) -> tuple[str, str]:
+        """A broker server certificate signed by the root, with its key generated here (it is our own
+        server). Returns (certificate PEM, unencrypted PKCS#8 key PEM); audited, not stored."""
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        with self._connect() as conn, conn.transaction():
+            root_key, root = self._authority(conn, "root")
+            cert = px.issue_server_certificate(key.public_key(), hostnames, addresses, days, root_key, root)
+            _audit(
+                conn,
+                actor,
+                "server_certificate_issued",
+                serial=px.serial_hex(cert),
+                hostnames=hostnames,
+                addresses=addresses,
+                not_after=cert.not_valid_after_utc,
+            )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        return px.pem(cert), key_pem
+
     def chain(self, tenant: str) -> str:
         """PEM of the tenant CA followed by the root (what brokers trust for device certificates)."""
         with self._connect() as conn:

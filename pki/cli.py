@@ -66,12 +66,19 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+def _full_chain(issued: IssuedCertificate) -> str:
+    """The device certificate followed by its tenant CA: what a device presents in its TLS handshake, so
+    brokers need to trust only the root (``ca.pem``)."""
+    tenant_ca = issued.chain_pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    return issued.cert_pem + tenant_ca
+
+
 def _emit(issued: IssuedCertificate, out: Path | None, verb: str) -> None:
-    """The certificate to ``out`` (with a summary on stderr) or to stdout."""
+    """The certificate (with its tenant CA) to ``out`` (with a summary on stderr) or to stdout."""
     if out is None:
-        typer.echo(issued.cert_pem, nl=False)
+        typer.echo(_full_chain(issued), nl=False)
         return
-    _write(out, issued.cert_pem)
+    _write(out, _full_chain(issued))
     typer.echo(f"{verb} {issued.device}: serial {issued.serial}, valid until {issued.not_after:%Y-%m-%d}", err=True)
 
 
@@ -96,7 +103,7 @@ def sign(
 @app.command()
 def issue(
     device: Annotated[str, typer.Argument(help="Device id")],
-    out_dir: Annotated[Path, typer.Option(help="Where DEVICE.key, DEVICE.crt and ca-chain.pem go")] = Path(),
+    out_dir: Annotated[Path, typer.Option(help="Where DEVICE.key, DEVICE.crt, ca.pem and ca-chain.pem go")] = Path(),
     days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
 ) -> None:
     """Development only: generate a key here and issue its certificate (devices should send a CSR)."""
@@ -120,9 +127,27 @@ def issue(
         ).decode(),
         0o600,
     )
-    _write(out_dir / f"{device}.crt", issued.cert_pem)
+    _write(out_dir / f"{device}.crt", _full_chain(issued))
     _write(out_dir / "ca-chain.pem", issued.chain_pem)
+    _write(out_dir / "ca.pem", issued.chain_pem.split("-----END CERTIFICATE-----\n", 1)[1])
     typer.echo(f"issued {device}: serial {issued.serial}, files in {out_dir}/")
+
+
+@app.command("server-cert")
+def server_cert(
+    host: Annotated[list[str] | None, typer.Option(help="DNS name the broker is reached by (repeatable)")] = None,
+    ip: Annotated[list[str] | None, typer.Option(help="IP address the broker is reached by (repeatable)")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Where server.crt, server.key and ca.pem go")] = Path(),
+    days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
+) -> None:
+    """A broker's TLS server certificate, signed by the root (devices verify it with ca.pem)."""
+    ca = _ca()
+    cert_pem, key_pem = ca.issue_server(host or [], ip or [], days, _actor())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir / "server.key", key_pem, 0o600)
+    _write(out_dir / "server.crt", cert_pem)
+    _write(out_dir / "ca.pem", ca.root_pem())
+    typer.echo(f"server certificate for {', '.join([*(host or []), *(ip or [])])} in {out_dir}/")
 
 
 @app.command()

@@ -214,6 +214,53 @@ def issue_device_certificate(
     )
 
 
+def issue_server_certificate(
+    public_key: CertificatePublicKeyTypes,
+    hostnames: list[str],
+    addresses: list[str],
+    days: int,
+    ca_key: CAKey,
+    ca: x509.Certificate,
+) -> x509.Certificate:
+    """A broker's TLS server certificate (serverAuth only, so it can never pass as a device)."""
+    import ipaddress  # noqa: PLC0415
+
+    if not hostnames and not addresses:
+        raise InvalidInput("bad_server_name", "a server certificate needs at least one --host or --ip")
+    if not 1 <= days <= MAX_DEVICE_DAYS:
+        raise InvalidInput("bad_lifetime", f"server certificates live 1 to {MAX_DEVICE_DAYS} days")
+    try:
+        ips = [ipaddress.ip_address(a) for a in addresses]
+    except ValueError as exc:
+        raise InvalidInput("bad_server_name", str(exc)) from exc
+    names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+    names += [x509.IPAddress(ip) for ip in ips]
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANISATION),
+                    x509.NameAttribute(NameOID.COMMON_NAME, (hostnames or addresses)[0]),
+                ]
+            )
+        )
+        .issuer_name(ca.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
 @dataclass(frozen=True)
 class Revoked:
     serial: str

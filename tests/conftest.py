@@ -52,6 +52,16 @@ def postgres(servers_root: Path) -> Iterator[PostgresServer]:
     server.stop()
 
 
+def isolated_database(postgres: PostgresServer, prefix: str) -> str:
+    """A new, migrated database on the session's server, for tests that need their own root CA."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} OWNER kestrel")
+    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    migrate(url)
+    return url
+
+
 @pytest.fixture
 def database_url(postgres: PostgresServer) -> str:
     return postgres.url

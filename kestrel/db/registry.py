@@ -6,11 +6,13 @@ minimum the telemetry path needs: the writer refuses telemetry for devices that 
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Iterable
 
 import psycopg
 
-from kestrel.errors import Conflict, NotFound
+from kestrel.errors import Conflict, InvalidInput, NotFound
 from kestrel.topics import require_id
 
 
@@ -51,12 +53,8 @@ def create_devices(conninfo: str, tenant: str, devices: Iterable[str], *, exist_
 
 def add_jwt_key(conninfo: str, tenant: str, public_key_pem: bytes, device: str | None = None) -> str:
     """Register a public key that verifies device JWTs; return its ``kid``. The algorithm follows the key."""
-    import secrets  # noqa: PLC0415
-
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: PLC0415
-
-    from kestrel.errors import InvalidInput  # noqa: PLC0415
 
     require_id("tenant", tenant)
     try:
@@ -83,3 +81,50 @@ def add_jwt_key(conninfo: str, tenant: str, public_key_pem: bytes, device: str |
             (kid, tenant, device, alg, pem),
         )
     return kid
+
+
+SERVICE_ROLES = ("ingest", "control")
+SERVICE_SECRET_PREFIX = "ksvc_"  # noqa: S105 - a recognisable prefix, not a secret
+
+
+def create_service_principal(conninfo: str, name: str, role: str, *, rotate: bool = False) -> str:
+    """Create (or with ``rotate``, re-key) a backend principal; return its secret, which is stored only
+    as a SHA-256 digest and cannot be shown again."""
+
+    require_id("service", name)
+    if role not in SERVICE_ROLES:
+        raise InvalidInput("bad_role", f"role must be one of {', '.join(SERVICE_ROLES)}")
+    secret = SERVICE_SECRET_PREFIX + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    with psycopg.connect(conninfo) as conn:
+        cur = conn.execute(
+            "INSERT INTO service_principals (name, role, secret_sha256) VALUES (%s, %s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET role = EXCLUDED.role, secret_sha256 = EXCLUDED.secret_sha256,"
+            " status = 'active' WHERE %s",
+            (name, role, digest, rotate),
+        )
+        if cur.rowcount == 0:
+            raise Conflict(f"service principal {name} already exists; use --rotate to issue a new secret")
+    return secret
+
+
+def revoke_service_principal(conninfo: str, name: str) -> None:
+    with psycopg.connect(conninfo) as conn:
+        if conn.execute("UPDATE service_principals SET status = 'revoked' WHERE name = %s", (name,)).rowcount == 0:
+            raise NotFound(f"service principal {name} does not exist")
+
+
+def set_device_status(conninfo: str, device: str, status: str) -> str:
+    """Suspend or re-activate a device; return its previous status. The change notifies authsvc, which
+    disconnects a suspended device's live session (migration 0006)."""
+
+    if status not in ("active", "suspended"):
+        raise InvalidInput("bad_status", "status must be active or suspended")
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        row = conn.execute("SELECT status FROM devices WHERE device_id = %s FOR UPDATE", (device,)).fetchone()
+        if row is None:
+            raise NotFound(f"device {device} does not exist")
+        if row[0] == "decommissioned":
+            raise Conflict(f"device {device} is decommissioned")
+        conn.execute("UPDATE devices SET status = %s WHERE device_id = %s", (status, device))
+        return str(row[0])

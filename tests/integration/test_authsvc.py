@@ -25,7 +25,7 @@ from authsvc.app import AuthsvcSettings, create_app
 from kestrel.settings import Secret
 from pki import x509 as px
 from pki.builtin import BuiltinCA
-from tests.conftest import Tenant
+from tests.conftest import Tenant, isolated_database
 
 pytestmark = pytest.mark.integration
 PASSPHRASE = "authsvc-test-passphrase-" + uuid.uuid4().hex
@@ -36,13 +36,7 @@ HEADERS = {"x-authsvc-key": KEY}
 @pytest.fixture(scope="module")
 def isolated_db(postgres: Any) -> str:  # type: ignore[misc]
     """A database of this module's own, so its root CA and passphrase are its own."""
-    from kestrel.db.migrate import migrate  # noqa: PLC0415
-
-    name = f"authsvc_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres.admin_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} OWNER kestrel")
-    url = postgres.url.rsplit("/", 1)[0] + "/" + name
-    migrate(url)
+    url = isolated_database(postgres, "authsvc")
     BuiltinCA(url, PASSPHRASE).init_root("test")
     return url
 

@@ -1,0 +1,177 @@
+"""Revocation reaches live sessions: a short lookup cache that PostgreSQL notifications invalidate, and
+the kicker that disconnects affected clients (ADR-0010).
+
+Every status change of a tenant, device, certificate, CA, JWT key or service principal notifies channel
+``kestrel_identity`` from the changing transaction (migration 0006). The cache is used only while the
+LISTEN connection is up, so a missed notification can never keep a revoked credential cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+from cryptography import x509
+
+from authsvc.decide import CONTROL_TOPIC, Authority, DeviceRecord, IdentityLookup, JwtKey, ServicePrincipal
+from kestrel.mqttlite import MqttError, MqttPublisher
+
+log = logging.getLogger("kestrel.authsvc")
+T = TypeVar("T")
+CHANNEL = "kestrel_identity"
+KICK_BATCH = 500
+
+
+class CachedIdentity:
+    """Positive lookups kept for ``ttl`` seconds; misses are never cached (a device registered a moment
+    ago must get in). Disabled until the notification listener is connected."""
+
+    def __init__(self, inner: IdentityLookup, ttl: float = 30.0, max_entries: int = 100_000) -> None:
+        self.inner = inner
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.enabled = False
+        self._entries: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    async def _get(self, kind: str, key: str, fetch: Callable[[], Awaitable[T | None]]) -> T | None:
+        if self.enabled:
+            hit = self._entries.get((kind, key))
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]  # type: ignore[return-value]
+        value = await fetch()
+        if value is not None and self.enabled:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[(kind, key)] = (time.monotonic() + self.ttl, value)
+        return value
+
+    async def authority(self, issuer: x509.Name) -> Authority | None:
+        return await self._get("authority", issuer.rfc4514_string(), lambda: self.inner.authority(issuer))
+
+    async def certificate_status(self, serial: str, fingerprint: str) -> str | None:
+        return await self._get(
+            "certificate", f"{serial}/{fingerprint}", lambda: self.inner.certificate_status(serial, fingerprint)
+        )
+
+    async def device(self, device_id: str) -> DeviceRecord | None:
+        return await self._get("device", device_id, lambda: self.inner.device(device_id))
+
+    async def jwt_key(self, kid: str) -> JwtKey | None:
+        return await self._get("jwt_key", kid, lambda: self.inner.jwt_key(kid))
+
+    async def service_principal(self, name: str) -> ServicePrincipal | None:
+        return await self._get("service", name, lambda: self.inner.service_principal(name))
+
+
+class MosquittoKicker:
+    """Disconnects clients on Mosquitto through the plugin's ``$CONTROL/kestrel/v1`` topic, as a
+    ``control`` principal. Kicked devices reconnect only if authsvc admits them again."""
+
+    def __init__(self, host: str, port: int, name: str, secret: str, instance: str) -> None:
+        self._client_args: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "client_id": f"svc:{name}:{instance}",
+            "username": name,
+            "password": secret,
+        }
+        self._client: MqttPublisher | None = None
+        self._lock = asyncio.Lock()
+
+    async def _connected(self) -> MqttPublisher:
+        if self._client is None or self._client.closed.is_set():
+            client = MqttPublisher(**self._client_args)
+            await client.connect(connect_timeout=5)
+            self._client = client
+        return self._client
+
+    async def kick(self, clientids: list[str], usernames: list[str]) -> None:
+        commands = [{"command": "kickClient", "clientid": c} for c in clientids]
+        commands += [{"command": "kickUsername", "username": u} for u in usernames]
+        async with self._lock:
+            for start in range(0, len(commands), KICK_BATCH):
+                payload = json.dumps({"commands": commands[start : start + KICK_BATCH]}).encode()
+                for attempt in range(3):
+                    try:
+                        code = await (await self._connected()).publish(CONTROL_TOPIC, payload)
+                    except (MqttError, OSError, TimeoutError) as exc:
+                        log.warning("kick failed; retrying", extra={"attempt": attempt, "error": str(exc)})
+                        self._client = None
+                        await asyncio.sleep(0.5 * (attempt + 1))
+                        continue
+                    if code >= 0x80:
+                        raise MqttError(f"the broker refused the kick (reason code {code:#x})", code)
+                    break
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+Kicker = Callable[[list[str], list[str]], Awaitable[None]]
+
+
+async def _targets(conn: psycopg.AsyncConnection[Any], event: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Client ids and usernames to disconnect for one status change (none when something became active)."""
+    if event.get("status") == "active":
+        return [], []
+    scope = event.get("scope")
+    if scope == "device":
+        return [str(event["device"])], []
+    if scope == "service":
+        return [], [str(event["service"])]
+    if scope == "tenant":
+        rows = await (
+            await conn.execute("SELECT device_id FROM devices WHERE tenant_id = %s", (event["tenant"],))
+        ).fetchall()
+        return [r[0] for r in rows], []
+    if scope == "all":
+        rows = await (await conn.execute("SELECT device_id FROM devices")).fetchall()
+        return [r[0] for r in rows], []
+    return [], []
+
+
+async def listen_for_revocations(
+    database_url: str, cache: CachedIdentity, kick: Kicker | None, retry_s: float = 1.0
+) -> None:
+    """Run until cancelled: LISTEN, invalidate, kick. Reconnects with back-off; the cache is off meanwhile."""
+    while True:
+        try:
+            async with (
+                await psycopg.AsyncConnection.connect(database_url, autocommit=True) as listen,
+                await psycopg.AsyncConnection.connect(database_url, autocommit=True) as query,
+            ):
+                await listen.execute(f"LISTEN {CHANNEL}")
+                cache.clear()
+                cache.enabled = True
+                log.info("listening for identity changes")
+                async for note in listen.notifies():
+                    cache.clear()
+                    try:
+                        event = json.loads(note.payload)
+                    except ValueError:
+                        log.warning("unreadable identity notification ignored")
+                        continue
+                    clientids, usernames = await _targets(query, event)
+                    if (clientids or usernames) and kick is not None:
+                        try:
+                            await kick(clientids, usernames)
+                        except (MqttError, OSError):
+                            log.exception("could not disconnect revoked clients")
+                    log.info(
+                        "identity changed",
+                        extra={"scope": event.get("scope"), "status": event.get("status"), "kicked": len(clientids)},
+                    )
+        except (psycopg.Error, OSError) as exc:
+            log.warning("identity listener lost the database; cache off", extra={"error": str(exc)})
+        cache.enabled = False
+        cache.clear()
+        await asyncio.sleep(retry_s)

@@ -1,0 +1,547 @@
+/* Kestrel's Mosquitto 2.0 auth plugin (plugin API v5): EMQX 5.8 HTTP-authentication semantics.
+ *
+ * BASIC_AUTH posts the body EMQX would send to authsvc (broker-auth-contract.md §1, §4, ADR-0010) and
+ * keeps the answer per connection (keyed by the `struct mosquitto *`, never by client id: on a session
+ * takeover the new connection authenticates before the old one disconnects). ACL checks are decided
+ * locally from the returned rules; no HTTP call happens after CONNECT. TICK disconnects sessions whose
+ * `expire_at` has passed; `$CONTROL/kestrel/v1` lets a principal allowed to publish there kick clients.
+ *
+ * Options (plugin_opt_*): authn_url (required), broker_key_file (required; the x-authsvc-key),
+ * timeout_ms (1500), no_match (deny|allow, default deny).
+ */
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
+#include <openssl/bio.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <mosquitto.h>
+#include <mosquitto_broker.h>
+#include <mosquitto_plugin.h>
+
+#include "acl.h"
+
+#define CONTROL_TOPIC "$CONTROL/kestrel/v1"
+#define MAX_RESPONSE (256 * 1024)
+#define TABLE_BITS 12
+
+struct session {
+	struct session *next;
+	const struct mosquitto *client; /* identity only; never dereferenced after DISCONNECT */
+	char *clientid;
+	char *username; /* NULL when the client sent none */
+	bool superuser;
+	bool revoked;   /* kicked by $CONTROL: every check denies until the socket closes */
+	bool kicked;
+	time_t expire_at; /* 0 = none */
+	struct kacl acl;
+};
+
+static struct {
+	mosquitto_plugin_id_t *id;
+	char *authn_url;
+	char *broker_key;
+	long timeout_ms;
+	bool no_match_allow;
+	CURL *curl;
+	struct curl_slist *headers;
+	struct session *table[1u << TABLE_BITS];
+	size_t sessions;
+	time_t last_sweep;
+} g;
+
+/* ------------------------------------------------------------------------------ session table */
+
+static unsigned slot(const struct mosquitto *client)
+{
+	uintptr_t v = (uintptr_t)client;
+	v ^= v >> 17;
+	v *= 0x9E3779B97F4A7C15ull;
+	return (unsigned)(v >> (64 - TABLE_BITS));
+}
+
+static struct session *session_get(const struct mosquitto *client)
+{
+	for(struct session *s = g.table[slot(client)]; s; s = s->next){
+		if(s->client == client) return s;
+	}
+	return NULL;
+}
+
+static void session_free(struct session *s)
+{
+	kacl_free(&s->acl);
+	free(s->clientid);
+	free(s->username);
+	free(s);
+}
+
+static void session_remove(const struct mosquitto *client)
+{
+	struct session **pp = &g.table[slot(client)];
+	while(*pp){
+		if((*pp)->client == client){
+			struct session *dead = *pp;
+			*pp = dead->next;
+			session_free(dead);
+			g.sessions--;
+			return;
+		}
+		pp = &(*pp)->next;
+	}
+}
+
+static void session_put(struct session *s)
+{
+	session_remove(s->client);
+	unsigned i = slot(s->client);
+	s->next = g.table[i];
+	g.table[i] = s;
+	g.sessions++;
+}
+
+/* ------------------------------------------------------------------------------ request body */
+
+static char *base64_der(X509 *cert)
+{
+	unsigned char *der = NULL;
+	int len = i2d_X509(cert, &der);
+	if(len <= 0) return NULL;
+	char *out = malloc((size_t)(4 * ((len + 2) / 3) + 1));
+	if(out) EVP_EncodeBlock((unsigned char *)out, der, len);
+	OPENSSL_free(der);
+	return out;
+}
+
+static char *subject_rfc2253(X509 *cert)
+{
+	BIO *bio = BIO_new(BIO_s_mem());
+	if(!bio) return NULL;
+	X509_NAME_print_ex(bio, X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
+	char *data;
+	long len = BIO_get_mem_data(bio, &data);
+	char *out = malloc((size_t)len + 1);
+	if(out){
+		memcpy(out, data, (size_t)len);
+		out[len] = '\0';
+	}
+	BIO_free(bio);
+	return out;
+}
+
+static char *first_common_name(X509 *cert)
+{
+	X509_NAME *name = X509_get_subject_name(cert);
+	int idx = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
+	if(idx < 0) return NULL;
+	ASN1_STRING *data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, idx));
+	unsigned char *utf8 = NULL;
+	int len = ASN1_STRING_to_UTF8(&utf8, data);
+	if(len < 0) return NULL;
+	char *out = strndup((const char *)utf8, (size_t)len);
+	OPENSSL_free(utf8);
+	return out;
+}
+
+/* EMQX renders absent values as "" (never null). */
+static void add_str(cJSON *obj, const char *key, const char *value)
+{
+	cJSON_AddStringToObject(obj, key, value ? value : "");
+}
+
+static char *authn_body(struct mosquitto *client, const char *username, const char *password)
+{
+	cJSON *body = cJSON_CreateObject();
+	if(!body) return NULL;
+	const char *peer = mosquitto_client_address(client);
+	if(peer && !strncmp(peer, "::ffff:", 7)) peer += 7;
+	add_str(body, "broker", "mosquitto");
+	add_str(body, "clientid", mosquitto_client_id(client));
+	add_str(body, "username", username);
+	add_str(body, "password", password);
+	add_str(body, "peerhost", peer);
+	X509 *cert = mosquitto_client_certificate(client);
+	char *subject = NULL, *cn = NULL, *pem = NULL;
+	if(cert){
+		subject = subject_rfc2253(cert);
+		cn = first_common_name(cert);
+		pem = base64_der(cert);
+		X509_free(cert);
+	}
+	add_str(body, "cert_subject", subject);
+	add_str(body, "cert_common_name", cn);
+	add_str(body, "cert_pem", pem);
+	free(subject);
+	free(cn);
+	free(pem);
+	char *text = cJSON_PrintUnformatted(body);
+	cJSON_Delete(body);
+	return text;
+}
+
+/* ------------------------------------------------------------------------------ HTTP */
+
+struct buffer {
+	char *data;
+	size_t len;
+	bool overflow;
+};
+
+static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	struct buffer *b = userdata;
+	size_t n = size * nmemb;
+	if(b->len + n > MAX_RESPONSE){
+		b->overflow = true;
+		return 0;
+	}
+	char *grown = realloc(b->data, b->len + n + 1);
+	if(!grown) return 0;
+	b->data = grown;
+	memcpy(b->data + b->len, ptr, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+	return n;
+}
+
+/* POST the body; returns the HTTP status (0 on transport failure) and the response in *out. */
+static long post(const char *body, struct buffer *out, char *content_type, size_t ct_len)
+{
+	curl_easy_setopt(g.curl, CURLOPT_URL, g.authn_url);
+	curl_easy_setopt(g.curl, CURLOPT_HTTPHEADER, g.headers);
+	curl_easy_setopt(g.curl, CURLOPT_POSTFIELDS, body);
+	curl_easy_setopt(g.curl, CURLOPT_WRITEFUNCTION, on_body);
+	curl_easy_setopt(g.curl, CURLOPT_WRITEDATA, out);
+	curl_easy_setopt(g.curl, CURLOPT_TIMEOUT_MS, g.timeout_ms);
+	curl_easy_setopt(g.curl, CURLOPT_CONNECTTIMEOUT_MS, g.timeout_ms);
+	curl_easy_setopt(g.curl, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(g.curl, CURLOPT_FOLLOWLOCATION, 0L);
+	CURLcode rc = curl_easy_perform(g.curl);
+	if(rc != CURLE_OK){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "kestrel-auth: authsvc unreachable: %s", curl_easy_strerror(rc));
+		return 0;
+	}
+	long status = 0;
+	char *ct = NULL;
+	curl_easy_getinfo(g.curl, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(g.curl, CURLINFO_CONTENT_TYPE, &ct);
+	snprintf(content_type, ct_len, "%s", ct ? ct : "");
+	return status;
+}
+
+/* ------------------------------------------------------------------------------ callbacks */
+
+static bool bad_identifier(const char *s)
+{
+	return s && strpbrk(s, "+#/") != NULL;
+}
+
+/* Validate a 200 answer the way EMQX does; fill the session on allow. Returns a MOSQ_ERR_*. */
+static int apply_answer(const char *json, struct mosquitto *client, struct session *s)
+{
+	cJSON *root = cJSON_Parse(json);
+	int rc = MOSQ_ERR_PLUGIN_DEFER; /* unparseable or "ignore": next authenticator (none: deny) */
+	const char *why = NULL;
+	if(!cJSON_IsObject(root)) goto done;
+	const cJSON *result = cJSON_GetObjectItemCaseSensitive(root, "result");
+	if(!cJSON_IsString(result)) goto done;
+	if(!strcmp(result->valuestring, "deny")){
+		rc = MOSQ_ERR_AUTH;
+		goto done;
+	}
+	if(strcmp(result->valuestring, "allow")) goto done;
+	rc = MOSQ_ERR_AUTH; /* from here on, anything invalid rejects the connect */
+	const cJSON *su = cJSON_GetObjectItemCaseSensitive(root, "is_superuser");
+	s->superuser = cJSON_IsTrue(su) || (cJSON_IsNumber(su) && su->valuedouble >= 1)
+		|| (cJSON_IsString(su) && (!strcmp(su->valuestring, "true") || !strcmp(su->valuestring, "1")));
+	const cJSON *exp = cJSON_GetObjectItemCaseSensitive(root, "expire_at");
+	if(exp){
+		time_t now = time(NULL);
+		if(!cJSON_IsNumber(exp) || exp->valuedouble != (double)(long long)exp->valuedouble
+				|| exp->valuedouble <= (double)now || exp->valuedouble > (double)now * 500.0){
+			why = "expire_at is not a future time in seconds";
+			goto done;
+		}
+		s->expire_at = (time_t)exp->valuedouble;
+	}
+	if(kacl_parse(cJSON_GetObjectItemCaseSensitive(root, "acl"), &s->acl, &why)) goto done;
+	rc = MOSQ_ERR_SUCCESS;
+done:
+	if(why){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "kestrel-auth: invalid answer for %s: %s",
+				mosquitto_client_id(client), why);
+	}
+	cJSON_Delete(root);
+	return rc;
+}
+
+static int on_basic_auth(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)userdata;
+	struct mosquitto_evt_basic_auth *ed = event_data;
+	const char *clientid = mosquitto_client_id(ed->client);
+	session_remove(ed->client);
+	if(clientid == NULL || bad_identifier(clientid) || bad_identifier(ed->username)) return MOSQ_ERR_AUTH;
+
+	char *body = authn_body(ed->client, ed->username, ed->password);
+	if(!body) return MOSQ_ERR_UNKNOWN;
+	struct buffer resp = {0};
+	char content_type[128];
+	long status = post(body, &resp, content_type, sizeof(content_type));
+	free(body);
+
+	struct session *s = calloc(1, sizeof(*s));
+	int rc = MOSQ_ERR_PLUGIN_DEFER;
+	if(s == NULL){
+		rc = MOSQ_ERR_NOMEM;
+	}else if(status == 204){
+		rc = MOSQ_ERR_SUCCESS;
+	}else if(status == 200 && !resp.overflow && resp.data
+			&& !strncmp(content_type, "application/json", 16)){
+		rc = apply_answer(resp.data, ed->client, s);
+	}else if(status){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "kestrel-auth: authsvc answered %ld for %s", status, clientid);
+	}
+	free(resp.data);
+	if(rc == MOSQ_ERR_SUCCESS){
+		s->client = ed->client;
+		s->clientid = strdup(clientid);
+		s->username = ed->username ? strdup(ed->username) : NULL;
+		if(s->clientid == NULL || (ed->username && s->username == NULL)) rc = MOSQ_ERR_NOMEM;
+	}
+	if(rc == MOSQ_ERR_SUCCESS){
+		session_put(s);
+	}else if(s){
+		session_free(s);
+	}
+	return rc;
+}
+
+static int on_acl_check(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)userdata;
+	struct mosquitto_evt_acl_check *ed = event_data;
+	struct session *s = session_get(ed->client);
+	if(s == NULL || s->revoked) return MOSQ_ERR_ACL_DENIED;
+	if(s->expire_at && time(NULL) >= s->expire_at) return MOSQ_ERR_ACL_DENIED;
+	if(s->superuser) return MOSQ_ERR_SUCCESS;
+
+	const char *name = ed->topic;
+	int action;
+	switch(ed->access){
+		case MOSQ_ACL_READ:        /* delivery: EMQX authorizes the filter at SUBSCRIBE, not delivery */
+		case MOSQ_ACL_UNSUBSCRIBE:
+			return MOSQ_ERR_SUCCESS;
+		case MOSQ_ACL_SUBSCRIBE:
+			action = KACL_SUBSCRIBE;
+			name = kacl_strip_share(ed->topic);
+			if(name == NULL) return MOSQ_ERR_ACL_DENIED;
+			break;
+		case MOSQ_ACL_WRITE:
+			action = KACL_PUBLISH;
+			break;
+		default:
+			return MOSQ_ERR_ACL_DENIED;
+	}
+	switch(kacl_check(&s->acl, action, name, ed->qos, ed->retain)){
+		case KACL_ALLOW: return MOSQ_ERR_SUCCESS;
+		case KACL_DENY: return MOSQ_ERR_ACL_DENIED;
+		default: return g.no_match_allow ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+	}
+}
+
+static int on_disconnect(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)userdata;
+	struct mosquitto_evt_disconnect *ed = event_data;
+	session_remove(ed->client);
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* True when another live, unexpired session holds the same client id (a takeover happened). */
+static bool newer_session_holds(const struct session *old, time_t now)
+{
+	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
+		for(const struct session *s = g.table[i]; s; s = s->next){
+			if(s != old && !s->revoked && (!s->expire_at || s->expire_at > now)
+					&& !strcmp(s->clientid, old->clientid)){
+				return true;
+			}
+		}
+	}
+	return false;
+}
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	time_t now = time(NULL);
+	if(now == g.last_sweep) return MOSQ_ERR_SUCCESS;
+	g.last_sweep = now;
+	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
+		for(struct session *s = g.table[i]; s; s = s->next){
+			if(s->kicked || !s->expire_at || now < s->expire_at) continue;
+			s->kicked = true;
+			if(!newer_session_holds(s, now)){
+				mosquitto_log_printf(MOSQ_LOG_NOTICE, "kestrel-auth: session of %s expired; disconnecting", s->clientid);
+				mosquitto_kick_client_by_clientid(s->clientid, false);
+			}
+		}
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* Mark every session of this client id (or username) revoked, so it is denied everything even before
+ * its socket closes. */
+static void revoke_matching(const char *clientid, const char *username)
+{
+	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
+		for(struct session *s = g.table[i]; s; s = s->next){
+			if((clientid && !strcmp(s->clientid, clientid))
+					|| (username && s->username && !strcmp(s->username, username))){
+				s->revoked = true;
+			}
+		}
+	}
+}
+
+/* {"commands": [{"command": "kickClient", "clientid": "..."}, {"command": "kickUsername", "username": "..."}]}
+ * Only principals whose rules allow publishing to $CONTROL/kestrel/v1 get here: the broker checks the
+ * publish ACL before dispatching control messages. */
+static int on_control(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)userdata;
+	struct mosquitto_evt_control *ed = event_data;
+	cJSON *root = cJSON_ParseWithLength(ed->payload, ed->payloadlen);
+	const cJSON *commands = cJSON_GetObjectItemCaseSensitive(root, "commands");
+	const cJSON *cmd;
+	int kicked = 0;
+	cJSON_ArrayForEach(cmd, commands){
+		const cJSON *name = cJSON_GetObjectItemCaseSensitive(cmd, "command");
+		const cJSON *id = cJSON_GetObjectItemCaseSensitive(cmd, "clientid");
+		const cJSON *user = cJSON_GetObjectItemCaseSensitive(cmd, "username");
+		if(!cJSON_IsString(name)) continue;
+		if(!strcmp(name->valuestring, "kickClient") && cJSON_IsString(id)){
+			revoke_matching(id->valuestring, NULL);
+			mosquitto_kick_client_by_clientid(id->valuestring, false);
+			kicked++;
+		}else if(!strcmp(name->valuestring, "kickUsername") && cJSON_IsString(user)){
+			revoke_matching(NULL, user->valuestring);
+			mosquitto_kick_client_by_username(user->valuestring, false);
+			kicked++;
+		}
+	}
+	if(!cJSON_IsArray(commands)){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "kestrel-auth: malformed control message ignored");
+	}else{
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "kestrel-auth: control: %d kick(s)", kicked);
+	}
+	cJSON_Delete(root);
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------------ lifecycle */
+
+static char *read_secret(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	if(!f) return NULL;
+	char buf[512];
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	while(n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ')) buf[--n] = '\0';
+	return n ? strdup(buf) : NULL;
+}
+
+int mosquitto_plugin_version(int count, const int *versions)
+{
+	for(int i = 0; i < count; i++){
+		if(versions[i] == 5) return 5;
+	}
+	return -1;
+}
+
+int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mosquitto_opt *opts, int n)
+{
+	(void)userdata;
+	const char *key_file = NULL;
+	memset(&g, 0, sizeof(g));
+	g.id = id;
+	g.timeout_ms = 1500;
+	for(int i = 0; i < n; i++){
+		if(!strcmp(opts[i].key, "authn_url")) g.authn_url = strdup(opts[i].value);
+		else if(!strcmp(opts[i].key, "broker_key_file")) key_file = opts[i].value;
+		else if(!strcmp(opts[i].key, "timeout_ms")) g.timeout_ms = strtol(opts[i].value, NULL, 10);
+		else if(!strcmp(opts[i].key, "no_match")) g.no_match_allow = !strcmp(opts[i].value, "allow");
+		else {
+			mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: unknown option plugin_opt_%s", opts[i].key);
+			return MOSQ_ERR_INVAL;
+		}
+	}
+	if(!g.authn_url || !key_file){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: plugin_opt_authn_url and plugin_opt_broker_key_file are required");
+		return MOSQ_ERR_INVAL;
+	}
+	if(g.timeout_ms <= 0) g.timeout_ms = 1500;
+	g.broker_key = read_secret(key_file);
+	if(!g.broker_key){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: cannot read a key from %s", key_file);
+		return MOSQ_ERR_INVAL;
+	}
+	if(curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || !(g.curl = curl_easy_init())) return MOSQ_ERR_UNKNOWN;
+	char header[600];
+	snprintf(header, sizeof(header), "x-authsvc-key: %s", g.broker_key);
+	g.headers = curl_slist_append(NULL, "content-type: application/json");
+	g.headers = curl_slist_append(g.headers, "accept: application/json");
+	g.headers = curl_slist_append(g.headers, header);
+	g.headers = curl_slist_append(g.headers, "expect:");
+	memset(header, 0, sizeof(header));
+
+	int rc = mosquitto_callback_register(id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL);
+	if(!rc) rc = mosquitto_callback_register(id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
+	if(!rc) rc = mosquitto_callback_register(id, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, NULL);
+	if(!rc) rc = mosquitto_callback_register(id, MOSQ_EVT_TICK, on_tick, NULL, NULL);
+	if(!rc) rc = mosquitto_callback_register(id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC, NULL);
+	if(!rc) mosquitto_log_printf(MOSQ_LOG_NOTICE, "kestrel-auth: authenticating against %s", g.authn_url);
+	return rc;
+}
+
+int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *opts, int n)
+{
+	(void)userdata;
+	(void)opts;
+	(void)n;
+	mosquitto_callback_unregister(g.id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
+	mosquitto_callback_unregister(g.id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+	mosquitto_callback_unregister(g.id, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
+	mosquitto_callback_unregister(g.id, MOSQ_EVT_TICK, on_tick, NULL);
+	mosquitto_callback_unregister(g.id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC);
+	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
+		while(g.table[i]){
+			struct session *s = g.table[i];
+			g.table[i] = s->next;
+			session_free(s);
+		}
+	}
+	curl_slist_free_all(g.headers);
+	curl_easy_cleanup(g.curl);
+	curl_global_cleanup();
+	if(g.broker_key){
+		memset(g.broker_key, 0, strlen(g.broker_key));
+		free(g.broker_key);
+	}
+	free(g.authn_url);
+	return MOSQ_ERR_SUCCESS;
+}
