@@ -125,13 +125,23 @@ def stack(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) ->
             "KESTREL_AUTHSVC_KICK_PASSWORD": control_secret,
         },
     )
-    broker = MosquittoServer(name="mosquitto-auth", log_path=root / "mosquitto.log", root=root / "mq", port=plain, auth=auth)
+    broker = MosquittoServer(
+        name="mosquitto-auth", log_path=root / "mosquitto.log", root=root / "mq", port=plain, auth=auth
+    )
     s = Stack(url, root, authsvc, broker, auth, authsvc_port)
     s.start_authsvc()
     broker.start()
     yield s
     broker.stop()
     authsvc.stop()
+
+
+@pytest.fixture(autouse=True)
+def broker_survives(stack: Stack) -> Iterator[None]:
+    """Every scenario must leave the broker (and so the plugin) running: a crash would otherwise look
+    like a successful disconnect."""
+    yield
+    assert stack.broker.alive(), f"Mosquitto died: {stack.broker.fail('exited')}"
 
 
 def run(coro: Any) -> Any:
@@ -189,3 +199,353 @@ def test_device_enrolled_by_cli_publishes_with_mosquitto_pub_and_the_backend_rec
     topic, payload = run(scenario())
     assert topic == f"v1/{tenant}/d/{device}/telemetry"
     assert json.loads(payload) == {"temp": 21.5}
+
+
+# ---------------------------------------------------------------------------------------------- confined
+
+
+def _kick(clientid: str) -> bytes:
+    return json.dumps({"commands": [{"command": "kickClient", "clientid": clientid}]}).encode()
+
+
+def test_device_is_confined_to_its_own_topics(stack: Stack) -> None:
+    tenant, (device, sibling) = stack.tenant()
+    other, (foreign, _) = stack.tenant()
+    crt, key, _ = stack.issue(device)
+    crt2, key2, _ = stack.issue(sibling)
+    own = f"v1/{tenant}/d/{device}"
+    denied_publish = [
+        f"v1/{tenant}/d/{sibling}/telemetry",
+        f"v1/{other}/d/{foreign}/telemetry",
+        f"{own}/cmd/reboot",  # commands flow down only
+        f"{own}/state/desired",
+        f"{own}/telemetry/a/b",
+        "$SYS/broker/uptime",
+        "v1",
+        f"v1/{tenant}",
+    ]
+    denied_subscribe = [
+        "#",
+        "+/#",
+        "$SYS/#",
+        "$CONTROL/#",
+        "v1/+/d/+/telemetry",
+        "$share/ingest/v1/+/d/+/telemetry",  # the backend's shared group
+        "$share/ingest/v1/+/d/+/telemetry/+",
+        f"v1/{tenant}/#",
+        f"v1/{tenant}/d/+/cmd/+",
+        f"v1/{tenant}/d/{sibling}/cmd/+",
+        f"v1/{other}/d/{foreign}/state/desired",
+        f"{own}/cmd/#",  # wider than granted
+        f"{own}/telemetry",  # no reading back, not even its own
+    ]
+
+    async def scenario() -> None:
+        dev = await connected(stack.client(device, tls=stack.tls(crt, key)))
+        sib = await connected(stack.client(sibling, tls=stack.tls(crt2, key2)))
+        assert await dev.subscribe(f"{own}/cmd/+") == 1
+        assert await dev.subscribe(f"{own}/state/desired") == 1
+        assert await dev.publish(f"{own}/telemetry", b"{}") < 0x80
+        assert await dev.publish(f"{own}/telemetry/engine", b"{}") < 0x80
+        for topic in denied_publish:
+            assert await dev.publish(topic, b"{}") == NOT_AUTHORIZED, topic
+        for topic_filter in denied_subscribe:
+            assert await dev.subscribe(topic_filter) == SUBACK_REFUSED, topic_filter
+        # The control topic kicks clients: a device may not use it against its sibling.
+        assert await dev.publish("$CONTROL/kestrel/v1", _kick(sibling)) == NOT_AUTHORIZED
+        await asyncio.sleep(1.5)
+        assert not sib.closed.is_set(), "a device kicked another through $CONTROL"
+        # Its own traffic still flows after all those refusals.
+        assert await dev.publish(f"{own}/telemetry", b"{}") < 0x80
+        await dev.close()
+        await sib.close()
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------- refused
+
+
+def _ca_of(stack: Stack, tenant: str) -> tuple[px.CAKey, x509.Certificate]:
+    with psycopg.connect(stack.url) as conn:
+        row = conn.execute(
+            "SELECT key_encrypted, cert_pem FROM pki_authorities WHERE ca_id = %s", (f"tenant:{tenant}",)
+        ).fetchone()
+    assert row is not None
+    return px.decrypt_key(row[0], PASSPHRASE), px.load_certificate(row[1])
+
+
+def _write_pair(
+    stack: Stack, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, *chain: x509.Certificate
+) -> tuple[Path, Path]:
+    crt_path, key_path = stack.root / f"{name}.crt", stack.root / f"{name}.key"
+    crt_path.write_text("".join(px.pem(c) for c in (cert, *chain)))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return crt_path, key_path
+
+
+def _forge(
+    issuer_key: px.CAKey, issuer: x509.Certificate, device: str, *, past: bool = False
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    start, end = (
+        (now - dt.timedelta(days=10), now - dt.timedelta(days=1))
+        if past
+        else (now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _self_made_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Kestrel Root CA")])  # same name as ours
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def test_refused_certificates(stack: Stack) -> None:
+    tenant, (a, b, c) = stack.tenant(3)
+    other, (x,) = stack.tenant(1)
+    crt_a, key_a, _ = stack.issue(a)
+    crt_c, key_c, serial_c = stack.issue(c)
+    crt_x, key_x, _ = stack.issue(x)
+    own_ca_key, own_ca = _ca_of(stack, tenant)
+    other_ca_key, other_ca = _ca_of(stack, other)
+    rogue_key, rogue = _self_made_ca()
+    forged_other = _write_pair(stack, "forged-other", *_forge(other_ca_key, other_ca, a), other_ca)
+    expired = _write_pair(stack, "expired", *_forge(own_ca_key, own_ca, a, past=True), own_ca)
+    never_issued = _write_pair(stack, "never-issued", *_forge(own_ca_key, own_ca, a), own_ca)
+    unknown_ca = _write_pair(stack, "unknown-ca", *_forge(rogue_key, rogue, a), rogue)
+    subprocess.run(
+        [sys.executable, "-m", "kestrel", "pki", "revoke", serial_c, "--reason", "key_compromise"],
+        env=os.environ | {"KESTREL_DATABASE_URL": stack.url, "KESTREL_PKI_PASSPHRASE": PASSPHRASE},
+        check=True,
+        capture_output=True,
+    )
+    cases: dict[str, tuple[str, ssl.SSLContext]] = {
+        "client id differs from the certificate": (b, stack.tls(crt_a, key_a)),
+        "another tenant's device certificate": (a, stack.tls(crt_x, key_x)),
+        "signed by another tenant's CA": (a, stack.tls(*forged_other)),
+        "signed by our CA but never issued": (a, stack.tls(*never_issued)),
+        "expired": (a, stack.tls(*expired)),
+        "unknown CA with our root's name": (a, stack.tls(*unknown_ca)),
+        "revoked": (c, stack.tls(crt_c, key_c)),
+        "no client certificate": (a, stack.tls()),
+        "the broker's own server certificate": (a, stack.tls(stack.auth.server_cert, stack.auth.server_key)),
+    }
+
+    async def scenario() -> dict[str, str]:
+        return {name: await refused(stack.client(cid, tls=ctx)) for name, (cid, ctx) in cases.items()}
+
+    outcomes = run(scenario())
+    print(outcomes)  # how each was refused, for the record (pytest -s)
+    # Checks authsvc makes answer with CONNACK "not authorized"; what TLS catches never reaches it.
+    for name in ("client id differs from the certificate", "another tenant's device certificate",
+                 "signed by another tenant's CA", "signed by our CA but never issued", "revoked"):  # fmt: skip
+        assert outcomes[name] == f"connack {NOT_AUTHORIZED:#x}", (name, outcomes[name])
+    for name in ("expired", "unknown CA with our root's name", "no client certificate",
+                 "the broker's own server certificate"):  # fmt: skip
+        assert outcomes[name].startswith(("tls", "connack")), (name, outcomes[name])
+
+
+def _token(key: Any, kid: str, alg: str, **claims: Any) -> str:
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    body = {"aud": "kestrel-mqtt", "iat": now, "exp": now + 600} | claims
+    return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
+
+
+def test_jwt_devices_admitted_and_refused(stack: Stack) -> None:
+    tenant, (a, b) = stack.tenant()
+    other, _ = stack.tenant(1)
+    key = ed25519.Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    kid = registry.add_jwt_key(stack.url, tenant, pub)
+    stranger = ed25519.Ed25519PrivateKey.generate()
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_pub = other_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    other_kid = registry.add_jwt_key(stack.url, other, other_pub)
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    good = _token(key, kid, "EdDSA", iss=tenant, sub=a)
+    unsigned = jwt.encode({"aud": "kestrel-mqtt", "iss": tenant, "sub": a, "exp": now + 600}, None, algorithm="none",
+                          headers={"kid": kid})  # fmt: skip
+    cases = {
+        "expired": (a, _token(key, kid, "EdDSA", iss=tenant, sub=a, iat=now - 7200, exp=now - 3600)),
+        "unsigned (alg none)": (a, unsigned),
+        "signed by a stranger's key under our kid": (a, _token(stranger, kid, "EdDSA", iss=tenant, sub=a)),
+        "wrong audience": (a, _token(key, kid, "EdDSA", iss=tenant, sub=a, aud="another-service")),
+        "subject is another device": (a, _token(key, kid, "EdDSA", iss=tenant, sub=b)),
+        "another tenant's key for our device": (a, _token(other_key, other_kid, "ES256", iss=other, sub=a)),
+        "issuer is another tenant": (a, _token(key, kid, "EdDSA", iss=other, sub=a)),
+        "not a token": (a, "hunter2"),
+    }
+
+    async def scenario() -> dict[str, str]:
+        ok = await connected(stack.client(a, port=stack.auth.jwt_port, tls=stack.tls(), username="x", password=good))
+        assert await ok.publish(f"v1/{tenant}/d/{a}/telemetry", b"{}") < 0x80
+        assert await ok.publish(f"v1/{tenant}/d/{b}/telemetry", b"{}") == NOT_AUTHORIZED
+        await ok.close()
+        outcomes = {
+            name: await refused(
+                stack.client(cid, port=stack.auth.jwt_port, tls=stack.tls(), username="x", password=tok)
+            )
+            for name, (cid, tok) in cases.items()
+        }
+        outcomes["no credentials"] = await refused(stack.client(a, port=stack.auth.jwt_port, tls=stack.tls()))
+        outcomes["anonymous on the loopback listener"] = await refused(stack.client(a, port=stack.broker.port))
+        return outcomes
+
+    for name, outcome in run(scenario()).items():
+        assert outcome == f"connack {NOT_AUTHORIZED:#x}", (name, outcome)
+
+
+def test_backend_principals_have_only_their_role(stack: Stack) -> None:
+    tenant, (device, _) = stack.tenant()
+    name = f"ingest-{uuid.uuid4().hex[:6]}"
+    secret = registry.create_service_principal(stack.url, name, "ingest")
+
+    async def scenario() -> dict[str, str]:
+        svc = await connected(stack.client(f"svc:{name}:1", port=stack.broker.port, username=name, password=secret))
+        assert await svc.subscribe("$share/ingest/v1/+/d/+/telemetry/+") == 1
+        assert await svc.subscribe(f"v1/{tenant}/d/{device}/cmd/+") == SUBACK_REFUSED
+        assert await svc.subscribe("#") == SUBACK_REFUSED
+        assert await svc.publish(f"v1/{tenant}/d/{device}/telemetry", b"{}") == NOT_AUTHORIZED
+        assert await svc.publish("$CONTROL/kestrel/v1", _kick(device)) == NOT_AUTHORIZED
+        await svc.close()
+        port = stack.broker.port
+        return {
+            "wrong secret": await refused(stack.client(f"svc:{name}:1", port=port, username=name, password=secret + "x")),
+            "device client id": await refused(stack.client(device, port=port, username=name, password=secret)),
+            "another principal's name": await refused(stack.client("svc:authsvc:1", port=port, username="authsvc", password=secret)),
+            "malformed client id": await refused(stack.client(f"svc:{name}", port=port, username=name, password=secret)),
+        }  # fmt: skip
+
+    for case, outcome in run(scenario()).items():
+        assert outcome == f"connack {NOT_AUTHORIZED:#x}", (case, outcome)
+
+
+# ---------------------------------------------------------------------------------------------- revocation
+
+
+async def _closed_within(client: MqttPublisher, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(client.closed.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_revoking_a_certificate_cuts_off_the_live_session_and_the_next_connect(stack: Stack) -> None:
+    tenant, (device, bystander) = stack.tenant()
+    crt, key, serial = stack.issue(device)
+    crt_b, key_b, _ = stack.issue(bystander)
+
+    async def scenario() -> None:
+        live = await connected(stack.client(device, tls=stack.tls(crt, key)))
+        other = await connected(stack.client(bystander, tls=stack.tls(crt_b, key_b)))
+        assert await live.publish(f"v1/{tenant}/d/{device}/telemetry", b"{}") < 0x80
+        revoke = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kestrel", "pki", "revoke", serial, "--reason", "key_compromise",
+            env=os.environ | {"KESTREL_DATABASE_URL": stack.url, "KESTREL_PKI_PASSPHRASE": PASSPHRASE},
+            stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await revoke.wait() == 0
+        assert await _closed_within(live, 10), "the revoked device is still connected"
+        assert await refused(stack.client(device, tls=stack.tls(crt, key))) == f"connack {NOT_AUTHORIZED:#x}"
+        assert not other.closed.is_set(), "revoking one device disconnected another"
+        assert await other.publish(f"v1/{tenant}/d/{bystander}/telemetry", b"{}") < 0x80
+        await other.close()
+
+    run(scenario())
+
+
+def test_suspending_a_device_cuts_off_its_jwt_session(stack: Stack) -> None:
+    tenant, (device,) = stack.tenant(1)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    kid = registry.add_jwt_key(stack.url, tenant, pub, device=device)
+    token = _token(key, kid, "ES256", iss=tenant, sub=device)
+
+    def client() -> MqttPublisher:
+        return stack.client(device, port=stack.auth.jwt_port, tls=stack.tls(), username=device, password=token)
+
+    async def scenario() -> None:
+        live = await connected(client())
+        registry.set_device_status(stack.url, device, "suspended")
+        assert await _closed_within(live, 10), "the suspended device is still connected"
+        assert await refused(client()) == f"connack {NOT_AUTHORIZED:#x}"
+        registry.set_device_status(stack.url, device, "active")
+        again = await connected(client())  # the cache did not keep the suspension either
+        await again.close()
+
+    run(scenario())
+
+
+def test_a_session_ends_when_its_token_expires(stack: Stack) -> None:
+    tenant, (device, other) = stack.tenant(2)
+    key = ed25519.Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    kid = registry.add_jwt_key(stack.url, tenant, pub)
+    exp = int(dt.datetime.now(dt.UTC).timestamp()) + 3
+    token = _token(key, kid, "EdDSA", iss=tenant, sub=device, exp=exp)
+
+    long_lived = _token(key, kid, "EdDSA", iss=tenant, sub=other)
+
+    async def scenario() -> None:
+        live = await connected(
+            stack.client(device, port=stack.auth.jwt_port, tls=stack.tls(), username=device, password=token)
+        )
+        bystander = await connected(
+            stack.client(other, port=stack.auth.jwt_port, tls=stack.tls(), username=other, password=long_lived)
+        )
+        assert await _closed_within(live, 10), "the session outlived its token"
+        assert dt.datetime.now(dt.UTC).timestamp() >= exp
+        assert not bystander.closed.is_set()
+        assert await bystander.publish(f"v1/{tenant}/d/{other}/telemetry", b"{}") < 0x80
+        await bystander.close()
+
+    run(scenario())
+
+
+def test_with_authsvc_stopped_nobody_new_gets_in(stack: Stack) -> None:
+    tenant, (device,) = stack.tenant(1)
+    crt, key, _ = stack.issue(device)
+    stack.authsvc.stop()
+    try:
+        outcome = run(refused(stack.client(device, tls=stack.tls(crt, key))))
+        assert outcome.startswith("connack 0x8"), outcome
+    finally:
+        stack.start_authsvc()
+
+    async def back() -> None:
+        client = await connected(stack.client(device, tls=stack.tls(crt, key)))
+        await client.close()
+
+    run(back())

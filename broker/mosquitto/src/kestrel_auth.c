@@ -388,16 +388,31 @@ static int on_tick(int event, void *event_data, void *userdata)
 	time_t now = time(NULL);
 	if(now == g.last_sweep) return MOSQ_ERR_SUCCESS;
 	g.last_sweep = now;
+	/* Collect first, kick after: a kick fires DISCONNECT synchronously, which frees the session. */
+	char **victims = NULL;
+	size_t count = 0, cap = 0;
 	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
 		for(struct session *s = g.table[i]; s; s = s->next){
 			if(s->kicked || !s->expire_at || now < s->expire_at) continue;
 			s->kicked = true;
-			if(!newer_session_holds(s, now)){
-				mosquitto_log_printf(MOSQ_LOG_NOTICE, "kestrel-auth: session of %s expired; disconnecting", s->clientid);
-				mosquitto_kick_client_by_clientid(s->clientid, false);
+			if(newer_session_holds(s, now)) continue;
+			if(count == cap){
+				size_t ncap = cap ? cap * 2 : 16;
+				char **grown = realloc(victims, ncap * sizeof(*grown));
+				if(!grown) break;
+				victims = grown;
+				cap = ncap;
 			}
+			victims[count] = strdup(s->clientid);
+			if(victims[count]) count++;
 		}
 	}
+	for(size_t i = 0; i < count; i++){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "kestrel-auth: session of %s expired; disconnecting", victims[i]);
+		mosquitto_kick_client_by_clientid(victims[i], false);
+		free(victims[i]);
+	}
+	free(victims);
 	return MOSQ_ERR_SUCCESS;
 }
 

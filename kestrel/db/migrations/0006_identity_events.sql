@@ -18,22 +18,21 @@ CREATE TABLE service_principals (
 -- clients. A trigger, not application code, so every path (CLI, API, plain SQL) is covered.
 CREATE FUNCTION kestrel_identity_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    r jsonb := to_jsonb(NEW);  -- by name, so one function serves tables with different columns
     payload jsonb;
 BEGIN
-    IF TG_OP = 'UPDATE' AND NEW.status IS NOT DISTINCT FROM OLD.status THEN
+    IF NEW.status IS NOT DISTINCT FROM OLD.status THEN
         RETURN NEW;
     END IF;
-    payload := CASE TG_TABLE_NAME
-        WHEN 'devices' THEN jsonb_build_object('scope', 'device', 'tenant', NEW.tenant_id, 'device', NEW.device_id)
-        WHEN 'pki_certificates' THEN jsonb_build_object('scope', 'device', 'tenant', NEW.tenant_id, 'device', NEW.device_id)
-        WHEN 'jwt_keys' THEN CASE WHEN NEW.device_id IS NULL
-            THEN jsonb_build_object('scope', 'tenant', 'tenant', NEW.tenant_id)
-            ELSE jsonb_build_object('scope', 'device', 'tenant', NEW.tenant_id, 'device', NEW.device_id) END
-        WHEN 'tenants' THEN jsonb_build_object('scope', 'tenant', 'tenant', NEW.tenant_id)
-        WHEN 'pki_authorities' THEN CASE WHEN NEW.tenant_id IS NULL
-            THEN jsonb_build_object('scope', 'all')
-            ELSE jsonb_build_object('scope', 'tenant', 'tenant', NEW.tenant_id) END
-        WHEN 'service_principals' THEN jsonb_build_object('scope', 'service', 'service', NEW.name)
+    payload := CASE
+        WHEN TG_TABLE_NAME = 'service_principals' THEN
+            jsonb_build_object('scope', 'service', 'service', r->>'name')
+        WHEN r->>'tenant_id' IS NULL THEN               -- the root CA
+            jsonb_build_object('scope', 'all')
+        WHEN TG_TABLE_NAME IN ('tenants', 'pki_authorities') OR r->>'device_id' IS NULL THEN
+            jsonb_build_object('scope', 'tenant', 'tenant', r->>'tenant_id')
+        ELSE
+            jsonb_build_object('scope', 'device', 'tenant', r->>'tenant_id', 'device', r->>'device_id')
     END;
     PERFORM pg_notify('kestrel_identity', (payload || jsonb_build_object('status', NEW.status))::text);
     RETURN NEW;
