@@ -2,10 +2,14 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench openapi clean
+.PHONY: install plugin run test lint bench openapi clean
 
 install:
 	./bootstrap.sh
+	$(MAKE) -s plugin
+
+plugin:
+	$(MAKE) -C broker/mosquitto all
 
 run: install
 	$(PY) -m kestrel run
@@ -27,3 +31,4 @@ openapi: install
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
+	$(MAKE) -C broker/mosquitto clean

@@ -535,7 +535,7 @@ def test_a_session_ends_when_its_token_expires(stack: Stack) -> None:
 
 
 def test_with_authsvc_stopped_nobody_new_gets_in(stack: Stack) -> None:
-    tenant, (device,) = stack.tenant(1)
+    _, (device,) = stack.tenant(1)
     crt, key, _ = stack.issue(device)
     stack.authsvc.stop()
     try:
