@@ -22,11 +22,17 @@ from cryptography.x509.oid import NameOID
 
 from authsvc.contract import DENY, AclRule, AuthnRequest, AuthnResponse
 from kestrel.db.registry import SERVICE_SECRET_PREFIX
-from kestrel.topics import TELEMETRY_FILTERS, device_publish_topics, device_subscribe_filters, is_valid_id
+from kestrel.topics import (
+    MQTT_JWT_AUDIENCE,
+    TELEMETRY_FILTERS,
+    device_publish_topics,
+    device_subscribe_filters,
+    is_valid_id,
+)
 
 log = logging.getLogger("kestrel.authsvc")
 MAX_SESSION = dt.timedelta(hours=24)  # ACL changes reach live sessions at least daily (contract §7.6)
-DEFAULT_AUDIENCE = "kestrel-mqtt"
+DEFAULT_AUDIENCE = MQTT_JWT_AUDIENCE
 JWT_LEEWAY_S = 30
 #: Where the Mosquitto plugin takes control commands (kick); only the ``control`` role may publish there.
 CONTROL_TOPIC = "$CONTROL/kestrel/v1"

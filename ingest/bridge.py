@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ingest.jetstream import JetStreamPublisher, PubAck, deadletter_message
 from kestrel import streams
 from kestrel.errors import InvalidInput
+from kestrel.settings import Secret
 from kestrel.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
 from kestrel.wire import TelemetryLimits, normalize
 
@@ -35,7 +36,10 @@ class BridgeSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    #: With broker authentication the client id must be ``svc:{mqtt_username}:{instance}`` (ADR-0010).
     client_id: str = "kestrel-ingest-bridge-1"
+    mqtt_username: str = ""
+    mqtt_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
     share_group: str = INGEST_SHARE_GROUP
     session_expiry_s: int = 7 * 86400
     receive_maximum: int = 1000
@@ -196,13 +200,22 @@ async def run_bridge(
         receive_maximum=settings.receive_maximum,
     )
     client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
+    if settings.mqtt_username:
+        client.set_auth_credentials(settings.mqtt_username, settings.mqtt_password.reveal() or None)
     install_manual_ack(client, bridge.handle)
 
     def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
         c.subscribe(subscriptions)
         log.info("bridge connected", extra={"client_id": settings.client_id})
 
+    def on_subscribe(c: Any, mid: Any, granted: Any, properties: Any) -> None:
+        if any(code >= 0x80 for code in granted):
+            # Nothing would ever arrive: say so loudly rather than run idle (a principal without the
+            # ingest role, or a broker ACL that changed).
+            log.error("the broker refused the bridge's subscriptions", extra={"reason_codes": list(granted)})
+
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     await client.connect(settings.mqtt_host, settings.mqtt_port, keepalive=30, version=gmqtt.constants.MQTTv50)
     if ready is not None:
         ready.set()

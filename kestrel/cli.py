@@ -112,16 +112,30 @@ def simulate(
     port: Annotated[int, typer.Option(min=1, max=65535, help="MQTT broker port")] = 11883,
     mqtt_version: Annotated[int, typer.Option(help="5 (MQTT 5) or 4 (MQTT 3.1.1)")] = 5,
     duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds")] = None,
+    jwt_key: Annotated[
+        Path | None, typer.Option(help="Tenant signing key (PEM, Ed25519 or P-256): devices log in with JWTs")
+    ] = None,
+    jwt_kid: Annotated[str, typer.Option(help="The key's kid, as `kestrel device jwt-key` printed it")] = "",
 ) -> None:
     """Publish realistic telemetry (with seq, QoS 1) from simulated devices over real MQTT."""
-    from kestrel.simulate import Fleet, device_ids  # noqa: PLC0415
+    from kestrel.simulate import Fleet, device_ids, jwt_credentials  # noqa: PLC0415
     from kestrel.topics import require_id  # noqa: PLC0415
 
     if mqtt_version not in (4, 5):
         raise InvalidInput("bad_mqtt_version", "--mqtt-version must be 4 (3.1.1) or 5")
     require_id("tenant", tenant)
     require_id("device prefix", prefix)
-    fleet = Fleet(host, port, tenant, device_ids(prefix, devices), rate, version=mqtt_version)
+    credentials = None
+    if jwt_key is not None:
+        if not jwt_kid:
+            raise InvalidInput("bad_arguments", "--jwt-key needs --jwt-kid")
+        try:
+            credentials = jwt_credentials(jwt_key.read_bytes(), jwt_kid, tenant)
+        except OSError as exc:
+            raise InvalidInput("bad_file", f"cannot read {jwt_key}: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise InvalidInput("bad_key", f"{jwt_key} is not an unencrypted PEM private key") from exc
+    fleet = Fleet(host, port, tenant, device_ids(prefix, devices), rate, version=mqtt_version, credentials=credentials)
     typer.echo(f"simulating {devices} devices at {rate:g} msg/s on {host}:{port} (tenant {tenant})")
     import uvloop  # noqa: PLC0415
 
@@ -144,6 +158,9 @@ def run(
     api_port: Annotated[int, typer.Option(min=1, max=65535)] = 18080,
     bridge_metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 19101,
     writer_metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 19102,
+    mqtt_tls_port: Annotated[int, typer.Option(min=1, max=65535, help="mTLS device listener")] = 18883,
+    mqtt_jwt_port: Annotated[int, typer.Option(min=1, max=65535, help="TLS + JWT device listener")] = 18884,
+    authsvc_port: Annotated[int, typer.Option(min=1, max=65535)] = 18090,
     devices: Annotated[int, typer.Option(min=0, max=10_000, help="Simulated devices (0: none)")] = 20,
     rate: Annotated[float, typer.Option(min=0.001, help="Simulated messages per second")] = 20.0,
 ) -> None:
@@ -151,7 +168,16 @@ def run(
     from kestrel.embedded import EmbeddedPorts, run_embedded  # noqa: PLC0415
 
     ports = EmbeddedPorts(
-        postgres_port, nats_port, nats_monitor_port, mqtt_port, api_port, bridge_metrics_port, writer_metrics_port
+        postgres_port,
+        nats_port,
+        nats_monitor_port,
+        mqtt_port,
+        api_port,
+        bridge_metrics_port,
+        writer_metrics_port,
+        mqtt_tls_port,
+        mqtt_jwt_port,
+        authsvc_port,
     )
     if len(set(vars(ports).values())) != len(vars(ports)):
         raise InvalidInput("bad_ports", "every port must be different")

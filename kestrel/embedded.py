@@ -1,29 +1,44 @@
 """The embedded default (``kestrel run``): every server and service on loopback, supervised (ADR-0007).
 
 State lives under one directory (``.kestrel/`` by default): the PostgreSQL cluster, the JetStream
-store, Mosquitto's persistence, logs, the admin token and ``kestrel.env`` for later CLI calls.
+store, Mosquitto's persistence, logs, the admin token, ``kestrel.env`` for later CLI calls, the PKI
+passphrase, the broker's TLS files (``tls/``) and the first device's certificate (``devices/``).
 Running it again keeps the data. Ctrl-C (or SIGTERM) stops services first, then servers, each by PID.
+
+The broker is secured as in production (ADR-0010): every client is authenticated by authsvc through the
+Mosquitto plugin; devices use the mTLS or the TLS+JWT listener; the plain listener is on loopback only
+and admits only what authsvc admits (backend principals, JWT devices). Backend secrets and the broker key
+are new on every start and never written outside the 0600 files the plugin reads.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import psycopg
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from kestrel.db import registry
 from kestrel.db.migrate import migrate
 from kestrel.servers import (
     LOOPBACK,
+    BrokerAuth,
     ManagedProcess,
     MosquittoServer,
     NatsServer,
     PostgresServer,
+    ServerFailed,
     ensure_port_free,
     http_ok,
 )
@@ -42,6 +57,9 @@ class EmbeddedPorts:
     api: int = 18080
     bridge_metrics: int = 19101
     writer_metrics: int = 19102
+    mqtt_tls: int = 18883
+    mqtt_jwt: int = 18884
+    authsvc: int = 18090
 
 
 @dataclass
@@ -104,6 +122,7 @@ class EmbeddedStack:
         )
         self.services: list[Service] = []
         self.stopping = False
+        self.secrets: dict[str, str] = {}
 
     def check_ports(self) -> None:
         for name, port in vars(self.ports).items():
@@ -114,28 +133,111 @@ class EmbeddedStack:
         env.update(
             {
                 "KESTREL_DATABASE_URL": self.postgres.url,
+                "KESTREL_STATE_DIR": str(self.state),
                 "KESTREL_BRIDGE_MQTT_PORT": str(self.ports.mqtt),
+                "KESTREL_BRIDGE_CLIENT_ID": "svc:ingest:bridge-1",
+                "KESTREL_BRIDGE_MQTT_USERNAME": "ingest",
+                "KESTREL_BRIDGE_MQTT_PASSWORD": self.secrets["ingest"],
                 "KESTREL_BRIDGE_NATS_URL": self.nats.url,
                 "KESTREL_BRIDGE_METRICS_PORT": str(self.ports.bridge_metrics),
                 "KESTREL_WRITER_NATS_URL": self.nats.url,
                 "KESTREL_WRITER_METRICS_PORT": str(self.ports.writer_metrics),
                 "KESTREL_API_PORT": str(self.ports.api),
                 "KESTREL_API_ADMIN_TOKEN": token,
+                "KESTREL_AUTHSVC_PORT": str(self.ports.authsvc),
+                "KESTREL_AUTHSVC_BROKER_KEY": self.secrets["broker-key"],
+                "KESTREL_AUTHSVC_KICK_MQTT_PORT": str(self.ports.mqtt),
+                "KESTREL_AUTHSVC_KICK_USERNAME": "authsvc",
+                "KESTREL_AUTHSVC_KICK_PASSWORD": self.secrets["authsvc"],
             }
         )
         return env
+
+    # ------------------------------------------------------------------------------------ provisioning
+
+    def _kestrel(self, *args: str) -> None:
+        """Run a ``kestrel`` CLI command against this stack (the PKI lives behind the CLI's plugin)."""
+        passphrase = self.state / "pki-passphrase"
+        env = dict(os.environ)
+        env.update(
+            {
+                "KESTREL_DATABASE_URL": self.postgres.url,
+                "KESTREL_STATE_DIR": str(self.state),
+                "KESTREL_PKI_PASSPHRASE": passphrase.read_text().strip(),
+            }
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "kestrel", *args], env=env, capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise ServerFailed(f"`kestrel {' '.join(args)}` failed: {result.stderr.strip()[-300:]}")
+
+    def _provision(self) -> None:
+        """PKI (root, demo tenant CA, broker certificate, first device's certificate), the simulator's JWT
+        key, and fresh secrets for the backend principals and the broker key."""
+        passphrase = self.state / "pki-passphrase"
+        if not passphrase.exists():
+            passphrase.write_text(secrets.token_urlsafe(32) + "\n")
+            passphrase.chmod(0o600)
+        with psycopg.connect(self.postgres.url) as conn:
+            authorities = {r[0] for r in conn.execute("SELECT ca_id FROM pki_authorities")}
+        if "root" not in authorities:
+            self._kestrel("pki", "init")
+        if f"tenant:{DEMO_TENANT}" not in authorities:
+            self._kestrel("pki", "tenant-ca", DEMO_TENANT)
+        tls = self.state / "tls"
+        if _expires_within(tls / "server.crt", dt.timedelta(days=7)):
+            self._kestrel("pki", "server-cert", "--host", "localhost", "--ip", LOOPBACK, "--out-dir", str(tls))
+        devices = self.state / "devices"
+        if not (devices / f"{FIRST_DEVICE}.crt").exists():
+            self._kestrel("pki", "issue", FIRST_DEVICE, "--out-dir", str(devices))
+        key_file, kid_file = self.state / "simulator-jwt.key", self.state / "simulator-jwt.kid"
+        if not kid_file.exists():
+            key = ed25519.Ed25519PrivateKey.generate()
+            key_file.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            key_file.chmod(0o600)
+            public = key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            kid_file.write_text(registry.add_jwt_key(self.postgres.url, DEMO_TENANT, public) + "\n")
+        self.secrets = {
+            "ingest": registry.create_service_principal(self.postgres.url, "ingest", "ingest", rotate=True),
+            "authsvc": registry.create_service_principal(self.postgres.url, "authsvc", "control", rotate=True),
+            "broker-key": "bk_" + secrets.token_urlsafe(32),
+        }
+        self.mosquitto.auth = BrokerAuth(
+            authn_url=f"http://{LOOPBACK}:{self.ports.authsvc}/mqtt/authn",
+            broker_key=self.secrets["broker-key"],
+            server_cert=tls / "server.crt",
+            server_key=tls / "server.key",
+            ca_file=tls / "ca.pem",
+            mtls_port=self.ports.mqtt_tls,
+            jwt_port=self.ports.mqtt_jwt,
+        )
+
+    def _service(self, name: str, argv: list[str], env: dict[str, str]) -> Service:
+        service = Service(name=name, log_path=self.state / "logs" / f"{name}.log", argv=argv, env=env)
+        service.start()
+        self.services.append(service)
+        return service
 
     def start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         self.state.chmod(0o755)
         self.check_ports()
-        for server in (self.postgres, self.nats, self.mosquitto):
+        for server in (self.postgres, self.nats):
             print(f"  starting {server.name} ...", flush=True)
             server.start()
         migrate(self.postgres.url)
         registry.create_tenant(self.postgres.url, DEMO_TENANT, "Demo tenant", exist_ok=True)
         sims = device_ids("sim", self.devices)
         registry.create_devices(self.postgres.url, DEMO_TENANT, [FIRST_DEVICE, *sims], exist_ok=True)
+        print("  provisioning PKI and credentials ...", flush=True)
+        self._provision()
         token = _read_or_create_token(self.state / "admin-token")
         env = self._env(token)
         env_file = self.state / "kestrel.env"
@@ -144,37 +246,30 @@ class EmbeddedStack:
         )
         env_file.chmod(0o600)
         py = sys.executable
-        logs = self.state / "logs"
-        specs = [
-            ("writer", [py, "-m", "ingest", "writer"]),
-            ("bridge", [py, "-m", "ingest", "bridge"]),
-            ("api", [py, "-m", "api"]),
-        ]
+        authsvc = self._service("authsvc", [py, "-m", "authsvc"], env)
+        self._wait_for(authsvc, f"http://{LOOPBACK}:{self.ports.authsvc}/healthz", 60.0)
+        print(f"  starting {self.mosquitto.name} ...", flush=True)
+        self.mosquitto.start()
+        self._service("writer", [py, "-m", "ingest", "writer"], env)
+        self._service("bridge", [py, "-m", "ingest", "bridge"], env)
+        self._service("api", [py, "-m", "api"], env)
         if self.simulator and self.devices:
-            specs.append(
-                (
-                    "simulator",
-                    [
-                        py,
-                        "-m",
-                        "kestrel",
-                        "simulate",
-                        "--port",
-                        str(self.ports.mqtt),
-                        "--tenant",
-                        DEMO_TENANT,
-                        "--devices",
-                        str(self.devices),
-                        "--rate",
-                        str(self.rate),
-                    ],
-                )
-            )
-        for name, argv in specs:
-            service = Service(name=name, log_path=logs / f"{name}.log", argv=argv, env=env)
-            service.start()
-            self.services.append(service)
+            sim = [py, "-m", "kestrel", "simulate", "--port", str(self.ports.mqtt), "--tenant", DEMO_TENANT]
+            sim += ["--devices", str(self.devices), "--rate", str(self.rate)]
+            sim += ["--jwt-key", str(self.state / "simulator-jwt.key")]
+            sim += ["--jwt-kid", (self.state / "simulator-jwt.kid").read_text().strip()]
+            self._service("simulator", sim, env)
         self._wait_ready()
+
+    @staticmethod
+    def _wait_for(service: Service, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not http_ok(url):
+            if not service.alive():
+                raise service.fail("exited during start-up")
+            if time.monotonic() > deadline:
+                raise service.fail(f"not ready after {timeout:.0f}s")
+            time.sleep(0.1)
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         """Announce nothing before it answers: the API is ready, the bridge and writer serve metrics."""
@@ -183,37 +278,35 @@ class EmbeddedStack:
             "bridge": f"http://{LOOPBACK}:{self.ports.bridge_metrics}/metrics",
             "writer": f"http://{LOOPBACK}:{self.ports.writer_metrics}/metrics",
         }
-        deadline = time.monotonic() + timeout
         for name, url in checks.items():
-            service = next(s for s in self.services if s.name == name)
-            while not http_ok(url):
-                if not service.alive():
-                    raise service.fail("exited during start-up")
-                if time.monotonic() > deadline:
-                    raise service.fail(f"not ready after {timeout:.0f}s")
-                time.sleep(0.1)
+            self._wait_for(next(s for s in self.services if s.name == name), url, timeout)
 
     def banner(self) -> str:
         p = self.ports
+        devices = self.state / "devices"
         return "\n".join(
             [
                 "",
                 "Kestrel is running (embedded default, loopback only). Ctrl-C stops everything.",
-                f"  MQTT broker     mqtt://{LOOPBACK}:{p.mqtt}          (Mosquitto)",
+                f"  MQTT devices    mqtts://localhost:{p.mqtt_tls}     (mTLS: device certificates)",
+                f"                  mqtts://localhost:{p.mqtt_jwt}     (TLS: JWT as password)",
+                f"  MQTT loopback   mqtt://{LOOPBACK}:{p.mqtt}          (development; authenticated too)",
                 f"  REST API        http://{LOOPBACK}:{p.api}/api/v1   (OpenAPI: /schema, /schema/openapi.json)",
                 f"  NATS JetStream  nats://{LOOPBACK}:{p.nats}          (monitoring http://{LOOPBACK}:{p.nats_monitor})",
                 f"  PostgreSQL      {LOOPBACK}:{p.postgres}            "
                 f"(database kestrel; URL in {self.state}/kestrel.env)",
+                f"  authsvc         http://{LOOPBACK}:{p.authsvc}/mqtt/authn",
                 f"  Metrics         http://{LOOPBACK}:{p.api}/metrics  :{p.bridge_metrics} (bridge)  "
                 f":{p.writer_metrics} (writer)",
                 f"  Logs            {self.state}/logs/",
-                f"  Simulator       {self.devices} devices, {self.rate:g} msg/s in tenant '{DEMO_TENANT}'"
+                f"  Simulator       {self.devices} devices, {self.rate:g} msg/s in tenant '{DEMO_TENANT}' (JWT)"
                 if self.simulator and self.devices
                 else "  Simulator       off",
                 "",
-                "Send a first message:",
-                f"  mosquitto_pub -h {LOOPBACK} -p {p.mqtt} -V mqttv5 -q 1 "
-                f"-t v1/{DEMO_TENANT}/d/{FIRST_DEVICE}/telemetry "
+                f"Send a first message as device '{FIRST_DEVICE}' (its certificate is in {devices}/):",
+                f"  mosquitto_pub -h localhost -p {p.mqtt_tls} --cafile {self.state}/tls/ca.pem "
+                f"--cert {devices}/{FIRST_DEVICE}.crt --key {devices}/{FIRST_DEVICE}.key -i {FIRST_DEVICE} "
+                f"-V mqttv5 -q 1 -t v1/{DEMO_TENANT}/d/{FIRST_DEVICE}/telemetry "
                 "-m '{\"temp\": 21.5}'",
                 "Read it back:",
                 f'  curl -s -H "Authorization: Bearer $(cat {self.state}/admin-token)" '
@@ -235,6 +328,15 @@ class EmbeddedStack:
                 if line := service.supervise():
                     print(line, flush=True)
             time.sleep(0.5)
+
+
+def _expires_within(cert_file: Path, margin: dt.timedelta) -> bool:
+    """True when ``cert_file`` is missing, unreadable or expires within ``margin``."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return True
+    return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < margin
 
 
 def run_embedded(state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: float, simulator: bool) -> None:

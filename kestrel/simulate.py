@@ -11,13 +11,15 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import msgspec
 
+from kestrel.errors import InvalidInput
 from kestrel.mqttlite import MqttError, MqttPublisher
-from kestrel.topics import telemetry_topic
+from kestrel.topics import MQTT_JWT_AUDIENCE, telemetry_topic
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Fleet:
     version: int = 5
     seed: int = 7
     record: bool = False
+    #: device id -> (username, password) for each (re)connect, e.g. a fresh JWT; None: no credentials.
+    credentials: Callable[[str], tuple[str, str]] | None = None
     stats: FleetStats = field(default_factory=FleetStats)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _clients: list[MqttPublisher | None] = field(default_factory=list)
@@ -142,8 +146,16 @@ class Fleet:
     async def _reconnect(self, index: int) -> None:
         try:
             while not self._stop.is_set():
+                device = self.device_ids[index]
+                username, password = self.credentials(device) if self.credentials else (None, None)
                 client = MqttPublisher(
-                    self.host, self.port, self.device_ids[index], version=self.version, max_inflight=100
+                    self.host,
+                    self.port,
+                    device,
+                    version=self.version,
+                    max_inflight=100,
+                    username=username,
+                    password=password,
                 )
                 try:
                     await client.connect()
@@ -173,6 +185,29 @@ class Fleet:
         self.stats.acked += 1
         if self.record:
             self.stats.acked_keys[(device_id, int(seq))] = sent_at  # type: ignore[call-overload]
+
+
+def jwt_credentials(key_pem: bytes, kid: str, tenant: str, lifetime_s: int = 3600) -> Callable[[str], tuple[str, str]]:
+    """Device JWTs signed with a tenant key (EdDSA or ES256, by key type), as a real fleet's
+    provisioning service would mint them; each reconnect gets a fresh token."""
+    import jwt  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: PLC0415
+
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        alg = "EdDSA"
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        alg = "ES256"
+    else:
+        raise InvalidInput("bad_key", "the JWT signing key must be Ed25519 or EC P-256")
+
+    def mint(device: str) -> tuple[str, str]:
+        now = int(time.time())
+        claims = {"iss": tenant, "sub": device, "aud": MQTT_JWT_AUDIENCE, "iat": now, "exp": now + lifetime_s}
+        return device, jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
+
+    return mint
 
 
 def device_ids(prefix: str, count: int) -> list[str]:

@@ -19,6 +19,8 @@ VERSION = "v1"
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 _ID = re.compile(rf"\A{ID_PATTERN}\Z")
 
+#: The ``aud`` every device JWT must carry (broker-auth-contract.md §7.5).
+MQTT_JWT_AUDIENCE = "kestrel-mqtt"
 #: Shared-subscription group of the ingest bridges (ADR-0002); only backend principals may join it.
 INGEST_SHARE_GROUP = "ingest"
 #: The filters the ingest bridge subscribes to (without the ``$share`` prefix).

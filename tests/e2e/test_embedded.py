@@ -20,7 +20,18 @@ from kestrel.servers import free_port
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
-PORT_NAMES = ("postgres", "nats", "nats-monitor", "mqtt", "api", "bridge-metrics", "writer-metrics")
+PORT_NAMES = (
+    "postgres",
+    "nats",
+    "nats-monitor",
+    "mqtt",
+    "api",
+    "bridge-metrics",
+    "writer-metrics",
+    "mqtt-tls",
+    "mqtt-jwt",
+    "authsvc",
+)
 
 
 def _ports() -> dict[str, int]:
@@ -101,25 +112,18 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         token = (state / "admin-token").read_text().strip()
         assert token not in banner  # the banner points at the file, never prints the secret
         assert (state / "admin-token").stat().st_mode & 0o077 == 0
-        subprocess.run(
-            [
-                "mosquitto_pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(ports["mqtt"]),
-                "-V",
-                "mqttv5",
-                "-q",
-                "1",
-                "-t",
-                "v1/demo/d/my-sensor/telemetry",
-                "-m",
-                '{"temp": 21.5}',
-            ],
-            check=True,
-            timeout=10,
-        )
+        assert f"mqtts://localhost:{ports['mqtt-tls']}" in banner
+        # The banner's own command: the first device's certificate over mTLS.
+        command = next(line.strip() for line in banner.splitlines() if line.strip().startswith("mosquitto_pub"))
+        subprocess.run(command, shell=True, check=True, timeout=10)  # noqa: S602 - the banner's command, as a user runs it
+        # Nobody gets in anonymously, not even on the loopback listener.
+        anonymous = subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(ports["mqtt"]), "-V", "mqttv5", "-q", "1",
+             "-t", "v1/demo/d/my-sensor/telemetry", "-m", "{}"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        assert anonymous.returncode != 0
+        assert "not authorized" in (anonymous.stdout + anonymous.stderr).lower()
         assert wait_until(lambda: _telemetry(ports["api"], token, "my-sensor") != [], 10)
         assert _telemetry(ports["api"], token, "my-sensor")[0]["value"] == {"temp": 21.5}
         assert wait_until(lambda: len(_telemetry(ports["api"], token, "sim-0001")) > 2, 20), "simulator data"
