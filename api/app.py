@@ -254,6 +254,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
     )
     return Litestar(
         route_handlers=[api_v1, healthz, readyz, MetricsController],
+        logging_config=None,  # keep kestrel.logs' JSON lines (Litestar would install its own format)
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         middleware=[prometheus.middleware],

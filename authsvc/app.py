@@ -22,14 +22,17 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from psycopg_pool import AsyncConnectionPool
 
-from authsvc.contract import AuthnRequest, AuthnResponse
-from authsvc.decide import DEFAULT_AUDIENCE, authenticate
+from authsvc import acl
+from authsvc.contract import AuthnRequest, AuthnResponse, AuthzRequest, AuthzResponse
+from authsvc.decide import DEFAULT_AUDIENCE, authenticate, device_acl
 from authsvc.revocation import CachedIdentity, MosquittoKicker, listen_for_revocations
 from authsvc.store import PostgresIdentity
+from kestrel.errors import InvalidInput
 from kestrel.settings import Secret
 
 log = logging.getLogger("kestrel.authsvc")
 _request_decoder = msgspec.json.Decoder(AuthnRequest)
+_authz_decoder = msgspec.json.Decoder(AuthzRequest)
 
 
 class AuthsvcSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,12 +57,18 @@ def _problem(status: int, detail: str) -> Response[dict[str, object]]:
     return Response(body, status_code=status, media_type="application/problem+json")
 
 
-@post("/mqtt/authn", status_code=200)
-async def authn(request: Request[Any, Any, Any]) -> Response[Any]:
+def _broker_refused(request: Request[Any, Any, Any]) -> Response[dict[str, object]] | None:
     expected: str = request.app.state.broker_key
     given = request.headers.get("x-authsvc-key", "")
     if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         return _problem(401, "broker key missing or wrong")
+    return None
+
+
+@post("/mqtt/authn", status_code=200)
+async def authn(request: Request[Any, Any, Any]) -> Response[Any]:
+    if refusal := _broker_refused(request):
+        return refusal
     try:
         body = _request_decoder.decode(await request.body())
     except msgspec.MsgspecError:
@@ -72,6 +81,32 @@ async def authn(request: Request[Any, Any, Any]) -> Response[Any]:
         log.exception("authentication failed internally; the broker will deny")
         return _problem(503, "authentication unavailable")
     return Response(msgspec.json.encode(decision), media_type="application/json")
+
+
+_AUTHZ_DENY = msgspec.json.encode(AuthzResponse(result="deny"))
+_AUTHZ_ALLOW = msgspec.json.encode(AuthzResponse(result="allow"))
+
+
+@post("/mqtt/authz", status_code=200)
+async def authz(request: Request[Any, Any, Any]) -> Response[Any]:
+    """The optional per-check fallback (EMQX HTTP authorization source): the device's rules as in its authn
+    answer, identified by the client attributes that answer set. Anything unexpected is a deny."""
+    if refusal := _broker_refused(request):
+        return refusal
+    try:
+        body = _authz_decoder.decode(await request.body())
+    except msgspec.MsgspecError:
+        return _problem(400, "not an authorization request")
+    allowed = False
+    if body.device and body.device == body.clientid and body.action in ("publish", "subscribe"):
+        try:
+            rules = device_acl(body.tenant, body.device)
+            qos = int(body.qos or "0")
+        except (InvalidInput, ValueError):
+            rules, qos = [], -1
+        action: acl.Action = "publish" if body.action == "publish" else "subscribe"
+        allowed = acl.decide(rules, action, body.topic, qos) is True
+    return Response(_AUTHZ_ALLOW if allowed else _AUTHZ_DENY, media_type="application/json")
 
 
 @get("/healthz")
@@ -113,7 +148,8 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
             await pool.close()
 
     return Litestar(
-        route_handlers=[authn, healthz],
+        route_handlers=[authn, authz, healthz],
+        logging_config=None,  # keep kestrel.logs' JSON lines (Litestar would install its own format)
         lifespan=[lifespan],
         openapi_config=None,
         state=State({"broker_key": settings.broker_key.reveal(), "jwt_audience": settings.jwt_audience}),

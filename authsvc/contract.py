@@ -38,3 +38,22 @@ class AuthnResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
 
 
 DENY = AuthnResponse(result="deny")
+
+
+class AuthzRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """EMQX 5.8 HTTP authorization body (our config renders these fields; all strings)."""
+
+    broker: str = ""
+    clientid: str = ""
+    username: str = ""
+    peerhost: str = ""
+    action: str = ""  # publish | subscribe
+    topic: str = ""
+    qos: str = ""
+    retain: str = ""
+    tenant: str = ""  # ${client_attrs.tns}, set by our authn answer
+    device: str = ""  # ${client_attrs.dev}
+
+
+class AuthzResponse(msgspec.Struct, frozen=True, kw_only=True):
+    result: Literal["allow", "deny"]

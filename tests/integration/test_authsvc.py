@@ -22,10 +22,11 @@ from cryptography.x509.oid import NameOID
 from litestar.testing import TestClient
 
 from authsvc.app import AuthsvcSettings, create_app
+from kestrel.errors import Conflict
 from kestrel.settings import Secret
 from pki import x509 as px
 from pki.builtin import BuiltinCA
-from tests.conftest import Tenant, isolated_database
+from tests.conftest import Tenant, isolated_database, wait_until
 
 pytestmark = pytest.mark.integration
 PASSPHRASE = "authsvc-test-passphrase-" + uuid.uuid4().hex
@@ -392,3 +393,77 @@ def test_jwt_key_registration_refuses_weak_or_foreign_keys(
         registry.add_jwt_key(
             isolated_db, tenant.id, public_pem(ec.generate_private_key(ec.SECP256R1())), device=other.devices[0]
         )
+
+
+def authz(client: TestClient, **fields: str) -> dict[str, Any]:  # type: ignore[type-arg]
+    payload = {"broker": "emqx", "peerhost": "127.0.0.1", "qos": "1", "retain": "false", "username": ""} | fields
+    resp = client.post("/mqtt/authz", json=payload, headers=HEADERS)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/json")
+    return dict(resp.json())
+
+
+def test_authz_fallback_applies_the_devices_rules(client: TestClient, tenant: Tenant) -> None:  # type: ignore[type-arg]
+    device, other = tenant.devices[0], tenant.devices[1]
+    mine = {"clientid": device, "tenant": tenant.id, "device": device}
+    assert authz(client, action="publish", topic=f"v1/{tenant.id}/d/{device}/telemetry", **mine)["result"] == "allow"
+    assert authz(client, action="subscribe", topic=f"v1/{tenant.id}/d/{device}/cmd/+", **mine)["result"] == "allow"
+    denied = [
+        {"action": "publish", "topic": f"v1/{tenant.id}/d/{other}/telemetry", **mine},
+        {"action": "subscribe", "topic": "#", **mine},
+        {"action": "subscribe", "topic": "$share/ingest/v1/+/d/+/telemetry", **mine},
+        {"action": "subscribe", "topic": f"v1/{tenant.id}/d/{device}/cmd/+", "qos": "2", **mine},
+        # attributes that do not belong to the connection, or none at all
+        {
+            "action": "publish",
+            "topic": f"v1/{tenant.id}/d/{other}/telemetry",
+            "clientid": device,
+            "tenant": tenant.id,
+            "device": other,
+        },
+        {"action": "publish", "topic": f"v1/{tenant.id}/d/{device}/telemetry", "clientid": device},
+        {"action": "delete", "topic": f"v1/{tenant.id}/d/{device}/telemetry", **mine},
+        {"action": "publish", "topic": f"v1/{tenant.id}/d/{device}/telemetry", "qos": "x", **mine},
+        {"action": "publish", "topic": "v1/x/d/y/telemetry", "clientid": "y", "tenant": "bad/tenant", "device": "y"},
+    ]
+    for case in denied:
+        assert authz(client, **case)["result"] == "deny", case
+    resp = client.post("/mqtt/authz", json=mine | {"action": "publish", "topic": "t"}, headers={})
+    assert resp.status_code == 401
+
+
+def test_backend_principals(client: TestClient, isolated_db: str) -> None:  # type: ignore[type-arg]
+    from kestrel.db import registry  # noqa: PLC0415
+
+    name = f"ingest-{uuid.uuid4().hex[:6]}"
+    secret = registry.create_service_principal(isolated_db, name, "ingest")
+    with psycopg.connect(isolated_db) as conn:
+        stored = conn.execute("SELECT secret_sha256 FROM service_principals WHERE name = %s", (name,)).fetchone()
+    assert stored is not None and secret not in stored[0]  # only the digest is kept
+    ok = authn(client, body(None, f"svc:{name}:a", username=name, password=secret))
+    assert ok["result"] == "allow"
+    assert ok["is_superuser"] is False
+    assert ok["acl"][-1] == {"permission": "deny", "action": "all", "topic": "#"}
+    assert {r["action"] for r in ok["acl"][:-1]} == {"subscribe"}
+    for clientid, username, password in [
+        (f"svc:{name}:a", name, secret + "x"),
+        (f"svc:{name}:a", name, "ksvc_" + "A" * 43),
+        ("svc:other:a", name, secret),
+        ("plain-device-id", name, secret),
+        (f"svc:{name}:a:b", name, secret),
+        (f"svc:{name}:", name, secret),
+        (f"svc:{name}:a", "", secret),
+    ]:
+        assert authn(client, body(None, clientid, username=username, password=password))["result"] == "deny"
+    with pytest.raises(Conflict):
+        registry.create_service_principal(isolated_db, name, "ingest")
+    rotated = registry.create_service_principal(isolated_db, name, "ingest", rotate=True)
+    # The cache holds the principal for 30 s: only the rotation's notification can end the old secret sooner.
+    assert wait_until(
+        lambda: authn(client, body(None, f"svc:{name}:a", username=name, password=secret))["result"] == "deny", 5
+    )
+    assert authn(client, body(None, f"svc:{name}:a", username=name, password=rotated))["result"] == "allow"
+    registry.revoke_service_principal(isolated_db, name)
+    assert wait_until(
+        lambda: authn(client, body(None, f"svc:{name}:a", username=name, password=rotated))["result"] == "deny", 5
+    )

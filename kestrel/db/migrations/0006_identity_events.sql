@@ -19,9 +19,13 @@ CREATE TABLE service_principals (
 CREATE FUNCTION kestrel_identity_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     r jsonb := to_jsonb(NEW);  -- by name, so one function serves tables with different columns
+    old_r jsonb := to_jsonb(OLD);
+    status text := NEW.status;
     payload jsonb;
 BEGIN
-    IF NEW.status IS NOT DISTINCT FROM OLD.status THEN
+    IF r->>'secret_sha256' IS DISTINCT FROM old_r->>'secret_sha256' THEN
+        status := 'rotated';  -- a new secret: sessions opened with the old one are cut off too
+    ELSIF NEW.status IS NOT DISTINCT FROM OLD.status THEN
         RETURN NEW;
     END IF;
     payload := CASE
@@ -34,7 +38,7 @@ BEGIN
         ELSE
             jsonb_build_object('scope', 'device', 'tenant', r->>'tenant_id', 'device', r->>'device_id')
     END;
-    PERFORM pg_notify('kestrel_identity', (payload || jsonb_build_object('status', NEW.status))::text);
+    PERFORM pg_notify('kestrel_identity', (payload || jsonb_build_object('status', status))::text);
     RETURN NEW;
 END $$;
 
@@ -48,5 +52,5 @@ CREATE TRIGGER pki_authorities_identity AFTER UPDATE OF status ON pki_authoritie
     FOR EACH ROW EXECUTE FUNCTION kestrel_identity_notify();
 CREATE TRIGGER jwt_keys_identity AFTER UPDATE OF status ON jwt_keys
     FOR EACH ROW EXECUTE FUNCTION kestrel_identity_notify();
-CREATE TRIGGER service_principals_identity AFTER UPDATE OF status ON service_principals
+CREATE TRIGGER service_principals_identity AFTER UPDATE OF status, secret_sha256 ON service_principals
     FOR EACH ROW EXECUTE FUNCTION kestrel_identity_notify();
