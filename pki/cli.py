@@ -15,7 +15,8 @@ import typer
 from kestrel.cli import database_url, state_dir
 from kestrel.errors import InvalidInput
 from pki import x509 as px
-from pki.builtin import BuiltinCA, IssuedCertificate
+from pki.authority import DatabaseCA, IssuedCertificate
+from pki.builtin import BuiltinCA
 
 app = typer.Typer(no_args_is_help=True, help="Certificate authorities and device certificates.")
 REASON_HELP = f"One of: {', '.join(px.REASONS)}"
@@ -37,8 +38,20 @@ def _passphrase(generate: bool = False) -> str:
     raise InvalidInput("no_passphrase", "set KESTREL_PKI_PASSPHRASE (or run `kestrel pki init --generate-passphrase`)")
 
 
-def _ca(generate: bool = False) -> BuiltinCA:
-    return BuiltinCA(database_url(), _passphrase(generate))
+def _ca(generate: bool = False) -> DatabaseCA:
+    """``KESTREL_PKI_BACKEND``: ``builtin`` (default; keys encrypted in PostgreSQL) or ``openbao``
+    (``KESTREL_PKI_OPENBAO_ADDR`` and ``KESTREL_PKI_OPENBAO_TOKEN``; Vault works the same)."""
+    backend = os.environ.get("KESTREL_PKI_BACKEND", "builtin")
+    if backend == "builtin":
+        return BuiltinCA(database_url(), _passphrase(generate))
+    if backend == "openbao":
+        from pki.openbao import OpenBaoCA  # noqa: PLC0415 - hvac only when used
+
+        addr, token = os.environ.get("KESTREL_PKI_OPENBAO_ADDR"), os.environ.get("KESTREL_PKI_OPENBAO_TOKEN")
+        if not addr or not token:
+            raise InvalidInput("no_openbao", "set KESTREL_PKI_OPENBAO_ADDR and KESTREL_PKI_OPENBAO_TOKEN")
+        return OpenBaoCA(database_url(), addr, token, prefix=os.environ.get("KESTREL_PKI_OPENBAO_PREFIX", "kestrel"))
+    raise InvalidInput("bad_backend", "KESTREL_PKI_BACKEND must be builtin or openbao")
 
 
 def _actor() -> str:
@@ -66,20 +79,23 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def _full_chain(issued: IssuedCertificate) -> str:
-    """The device certificate followed by its tenant CA: what a device presents in its TLS handshake, so
-    brokers need to trust only the root (``ca.pem``)."""
-    tenant_ca = issued.chain_pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
-    return issued.cert_pem + tenant_ca
-
-
 def _emit(issued: IssuedCertificate, out: Path | None, verb: str) -> None:
     """The certificate (with its tenant CA) to ``out`` (with a summary on stderr) or to stdout."""
     if out is None:
-        typer.echo(_full_chain(issued), nl=False)
+        typer.echo(issued.full_chain_pem, nl=False)
         return
-    _write(out, _full_chain(issued))
+    _write(out, issued.full_chain_pem)
     typer.echo(f"{verb} {issued.device}: serial {issued.serial}, valid until {issued.not_after:%Y-%m-%d}", err=True)
+
+
+def _read_csr(path: Path) -> bytes:
+    """A CSR file's bytes; '-' reads standard input."""
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput("bad_file", f"cannot read {path}: {exc.strerror}") from exc
 
 
 @app.command()
@@ -90,14 +106,7 @@ def sign(
     out: Annotated[Path | None, typer.Option(help="Write the certificate here (default: stdout)")] = None,
 ) -> None:
     """Sign a device's CSR (the normal enrolment path: the key never leaves the device)."""
-    if str(csr_file) == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        try:
-            data = csr_file.read_bytes()
-        except OSError as exc:
-            raise InvalidInput("bad_file", f"cannot read {csr_file}: {exc.strerror}") from exc
-    _emit(_ca().sign_csr(data, device, days, _actor()), out, "signed")
+    _emit(_ca().sign_csr(_read_csr(csr_file), device, days, _actor()), out, "signed")
 
 
 @app.command()
@@ -127,7 +136,7 @@ def issue(
         ).decode(),
         0o600,
     )
-    _write(out_dir / f"{device}.crt", _full_chain(issued))
+    _write(out_dir / f"{device}.crt", issued.full_chain_pem)
     _write(out_dir / "ca-chain.pem", issued.chain_pem)
     _write(out_dir / "ca.pem", issued.chain_pem.split("-----END CERTIFICATE-----\n", 1)[1])
     typer.echo(f"issued {device}: serial {issued.serial}, files in {out_dir}/")
@@ -155,9 +164,11 @@ def renew(
     serial: Annotated[str, typer.Argument(help="Serial (hex) of the certificate to renew")],
     days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
     out: Annotated[Path | None, typer.Option(help="Write the certificate here (default: stdout)")] = None,
+    csr: Annotated[Path | None, typer.Option(help="A new CSR from the device (required with OpenBao)")] = None,
 ) -> None:
-    """Issue a new certificate for the same key (the old one stays valid until it expires or is revoked)."""
-    _emit(_ca().renew(serial, days, _actor()), out, "renewed")
+    """Issue a new certificate for the device of an active one: for the same key, or for a new CSR's key. The
+    old certificate stays valid until it expires or is revoked."""
+    _emit(_ca().renew(serial, days, _actor(), _read_csr(csr) if csr else None), out, "renewed")
 
 
 @app.command()

@@ -7,6 +7,8 @@ subject CN and in a URI SAN (``urn:kestrel:device:<id>``), clientAuth EKU, short
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -17,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kestrel.errors import InvalidInput, Unauthenticated
+from kestrel.errors import Conflict, InvalidInput, Unauthenticated
 from kestrel.topics import require_id
 
 CAKey = ec.EllipticCurvePrivateKey
@@ -214,6 +216,30 @@ def issue_device_certificate(
     )
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_server_names(hostnames: list[str], addresses: list[str], days: int) -> None:
+    """``InvalidInput`` unless there is at least one valid name and the lifetime is allowed."""
+    if not hostnames and not addresses:
+        raise InvalidInput("bad_server_name", "a server certificate needs at least one --host or --ip")
+    if not 1 <= days <= MAX_DEVICE_DAYS:
+        raise InvalidInput("bad_lifetime", f"server certificates live 1 to {MAX_DEVICE_DAYS} days")
+    for host in hostnames:
+        if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in host.split(".")):
+            raise InvalidInput("bad_server_name", f"{host[:80]!r} is not a DNS name")
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError as exc:
+            raise InvalidInput("bad_server_name", str(exc)) from exc
+
+
+def backend_mismatch(ca_id: str, holder: str) -> Conflict:
+    """A CA whose key another backend holds (configuration error: mixed backends on one database)."""
+    return Conflict(f"the {ca_id} CA's key is held by {holder}; use the same PKI backend that created it")
+
+
 def issue_server_certificate(
     public_key: CertificatePublicKeyTypes,
     hostnames: list[str],
@@ -223,18 +249,9 @@ def issue_server_certificate(
     ca: x509.Certificate,
 ) -> x509.Certificate:
     """A broker's TLS server certificate (serverAuth only, so it can never pass as a device)."""
-    import ipaddress  # noqa: PLC0415
-
-    if not hostnames and not addresses:
-        raise InvalidInput("bad_server_name", "a server certificate needs at least one --host or --ip")
-    if not 1 <= days <= MAX_DEVICE_DAYS:
-        raise InvalidInput("bad_lifetime", f"server certificates live 1 to {MAX_DEVICE_DAYS} days")
-    try:
-        ips = [ipaddress.ip_address(a) for a in addresses]
-    except ValueError as exc:
-        raise InvalidInput("bad_server_name", str(exc)) from exc
+    check_server_names(hostnames, addresses, days)
     names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
-    names += [x509.IPAddress(ip) for ip in ips]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
     now = _now()
     return (
         x509.CertificateBuilder()

@@ -24,7 +24,17 @@ import pytest
 
 from kestrel.db import registry
 from kestrel.db.migrate import migrate
-from kestrel.servers import ManagedProcess, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.servers import (
+    ManagedProcess,
+    MosquittoServer,
+    NatsServer,
+    OpenBaoServer,
+    PortInUse,
+    PostgresServer,
+    ensure_port_free,
+    free_port,
+    http_ok,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,6 +97,22 @@ def fresh_nats(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
     sync = getattr(request, "param", "default")
     root = tmp_path_factory.mktemp("nats")
     server = _nats(root, sync)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def openbao(servers_root: Path) -> Iterator[OpenBaoServer]:
+    """A real OpenBao (``bao server -dev``) for the Vault/OpenBao PKI backend."""
+    for _ in range(20):
+        port = free_port()
+        try:
+            ensure_port_free("openbao-cluster", port + 1)
+        except PortInUse:
+            continue
+        break
+    server = OpenBaoServer(name="openbao", log_path=servers_root / "openbao.log", port=port)
     server.start()
     yield server
     server.stop()
