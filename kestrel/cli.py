@@ -198,7 +198,9 @@ def _add_plugins() -> None:
 def main() -> None:
     try:
         _add_plugins()
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a command's typer.Exit code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KestrelError as exc:
         typer.echo(f"kestrel: {exc.detail}", err=True)
         sys.exit(2 if isinstance(exc, InvalidInput) else 1)

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kestrel.cli import database_url, state_dir
-from kestrel.errors import InvalidInput
+from kestrel.errors import Conflict, InvalidInput, NotFound
 from pki import x509 as px
 from pki.authority import DatabaseCA, IssuedCertificate
 from pki.builtin import BuiltinCA
@@ -222,3 +224,43 @@ def list_certificates(
         typer.echo(
             f"{r['serial']}  {r['tenant_id']:<20} {r['device_id']:<24} {r['status']:<8} until {r['not_after']:%Y-%m-%d}"
         )
+
+
+@app.command("sign-batch")
+def sign_batch(
+    csr_dir: Annotated[Path, typer.Argument(help="Directory of DEVICE.csr files (PEM or DER), e.g. from the factory")],
+    out_dir: Annotated[Path, typer.Option(help="Where DEVICE.crt (with its tenant CA) and ca.pem go")],
+    days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON summary on stdout")] = False,
+) -> None:
+    """Sign many CSRs (bulk enrolment) with a progress bar. A bad CSR is reported and skipped; the exit
+    code is 1 when any failed, and nothing already signed is lost."""
+    files = sorted(csr_dir.glob("*.csr"))
+    if not files:
+        raise InvalidInput("no_csrs", f"no *.csr files in {csr_dir}")
+    ca = _ca()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    signed: list[dict[str, str]] = []
+    failed: list[dict[str, str]] = []
+    columns = (TextColumn("signing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=as_json) as progress:
+        task = progress.add_task("sign", total=len(files))
+        for path in files:
+            device = path.stem
+            try:
+                issued = ca.sign_csr(path.read_bytes(), device, days, _actor())
+            except (InvalidInput, Conflict, NotFound) as exc:
+                failed.append({"device": device, "error": exc.detail})
+            else:
+                _write(out_dir / f"{device}.crt", issued.full_chain_pem)
+                signed.append({"device": device, "serial": issued.serial})
+            progress.advance(task)
+    _write(out_dir / "ca.pem", ca.root_pem())
+    if as_json:
+        typer.echo(json.dumps({"signed": signed, "failed": failed}))
+    else:
+        for failure in failed:
+            typer.echo(f"failed {failure['device']}: {failure['error']}", err=True)
+        typer.echo(f"signed {len(signed)}, failed {len(failed)}; certificates in {out_dir}/", err=True)
+    if failed:
+        raise typer.Exit(1)

@@ -204,3 +204,55 @@ def test_registry_device_in_two_tenants_is_refused(database_url: str, tenant_wit
     registry.create_tenant(database_url, other)
     with pytest.raises(Conflict):
         registry.create_devices(database_url, other, [tenant_with_ca.devices[0]])
+
+
+def test_bulk_signing_reports_bad_csrs_and_keeps_the_good(
+    database_url: str, tenant_with_ca: Tenant, tmp_path: Path
+) -> None:
+    csrs = tmp_path / "factory"
+    csrs.mkdir()
+    good = tenant_with_ca.devices
+    for device in good:
+        make_csr(csrs, device)
+    make_csr(tmp_path, good[0])  # a CSR for one device filed under another device's name
+    (csrs / "d-not-registered.csr").write_bytes((csrs / f"{good[0]}.csr").read_bytes())
+    (csrs / "garbage.csr").write_text("not a CSR")
+    out = tmp_path / "certs"
+    result = pki(database_url, "sign-batch", str(csrs), "--out-dir", str(out), "--json")
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert sorted(s["device"] for s in summary["signed"]) == sorted(good)
+    errors = {f["device"]: f["error"] for f in summary["failed"]}
+    assert set(errors) == {"d-not-registered", "garbage"}
+    assert "common name" in errors["d-not-registered"]
+    assert "certificate signing request" in errors["garbage"]
+    for device in good:
+        verified = openssl_verify_full_chain(out / "ca.pem", out / f"{device}.crt")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the progress bar and the summary go to stderr, never into the JSON
+    text = pki(database_url, "sign-batch", str(csrs), "--out-dir", str(tmp_path / "again"))
+    assert "signing" in text.stderr and "signed 3, failed 2" in text.stderr
+
+
+def openssl_verify_full_chain(root: Path, full_chain: Path) -> subprocess.CompletedProcess[str]:
+    """What a broker does: trust the root only, take the tenant CA from the device's presented chain."""
+    certs = full_chain.read_text().split("-----END CERTIFICATE-----")
+    leaf, intermediate = full_chain.with_suffix(".leaf"), full_chain.with_suffix(".ca")
+    leaf.write_text(certs[0] + "-----END CERTIFICATE-----\n")
+    intermediate.write_text(certs[1].lstrip() + "-----END CERTIFICATE-----\n")
+    return subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            str(root),
+            "-untrusted",
+            str(intermediate),
+            str(leaf),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
