@@ -24,7 +24,7 @@ lint:
 
 bench: install
 	$(PY) bench/run.py
-	$(PY) bench/authsvc_bench.py
+	$(PY) bench/identity_bench.py
 
 openapi: install
 	$(PY) -m api openapi > api/openapi.json

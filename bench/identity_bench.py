@@ -1,0 +1,275 @@
+"""Device identity benchmarks (not tests), each against a ceiling measured in the same run:
+
+1. authsvc: POST /mqtt/authn for certificate devices (p50/p99, rate) against GET /healthz through the same
+   server and client (the HTTP floor).
+2. mTLS connects per second through Mosquitto + our plugin + authsvc (TLS handshake, CONNECT, authsvc
+   decision, CONNACK, DISCONNECT) against the same Mosquitto binary with a plain mTLS listener and no plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kestrel.db import registry
+from kestrel.db.migrate import migrate
+from kestrel.mqttlite import MqttPublisher
+from kestrel.servers import LOOPBACK, BrokerAuth, MosquittoServer, PostgresServer, free_port
+from pki.builtin import BuiltinCA
+
+PASSPHRASE = "bench-passphrase-" + uuid.uuid4().hex
+KEY = "bench-broker-key"
+
+
+async def _call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
+    """One keep-alive HTTP/1.1 exchange on raw streams (a lean client, so the client is not what we measure)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return status, await reader.readexactly(length)
+
+
+def _request(port: int, path: str, body: dict[str, str] | None) -> bytes:
+    if body is None:
+        return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+        f"x-authsvc-key: {KEY}\r\ncontent-length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+async def measure(
+    port: int, path: str, bodies: list[dict[str, str]] | None, total: int, concurrency: int
+) -> tuple[float, float, float]:
+    requests = [_request(port, path, b) for b in bodies] if bodies else [_request(port, path, None)]
+    latencies: list[float] = []
+    queue = list(range(total))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while queue:
+            i = queue.pop()
+            started = time.perf_counter()
+            status, payload = await _call(reader, writer, requests[i % len(requests)])
+            latencies.append(time.perf_counter() - started)
+            assert status == 200, payload
+            if bodies is not None:
+                assert b'"result":"allow"' in payload, payload
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return total / elapsed, 1000 * statistics.median(latencies), 1000 * latencies[int(len(latencies) * 0.99)]
+
+
+@dataclass
+class RawTlsMosquitto(MosquittoServer):
+    """The ceiling: the same Mosquitto binary with an mTLS listener, no plugin, nobody asked."""
+
+    tls_dir: Path = Path()
+    tls_port: int = 0
+
+    def config_text(self) -> str:
+        return super().config_text() + (
+            f"listener {self.tls_port} {LOOPBACK}\ncertfile {self.tls_dir / 'server.crt'}\n"
+            f"keyfile {self.tls_dir / 'server.key'}\ncafile {self.tls_dir / 'ca.pem'}\n"
+            "require_certificate true\ntls_version tlsv1.2\n"
+        )
+
+
+async def connect_rate(
+    port: int, contexts: list[tuple[str, ssl.SSLContext]], total: int, concurrency: int
+) -> tuple[float, float, float]:
+    """Full mTLS connects (handshake, CONNECT/CONNACK, DISCONNECT) per second, with p50/p99 in ms."""
+    latencies: list[float] = []
+    queue = list(range(total))
+
+    async def worker() -> None:
+        while queue:
+            device, ctx = contexts[queue.pop() % len(contexts)]
+            started = time.perf_counter()
+            client = MqttPublisher(LOOPBACK, port, device, tls=ctx, keepalive=60)
+            await client.connect()
+            latencies.append(time.perf_counter() - started)
+            await client.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return total / elapsed, 1000 * statistics.median(latencies), 1000 * latencies[int(len(latencies) * 0.99)]
+
+
+def _enrol(ca: BuiltinCA, devices: list[str], out: Path) -> list[dict[str, str]]:
+    """Certificates for every device: the authn bodies, and key + full-chain files for the TLS clients."""
+    bodies = []
+    for device in devices:
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+            .sign(key, hashes.SHA256())
+        )
+        issued = ca.sign_csr(csr.public_bytes(serialization.Encoding.PEM), device, 30, "bench")
+        (out / f"{device}.crt").write_text(issued.full_chain_pem)
+        (out / f"{device}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        der = x509.load_pem_x509_certificate(issued.cert_pem.encode()).public_bytes(serialization.Encoding.DER)
+        bodies.append(
+            {
+                "broker": "emqx",
+                "clientid": device,
+                "username": "",
+                "password": "",
+                "peerhost": "127.0.0.1",
+                "cert_subject": "",
+                "cert_common_name": device,
+                "cert_pem": base64.b64encode(der).decode(),
+            }
+        )
+    return bodies
+
+
+def _wait_http(url: str) -> None:
+    for _ in range(100):
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="kestrel-identitybench-"))
+    root.chmod(0o755)
+    pg = PostgresServer(name="postgres", log_path=root / "pg.log", root=root / "pg", port=free_port())
+    pg.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    brokers: list[MosquittoServer] = []
+    try:
+        migrate(pg.url)
+        ca = BuiltinCA(pg.url, PASSPHRASE)
+        ca.init_root("bench")
+        registry.create_tenant(pg.url, "bench")
+        devices = [f"auth-{i:04d}" for i in range(200)]
+        registry.create_devices(pg.url, "bench", devices)
+        ca.create_tenant_ca("bench", "bench")
+        clients = root / "clients"
+        clients.mkdir()
+        bodies = _enrol(ca, devices, clients)
+        tls = root / "tls"
+        tls.mkdir(mode=0o755)
+        cert_pem, key_pem = ca.issue_server(["localhost"], ["127.0.0.1"], 30, "bench")
+        (tls / "server.crt").write_text(cert_pem)
+        (tls / "server.key").write_text(key_pem)
+        (tls / "server.key").chmod(0o644)  # a throwaway bench key the mosquitto user must read
+        (tls / "ca.pem").write_text(ca.root_pem())
+
+        port = free_port()
+        env = dict(
+            os.environ, KESTREL_DATABASE_URL=pg.url, KESTREL_AUTHSVC_PORT=str(port), KESTREL_AUTHSVC_BROKER_KEY=KEY
+        )
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "authsvc"], env=env, stderr=(root / "authsvc.log").open("w"))
+        )
+        _wait_http(f"http://127.0.0.1:{port}/healthz")
+        floor = uvloop.run(measure(port, "/healthz", None, 4000, 16))
+        cold = uvloop.run(measure(port, "/mqtt/authn", bodies, len(bodies), 16))  # each device once: lookups uncached
+        auth = uvloop.run(measure(port, "/mqtt/authn", bodies, 4000, 16))
+        print("authsvc (one process), 16 keep-alive connections, 4,000 requests each, lean raw-socket client:")
+        print(
+            f"  POST /mqtt/authn, first connect of each of 200 devices (database lookups): "
+            f"{cold[0]:,.0f} req/s   p50 {cold[1]:.2f} ms   p99 {cold[2]:.2f} ms"
+        )
+        print(
+            f"  HTTP floor (GET /healthz):        {floor[0]:>7,.0f} req/s   "
+            f"p50 {floor[1]:.2f} ms   p99 {floor[2]:.2f} ms"
+        )
+        print(
+            f"  POST /mqtt/authn (cached lookups): {auth[0]:>6,.0f} req/s   p50 {auth[1]:.2f} ms   p99 {auth[2]:.2f} ms"
+        )
+        print(f"  ratio to the HTTP floor: {auth[0] / floor[0]:.2f}")
+
+        raw = RawTlsMosquitto(
+            name="raw",
+            log_path=root / "raw.log",
+            root=root / "raw",
+            port=free_port(),
+            tls_dir=tls,
+            tls_port=free_port(),
+        )
+        secured = MosquittoServer(
+            name="secured",
+            log_path=root / "secured.log",
+            root=root / "secured",
+            port=free_port(),
+            auth=BrokerAuth(
+                authn_url=f"http://127.0.0.1:{port}/mqtt/authn",
+                broker_key=KEY,
+                server_cert=tls / "server.crt",
+                server_key=tls / "server.key",
+                ca_file=tls / "ca.pem",
+                mtls_port=free_port(),
+                jwt_port=free_port(),
+            ),
+        )
+        for broker in (raw, secured):
+            broker.start()
+            brokers.append(broker)
+        contexts = []
+        for device in devices:
+            ctx = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+            ctx.load_cert_chain(str(clients / f"{device}.crt"), str(clients / f"{device}.key"))
+            contexts.append((device, ctx))
+        assert secured.auth is not None
+        ceiling = uvloop.run(connect_rate(raw.tls_port, contexts, 2000, 16))
+        through = uvloop.run(connect_rate(secured.auth.mtls_port, contexts, 2000, 16))
+        print("mTLS connects (TLS handshake + CONNECT/CONNACK + DISCONNECT), 16 concurrent, 2,000 each, 200 devices:")
+        for label, (rate, p50, p99) in (
+            ("Mosquitto, no plugin (ceiling):", ceiling),
+            ("Mosquitto + plugin + authsvc:", through),
+        ):
+            print(f"  {label:<34} {rate:>6,.0f} /s   p50 {p50:.1f} ms   p99 {p99:.1f} ms")
+        print(f"  ratio to the ceiling: {through[0] / ceiling[0]:.2f}")
+    finally:
+        for broker in brokers:
+            broker.stop()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
