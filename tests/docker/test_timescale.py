@@ -17,21 +17,12 @@ import pytest
 
 from kestrel.db import registry
 from kestrel.db.migrate import migrate
+from tests.docker import docker_unavailable
 
 pytestmark = pytest.mark.docker
 
 
-def _docker_available() -> str | None:
-    try:
-        import docker  # noqa: PLC0415
-
-        docker.from_env().ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable engine
-        return f"no Docker engine reachable ({type(exc).__name__}); testcontainers cannot start TimescaleDB here"
-    return None
-
-
-_reason = _docker_available()
+_reason = docker_unavailable("TimescaleDB")
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
