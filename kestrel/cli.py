@@ -25,6 +25,8 @@ device_app = typer.Typer(no_args_is_help=True, help="Devices.")
 app.add_typer(db_app, name="db")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(device_app, name="device")
+service_app = typer.Typer(no_args_is_help=True, help="Backend principals (services that connect to the broker).")
+app.add_typer(service_app, name="service")
 
 
 def state_dir() -> Path:
@@ -100,6 +102,55 @@ def device_jwt_key(
     except OSError as exc:
         raise InvalidInput("bad_file", f"cannot read {key_file}: {exc.strerror}") from exc
     typer.echo(registry.add_jwt_key(database_url(), tenant, data, device))
+
+
+@device_app.command("jwt-key-revoke")
+def device_jwt_key_revoke(kid: Annotated[str, typer.Argument(help="The key's kid")]) -> None:
+    """Revoke a JWT key: tokens signed with it are refused and sessions opened with it are disconnected."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    registry.revoke_jwt_key(database_url(), kid)
+    typer.echo(f"revoked JWT key {kid}")
+
+
+def _set_status(device: str, status: str) -> None:
+    from kestrel.db import registry  # noqa: PLC0415
+
+    before = registry.set_device_status(database_url(), device, status)
+    typer.echo(f"device {device}: {before} -> {status}")
+
+
+@device_app.command("suspend")
+def device_suspend(device: Annotated[str, typer.Argument(help="Device id")]) -> None:
+    """Suspend a device: its live session is disconnected and it cannot connect until resumed."""
+    _set_status(device, "suspended")
+
+
+@device_app.command("resume")
+def device_resume(device: Annotated[str, typer.Argument(help="Device id")]) -> None:
+    """Re-activate a suspended device."""
+    _set_status(device, "active")
+
+
+@service_app.command("create")
+def service_create(
+    name: Annotated[str, typer.Argument(help="Principal name: the MQTT username; client ids are svc:NAME:INSTANCE")],
+    role: Annotated[str, typer.Option(help="ingest (subscribes to telemetry) or control (kicks clients)")],
+    rotate: Annotated[bool, typer.Option(help="Issue a new secret for an existing principal")] = False,
+) -> None:
+    """Create a backend principal for the broker; prints its secret once (only a digest is stored)."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    typer.echo(registry.create_service_principal(database_url(), name, role, rotate=rotate))
+
+
+@service_app.command("revoke")
+def service_revoke(name: Annotated[str, typer.Argument(help="Principal name")]) -> None:
+    """Revoke a backend principal: refused at its next connect, its live sessions disconnected."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    registry.revoke_service_principal(database_url(), name)
+    typer.echo(f"revoked service principal {name}")
 
 
 @app.command()

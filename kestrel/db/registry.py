@@ -114,6 +114,12 @@ def revoke_service_principal(conninfo: str, name: str) -> None:
             raise NotFound(f"service principal {name} does not exist")
 
 
+def revoke_jwt_key(conninfo: str, kid: str) -> None:
+    with psycopg.connect(conninfo) as conn:
+        if conn.execute("UPDATE jwt_keys SET status = 'revoked' WHERE kid = %s", (kid,)).rowcount == 0:
+            raise NotFound(f"no JWT key with kid {kid}")
+
+
 def set_device_status(conninfo: str, device: str, status: str) -> str:
     """Suspend or re-activate a device; return its previous status. The change notifies authsvc, which
     disconnects a suspended device's live session (migration 0006)."""

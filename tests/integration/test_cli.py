@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -138,3 +139,40 @@ def test_jwt_key_registration(database_url: str, tmp_path: Path) -> None:
     missing = kestrel("device", "jwt-key", str(tmp_path / "none.pem"), "--tenant", tenant, database_url=database_url)
     assert missing.returncode == 2
     assert "cannot read" in one_line(missing.stderr)
+    kid = ok.stdout.strip()
+    revoked = kestrel("device", "jwt-key-revoke", kid, database_url=database_url)
+    assert revoked.returncode == 0, revoked.stderr
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT status FROM jwt_keys WHERE kid = %s", (kid,)).fetchone() == ("revoked",)
+    unknown = kestrel("device", "jwt-key-revoke", "k-nonexistent", database_url=database_url)
+    assert unknown.returncode == 1
+    assert "no JWT key" in one_line(unknown.stderr)
+
+
+def test_device_suspend_resume_and_service_principals(database_url: str) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    assert kestrel("device", "create", "--tenant", tenant, f"{tenant}-d", database_url=database_url).returncode == 0
+    suspended = kestrel("device", "suspend", f"{tenant}-d", database_url=database_url)
+    assert suspended.returncode == 0, suspended.stderr
+    assert suspended.stdout.strip() == f"device {tenant}-d: active -> suspended"
+    assert kestrel("device", "resume", f"{tenant}-d", database_url=database_url).returncode == 0
+    missing = kestrel("device", "suspend", "no-such-device", database_url=database_url)
+    assert missing.returncode == 1
+    assert "does not exist" in one_line(missing.stderr)
+
+    name = f"svc-{uuid.uuid4().hex[:8]}"
+    created = kestrel("service", "create", name, "--role", "ingest", database_url=database_url)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("ksvc_")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT secret_sha256 FROM service_principals WHERE name = %s", (name,)).fetchone()
+    assert row is not None and row[0] == hashlib.sha256(secret.encode()).hexdigest()
+    again = kestrel("service", "create", name, "--role", "ingest", database_url=database_url)
+    assert again.returncode == 1
+    assert "--rotate" in one_line(again.stderr)
+    bad_role = kestrel("service", "create", f"{name}-x", "--role", "superuser", database_url=database_url)
+    assert bad_role.returncode == 2
+    assert "role must be one of" in one_line(bad_role.stderr)
+    assert kestrel("service", "revoke", name, database_url=database_url).returncode == 0
