@@ -127,6 +127,7 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         assert wait_until(lambda: _telemetry(ports["api"], token, "my-sensor") != [], 10)
         assert _telemetry(ports["api"], token, "my-sensor")[0]["value"] == {"temp": 21.5}
         assert wait_until(lambda: len(_telemetry(ports["api"], token, "sim-0001")) > 2, 20), "simulator data"
+        _enrol_connect_revoke(state, ports, tmp_path)
     finally:
         out = _stop(proc)
     assert "stopped; data kept" in out
@@ -139,6 +140,53 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
     finally:
         _stop(proc)
         _cleanup(state)
+
+
+def _enrol_connect_revoke(state: Path, ports: dict[str, int], work: Path) -> None:
+    """The README's PKI walk-through against the running default: only the CLI and mosquitto clients."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")} | {"KESTREL_STATE_DIR": str(state)}
+
+    def kestrel(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "kestrel", *args], env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    kestrel("device", "create", "--tenant", "demo", "boiler-17")
+    key, csr, crt = work / "boiler-17.key", work / "boiler-17.csr", work / "boiler-17.crt"
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(key), "-out", str(csr), "-subj", "/CN=boiler-17"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    kestrel("pki", "sign", str(csr), "--device", "boiler-17", "--out", str(crt))
+    tls = ["-h", "localhost", "-p", str(ports["mqtt-tls"]), "--cafile", str(state / "tls" / "ca.pem"),
+           "--cert", str(crt), "--key", str(key), "-i", "boiler-17", "-V", "mqttv5"]  # fmt: skip
+    # It may use only its own topics (before the long-lived session: the same client id would take it over).
+    foreign = subprocess.run(
+        ["mosquitto_pub", *tls, "-q", "1", "-t", "v1/demo/d/my-sensor/telemetry", "-m", "{}"],
+        capture_output=True, text=True, timeout=10, check=False,
+    )  # fmt: skip
+    assert "not authorized" in (foreign.stdout + foreign.stderr).lower()
+    sub = subprocess.Popen(
+        ["mosquitto_sub", *tls, "-t", "v1/demo/d/boiler-17/cmd/+", "-d"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)
+        assert sub.poll() is None, "the enrolled device could not connect"
+        kestrel("pki", "revoke", "--device", "boiler-17", "--reason", "key_compromise")
+        out, _ = sub.communicate(timeout=10)  # exits when the broker disconnects it
+    finally:
+        sub.kill()
+    assert "Received DISCONNECT" in out, out
+    again = subprocess.run(
+        ["mosquitto_pub", *tls, "-q", "1", "-t", "v1/demo/d/boiler-17/telemetry", "-m", "{}"],
+        capture_output=True, text=True, timeout=10, check=False,
+    )  # fmt: skip
+    assert again.returncode != 0
+    assert "not authorized" in (again.stdout + again.stderr).lower()
 
 
 def test_run_fails_with_one_clear_line_when_a_port_is_taken(tmp_path: Path) -> None:
