@@ -67,6 +67,8 @@ class MqttPublisher:
     version: int = 5
     keepalive: int = 30
     clean_start: bool = True
+    #: MQTT 5 Session Expiry Interval (seconds); with ``clean_start=False`` the broker keeps the session.
+    session_expiry: int = 0
     max_inflight: int = 100
     username: str | None = None
     password: str | None = None
@@ -93,7 +95,10 @@ class MqttPublisher:
         self._reader, self._writer = reader, writer
         flags = 0x02 if self.clean_start else 0x00
         flags |= (0x80 if self.username is not None else 0) | (0x40 if self.password is not None else 0)
-        props = _varint(0) if self.version == 5 else b""
+        props = b""
+        if self.version == 5:
+            expiry = b"\x11" + self.session_expiry.to_bytes(4, "big") if self.session_expiry else b""
+            props = _varint(len(expiry)) + expiry
         body = _str("MQTT") + bytes([self.version, flags]) + struct.pack("!H", self.keepalive) + props
         body += _str(self.client_id)
         if self.username is not None:

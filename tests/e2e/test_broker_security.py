@@ -588,3 +588,87 @@ def test_with_authsvc_stopped_nobody_new_gets_in(stack: Stack) -> None:
         await client.close()
 
     run(back())
+
+
+def _ingest_principal(stack: Stack) -> tuple[str, str]:
+    name = f"ingest-{uuid.uuid4().hex[:6]}"
+    return name, registry.create_service_principal(stack.url, name, "ingest")
+
+
+def test_wills_are_authorized_like_publishes(stack: Stack) -> None:
+    """A device's Last Will is a publish by that connection, sent after its DISCONNECT: one on its own topic is
+    delivered; one aimed at another device's command topic is dropped (a forged command)."""
+    tenant, (attacker, victim) = stack.tenant()
+    crt_a, key_a, _ = stack.issue(attacker)
+    crt_v, key_v, _ = stack.issue(victim)
+    name, secret = _ingest_principal(stack)
+
+    async def die_with_will(will_topic: str) -> None:
+        evil = await asyncio.create_subprocess_exec(
+            "mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.auth.mtls_port), "--cafile", str(stack.auth.ca_file),
+            "--cert", str(crt_a), "--key", str(key_a), "-i", attacker, "-V", "mqttv5",
+            "-t", f"v1/{tenant}/d/{attacker}/cmd/+", "--will-topic", will_topic, "--will-payload", '{"will": 1}',
+            "--will-qos", "1", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await asyncio.sleep(1.5)
+        assert evil.returncode is None, "the device could not connect"
+        evil.kill()  # no DISCONNECT packet: the broker sends the will
+        await evil.wait()
+
+    async def scenario() -> None:
+        backend = await connected(stack.client(f"svc:{name}:w", port=stack.broker.port, username=name, password=secret))
+        assert await backend.subscribe("$share/ingest/v1/+/d/+/telemetry", 1) == 1
+        target = await connected(stack.client(victim, tls=stack.tls(crt_v, key_v)))
+        assert await target.subscribe(f"v1/{tenant}/d/{victim}/cmd/+") == 1
+        await die_with_will(f"v1/{tenant}/d/{attacker}/telemetry")
+        topic, payload = await asyncio.wait_for(backend.received.get(), 5)
+        assert (topic, payload) == (f"v1/{tenant}/d/{attacker}/telemetry", b'{"will": 1}')
+        await die_with_will(f"v1/{tenant}/d/{victim}/cmd/reboot")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(target.received.get(), 3)
+        await target.close()
+        await backend.close()
+
+    run(scenario())
+
+
+def test_an_offline_backend_session_keeps_receiving(stack: Stack) -> None:
+    """Messages for a persistent session are queued while its client is away (delivery is not authorized per
+    message, as in EMQX): the ingest bridge's restart must not lose telemetry."""
+    tenant, (device,) = stack.tenant(1)
+    crt, key, _ = stack.issue(device)
+    name, secret = _ingest_principal(stack)
+
+    def backend() -> MqttPublisher:
+        return stack.client(f"svc:{name}:p", port=stack.broker.port, username=name, password=secret,
+                            clean_start=False, session_expiry=300)  # fmt: skip
+
+    async def scenario() -> tuple[str, bytes]:
+        first = await connected(backend())
+        assert await first.subscribe("$share/ingest/v1/+/d/+/telemetry", 1) == 1
+        await first.close()
+        dev = await connected(stack.client(device, tls=stack.tls(crt, key)))
+        assert await dev.publish(f"v1/{tenant}/d/{device}/telemetry", b'{"queued": true}') == 0
+        await dev.close()
+        again = await connected(backend())
+        got = await asyncio.wait_for(again.received.get(), 5)
+        await again.close()
+        return got
+
+    assert run(scenario()) == (f"v1/{tenant}/d/{device}/telemetry", b'{"queued": true}')
+
+
+def test_a_certificate_decides_even_with_a_token_in_the_password(stack: Stack) -> None:
+    """On the mTLS listener the certificate is the identity: another device's valid JWT in the password
+    changes nothing."""
+    tenant, (a, b) = stack.tenant()
+    crt_a, key_a, _ = stack.issue(a)
+    key = ed25519.Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    kid = registry.add_jwt_key(stack.url, tenant, pub)
+    token_b = _token(key, kid, "EdDSA", iss=tenant, sub=b)
+
+    async def scenario() -> str:
+        return await refused(stack.client(b, tls=stack.tls(crt_a, key_a), username=b, password=token_b))
+
+    assert run(scenario()) == f"connack {NOT_AUTHORIZED:#x}"

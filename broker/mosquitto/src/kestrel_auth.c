@@ -7,7 +7,11 @@
  * `expire_at` has passed; `$CONTROL/kestrel/v1` lets a principal allowed to publish there kick clients.
  *
  * Options (plugin_opt_*): authn_url (required), broker_key_file (required; the x-authsvc-key),
- * timeout_ms (1500), no_match (deny|allow, default deny).
+ * timeout_ms (1500), no_match (deny|allow, default deny), will_grace_s (3600).
+ *
+ * A session's rules outlive its DISCONNECT event for will_grace_s: Mosquitto fires DISCONNECT before it
+ * sends the client's will (and a delayed will even later), and the will is authorized as a publish by that
+ * same connection. A new connection never sees stale rules: BASIC_AUTH replaces them first.
  */
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
@@ -39,6 +43,7 @@ struct session {
 	bool revoked;   /* kicked by $CONTROL: every check denies until the socket closes */
 	bool kicked;
 	time_t expire_at; /* 0 = none */
+	time_t disconnected_at; /* 0 = connected */
 	struct kacl acl;
 };
 
@@ -48,6 +53,7 @@ static struct {
 	char *broker_key;
 	long timeout_ms;
 	bool no_match_allow;
+	long will_grace_s;
 	CURL *curl;
 	struct curl_slist *headers;
 	struct session *table[1u << TABLE_BITS];
@@ -328,6 +334,9 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)userdata;
 	struct mosquitto_evt_acl_check *ed = event_data;
+	/* Delivery and unsubscribe are not authorized (as in EMQX): the filter was checked at SUBSCRIBE. This
+	 * also covers messages queued for an offline persistent session, which has no connection state. */
+	if(ed->access == MOSQ_ACL_READ || ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
 	struct session *s = session_get(ed->client);
 	if(s == NULL || s->revoked) return MOSQ_ERR_ACL_DENIED;
 	if(s->expire_at && time(NULL) >= s->expire_at) return MOSQ_ERR_ACL_DENIED;
@@ -336,15 +345,12 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	const char *name = ed->topic;
 	int action;
 	switch(ed->access){
-		case MOSQ_ACL_READ:        /* delivery: EMQX authorizes the filter at SUBSCRIBE, not delivery */
-		case MOSQ_ACL_UNSUBSCRIBE:
-			return MOSQ_ERR_SUCCESS;
 		case MOSQ_ACL_SUBSCRIBE:
 			action = KACL_SUBSCRIBE;
 			name = kacl_strip_share(ed->topic);
 			if(name == NULL) return MOSQ_ERR_ACL_DENIED;
 			break;
-		case MOSQ_ACL_WRITE:
+		case MOSQ_ACL_WRITE: /* a client's PUBLISH, or its will when the broker sends it */
 			action = KACL_PUBLISH;
 			break;
 		default:
@@ -362,7 +368,8 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)userdata;
 	struct mosquitto_evt_disconnect *ed = event_data;
-	session_remove(ed->client);
+	struct session *s = session_get(ed->client);
+	if(s) s->disconnected_at = time(NULL); /* freed by the TICK sweep after will_grace_s */
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -371,7 +378,7 @@ static bool newer_session_holds(const struct session *old, time_t now)
 {
 	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
 		for(const struct session *s = g.table[i]; s; s = s->next){
-			if(s != old && !s->revoked && (!s->expire_at || s->expire_at > now)
+			if(s != old && !s->revoked && !s->disconnected_at && (!s->expire_at || s->expire_at > now)
 					&& !strcmp(s->clientid, old->clientid)){
 				return true;
 			}
@@ -388,12 +395,26 @@ static int on_tick(int event, void *event_data, void *userdata)
 	time_t now = time(NULL);
 	if(now == g.last_sweep) return MOSQ_ERR_SUCCESS;
 	g.last_sweep = now;
-	/* Collect first, kick after: a kick fires DISCONNECT synchronously, which frees the session. */
+	/* Free sessions whose connection ended more than will_grace_s ago. */
+	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
+		struct session **pp = &g.table[i];
+		while(*pp){
+			struct session *s = *pp;
+			if(s->disconnected_at && now - s->disconnected_at > g.will_grace_s){
+				*pp = s->next;
+				session_free(s);
+				g.sessions--;
+			}else{
+				pp = &s->next;
+			}
+		}
+	}
+	/* Collect first, kick after: a kick fires DISCONNECT synchronously, which changes the session. */
 	char **victims = NULL;
 	size_t count = 0, cap = 0;
 	for(unsigned i = 0; i < (1u << TABLE_BITS); i++){
 		for(struct session *s = g.table[i]; s; s = s->next){
-			if(s->kicked || !s->expire_at || now < s->expire_at) continue;
+			if(s->kicked || s->disconnected_at || !s->expire_at || now < s->expire_at) continue;
 			s->kicked = true;
 			if(newer_session_holds(s, now)) continue;
 			if(count == cap){
@@ -495,11 +516,13 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mos
 	memset(&g, 0, sizeof(g));
 	g.id = id;
 	g.timeout_ms = 1500;
+	g.will_grace_s = 3600;
 	for(int i = 0; i < n; i++){
 		if(!strcmp(opts[i].key, "authn_url")) g.authn_url = strdup(opts[i].value);
 		else if(!strcmp(opts[i].key, "broker_key_file")) key_file = opts[i].value;
 		else if(!strcmp(opts[i].key, "timeout_ms")) g.timeout_ms = strtol(opts[i].value, NULL, 10);
 		else if(!strcmp(opts[i].key, "no_match")) g.no_match_allow = !strcmp(opts[i].value, "allow");
+		else if(!strcmp(opts[i].key, "will_grace_s")) g.will_grace_s = strtol(opts[i].value, NULL, 10);
 		else {
 			mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: unknown option plugin_opt_%s", opts[i].key);
 			return MOSQ_ERR_INVAL;
@@ -510,6 +533,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mos
 		return MOSQ_ERR_INVAL;
 	}
 	if(g.timeout_ms <= 0) g.timeout_ms = 1500;
+	if(g.will_grace_s < 0) g.will_grace_s = 3600;
 	g.broker_key = read_secret(key_file);
 	if(!g.broker_key){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: cannot read a key from %s", key_file);
