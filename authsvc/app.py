@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from authsvc import acl
 from authsvc.contract import AuthnRequest, AuthnResponse, AuthzRequest, AuthzResponse
 from authsvc.decide import DEFAULT_AUDIENCE, authenticate, device_acl
-from authsvc.revocation import CachedIdentity, MosquittoKicker, listen_for_revocations
+from authsvc.revocation import CachedIdentity, EmqxKicker, MosquittoKicker, listen_for_revocations
 from authsvc.store import PostgresIdentity
 from kestrel.errors import InvalidInput
 from kestrel.settings import Secret
@@ -50,6 +50,10 @@ class AuthsvcSettings(msgspec.Struct, frozen=True, kw_only=True):
     kick_mqtt_port: int = 0
     kick_username: str = ""
     kick_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    #: EMQX (production): its REST API and an API key, to disconnect revoked clients cluster-wide.
+    kick_emqx_url: str = ""
+    kick_emqx_key: str = ""
+    kick_emqx_secret: Secret = msgspec.field(default_factory=lambda: Secret(""))
 
 
 def _problem(status: int, detail: str) -> Response[dict[str, object]]:
@@ -123,19 +127,30 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
         await pool.open(wait=False)
         cache = CachedIdentity(PostgresIdentity(pool), ttl=settings.cache_ttl_s)
         app.state.identity = cache
-        kicker = None
+        kickers: list[MosquittoKicker | EmqxKicker] = []
         if settings.kick_mqtt_port and settings.kick_username:
-            kicker = MosquittoKicker(
-                settings.kick_mqtt_host,
-                settings.kick_mqtt_port,
-                settings.kick_username,
-                settings.kick_password.reveal(),
-                instance=f"{socket.gethostname()[:40]}-{settings.port}".replace(".", "-"),
+            kickers.append(
+                MosquittoKicker(
+                    settings.kick_mqtt_host,
+                    settings.kick_mqtt_port,
+                    settings.kick_username,
+                    settings.kick_password.reveal(),
+                    instance=f"{socket.gethostname()[:40]}-{settings.port}".replace(".", "-"),
+                )
             )
-        else:
+        if settings.kick_emqx_url:
+            kickers.append(
+                EmqxKicker(settings.kick_emqx_url, settings.kick_emqx_key, settings.kick_emqx_secret.reveal())
+            )
+        if not kickers:
             log.warning("no kick target configured: revoked sessions end at their expire_at only")
+
+        async def kick(clientids: list[str], usernames: list[str]) -> None:
+            for kicker in kickers:
+                await kicker.kick(clientids, usernames)
+
         listener = asyncio.create_task(
-            listen_for_revocations(database_url, cache, kicker.kick if kicker else None), name="revocations"
+            listen_for_revocations(database_url, cache, kick if kickers else None), name="revocations"
         )
         try:
             yield
@@ -143,7 +158,7 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-            if kicker is not None:
+            for kicker in kickers:
                 await kicker.close()
             await pool.close()
 

@@ -14,7 +14,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import quote
 
+import httpx
 import psycopg
 from cryptography import x509
 
@@ -114,6 +116,34 @@ class MosquittoKicker:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+class EmqxKicker:
+    """Disconnects clients on an EMQX 5.8 cluster through its REST API (``DELETE /api/v5/clients/{id}``),
+    with an API key (basic auth; OSS keys come from ``api_key.bootstrap_file``)."""
+
+    def __init__(self, api_url: str, key: str, secret: str) -> None:
+        self._http = httpx.AsyncClient(base_url=api_url.rstrip("/"), auth=(key, secret), timeout=5.0)
+
+    async def _delete(self, clientid: str) -> None:
+        response = await self._http.delete(f"/api/v5/clients/{quote(clientid, safe='')}")
+        if response.status_code not in (204, 404):  # 404: not connected (any more)
+            raise OSError(f"EMQX refused the kick of {clientid[:64]}: HTTP {response.status_code}")
+
+    async def kick(self, clientids: list[str], usernames: list[str]) -> None:
+        try:
+            for clientid in clientids:
+                await self._delete(clientid)
+            for username in usernames:
+                listed = await self._http.get("/api/v5/clients", params={"username": username, "limit": 10000})
+                listed.raise_for_status()
+                for client in listed.json().get("data", []):
+                    await self._delete(str(client["clientid"]))
+        except httpx.HTTPError as exc:
+            raise OSError(f"EMQX REST API unreachable: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self._http.aclose()
 
 
 Kicker = Callable[[list[str], list[str]], Awaitable[None]]

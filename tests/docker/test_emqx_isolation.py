@@ -80,7 +80,7 @@ class EmqxStack:
         return ctx
 
 
-def _config(authsvc_port: int, mtls: int, jwt_port: int, certs: Path) -> str:
+def _config(authsvc_port: int, mtls: int, jwt_port: int, certs: Path, dashboard: int) -> str:
     text = (REPO / "broker" / "emqx" / "emqx.conf").read_text()
     text = text.replace('bind = "0.0.0.0:8883"', f'bind = "127.0.0.1:{mtls}"')
     text = text.replace('bind = "0.0.0.0:8884"', f'bind = "127.0.0.1:{jwt_port}"')
@@ -88,8 +88,10 @@ def _config(authsvc_port: int, mtls: int, jwt_port: int, certs: Path) -> str:
     text = re.sub(
         r'url = "http://authsvc:8090/mqtt/authn"', f'url = "http://127.0.0.1:{authsvc_port}/mqtt/authn"', text
     )
-    dashboard = free_port()
-    return text + f'\ndashboard.listeners.http.bind = "127.0.0.1:{dashboard}"\n'
+    return text + (
+        f'\ndashboard.listeners.http.bind = "127.0.0.1:{dashboard}"\n'
+        f'api_key {{ bootstrap_file = "{certs}/api_keys" }}\n'  # the REST key authsvc kicks with
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +111,23 @@ def emqx(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> 
     for f in certs.iterdir():
         f.chmod(0o644)  # the container's emqx user reads them; throwaway test keys
     key, authsvc_port, mtls, jwt_port = "bk-" + uuid.uuid4().hex, free_port(), free_port(), free_port()
+    dashboard, api_secret = free_port(), "s" + uuid.uuid4().hex
+    (certs / "api_keys").write_text(f"kestrel-authsvc:{api_secret}\n")
+    (certs / "api_keys").chmod(0o644)
     authsvc = ServiceProcess(
         name="authsvc",
         log_path=root / "authsvc.log",
         argv=[sys.executable, "-m", "authsvc"],
         env=os.environ | {"KESTREL_DATABASE_URL": url, "KESTREL_AUTHSVC_PORT": str(authsvc_port),
-                          "KESTREL_AUTHSVC_BROKER_KEY": key},
+                          "KESTREL_AUTHSVC_BROKER_KEY": key,
+                          "KESTREL_AUTHSVC_KICK_EMQX_URL": f"http://127.0.0.1:{dashboard}",
+                          "KESTREL_AUTHSVC_KICK_EMQX_KEY": "kestrel-authsvc",
+                          "KESTREL_AUTHSVC_KICK_EMQX_SECRET": api_secret},
     )  # fmt: skip
     authsvc.start()
     assert wait_until(lambda: http_ok(f"http://127.0.0.1:{authsvc_port}/healthz"), 30)
     conf = root / "emqx.conf"
-    conf.write_text(_config(authsvc_port, mtls, jwt_port, certs))
+    conf.write_text(_config(authsvc_port, mtls, jwt_port, certs, dashboard))
     container = (
         DockerContainer(EMQX_IMAGE)
         .with_env("KESTREL_AUTHSVC_BROKER_KEY", key)
@@ -167,3 +175,17 @@ def test_wrong_identities_are_refused_on_emqx(emqx: EmqxStack) -> None:
         ]
 
     assert asyncio.run(scenario()) == [f"connack {NOT_AUTHORIZED:#x}"] * 3
+
+
+def test_revocation_cuts_off_a_live_emqx_session(emqx: EmqxStack) -> None:
+    tenant, device, crt, key = emqx.device()
+
+    async def scenario() -> None:
+        live = await connected(MqttPublisher("127.0.0.1", emqx.mtls, device, tls=emqx.tls(crt, key)))
+        assert await live.publish(f"v1/{tenant}/d/{device}/telemetry", b"{}") < 0x80
+        emqx.ca.revoke_device(device, "key_compromise", "test")
+        await asyncio.wait_for(live.closed.wait(), 10)  # authsvc kicked it through EMQX's REST API
+        again = await refused(MqttPublisher("127.0.0.1", emqx.mtls, device, tls=emqx.tls(crt, key)))
+        assert again == f"connack {NOT_AUTHORIZED:#x}"
+
+    asyncio.run(scenario())
