@@ -237,22 +237,8 @@ def test_bulk_signing_reports_bad_csrs_and_keeps_the_good(
 def openssl_verify_full_chain(root: Path, full_chain: Path) -> subprocess.CompletedProcess[str]:
     """What a broker does: trust the root only, take the tenant CA from the device's presented chain."""
     certs = full_chain.read_text().split("-----END CERTIFICATE-----")
-    leaf, intermediate = full_chain.with_suffix(".leaf"), full_chain.with_suffix(".ca")
+    leaf = full_chain.with_suffix(".leaf")
     leaf.write_text(certs[0] + "-----END CERTIFICATE-----\n")
-    intermediate.write_text(certs[1].lstrip() + "-----END CERTIFICATE-----\n")
-    return subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-purpose",
-            "sslclient",
-            "-CAfile",
-            str(root),
-            "-untrusted",
-            str(intermediate),
-            str(leaf),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # openssl_verify takes the tenant CA followed by the root
+    chain = certs[1].lstrip() + "-----END CERTIFICATE-----\n" + root.read_text()
+    return openssl_verify(chain, leaf, full_chain.parent)
