@@ -8,7 +8,6 @@ import msgspec
 import uvicorn
 
 from api.app import ApiSettings, create_app
-from kestrel.db import DatabaseSettings
 from kestrel.errors import InvalidInput
 from kestrel.logs import configure_logging
 from kestrel.settings import from_env
@@ -30,7 +29,6 @@ def main(argv: list[str]) -> int:
     configure_logging("api")
     try:
         settings = from_env(ApiSettings, "KESTREL_API")
-        database = from_env(DatabaseSettings, "KESTREL_DATABASE")
     except InvalidInput as exc:
         print(f"kestrel api: {exc.detail}", file=sys.stderr)
         return 2
@@ -39,7 +37,10 @@ def main(argv: list[str]) -> int:
             "kestrel api: KESTREL_API_ADMIN_TOKEN is not set; refusing to start without a credential", file=sys.stderr
         )
         return 2
-    app = create_app(settings, database.url.reveal())
+    if not settings.database_url:
+        print("kestrel api: KESTREL_API_DATABASE_URL is not set (the kestrel_api role's connection)", file=sys.stderr)
+        return 2
+    app = create_app(settings, settings.database_url.reveal())
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="uvloop", lifespan="on"
     )

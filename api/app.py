@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Litestar, Request, Router, get
 from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import PathParameter, QueryParameter
@@ -17,7 +19,8 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from psycopg_pool import AsyncConnectionPool
 
 from api import queries
-from api.auth import require_admin
+from api.auth import CallerPrincipal, provide_principal, tenant_transaction
+from api.control import ROUTES as CONTROL_ROUTES
 from api.problems import PROBLEM_JSON, Problem, handle_exception
 from kestrel import __version__
 from kestrel.db.migrate import available_migrations
@@ -26,34 +29,24 @@ from kestrel.settings import Secret
 from kestrel.topics import ID_PATTERN
 from kestrel.wire import NO_SEQ, MetricValue
 
+log = logging.getLogger("kestrel.api")
 DeviceId = Annotated[str, PathParameter(pattern=f"^{ID_PATTERN}$", description="Device id")]
 Limit = Annotated[int, QueryParameter(ge=1, le=10_000, description="Page size")]
 
 
 class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """``KESTREL_API_*``; the database comes from ``KESTREL_DATABASE_URL``."""
+    """``KESTREL_API_*``. ``database_url`` connects as the API's own role (kestrel_api: no table owned, no
+    BYPASSRLS); ``admin_token`` is the platform administrator's bootstrap token."""
 
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    database_url: Secret = msgspec.field(default_factory=lambda: Secret(""))
     pool_min: int = 1
     pool_max: int = 10
 
 
 # ---------------------------------------------------------------------------------------------- schemas
-
-
-class Device(msgspec.Struct, frozen=True, kw_only=True):
-    device_id: str
-    tenant_id: str
-    name: str
-    status: str
-    created_at: datetime
-
-
-class DevicePage(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[Device]
-    next_cursor: str | None = None
 
 
 class TelemetryPoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,7 +84,15 @@ class Health(msgspec.Struct, frozen=True):
 
 
 def _problems(*codes: int) -> dict[int, ResponseSpec]:
-    described = {400: "Invalid request", 401: "Missing or invalid token", 404: "Not found", 503: "Not ready"}
+    described = {
+        400: "Invalid request",
+        401: "Missing, invalid, expired or revoked token",
+        403: "The token lacks the scope",
+        404: "Not found (or another tenant's)",
+        409: "Conflict",
+        412: "If-Match does not match the current version",
+        503: "Not ready",
+    }
     return {
         code: ResponseSpec(
             data_container=Problem, media_type=PROBLEM_JSON, description=described[code], generate_examples=False
@@ -100,7 +101,7 @@ def _problems(*codes: int) -> dict[int, ResponseSpec]:
     }
 
 
-API_ERRORS = _problems(400, 401, 404)
+API_ERRORS = _problems(400, 401, 403, 404, 409, 412)
 
 
 def _pool(request: Request[Any, Any, Any]) -> AsyncConnectionPool[Any]:
@@ -117,31 +118,12 @@ class MetricsController(PrometheusController):
     include_in_schema = False
 
 
-@get("/devices", summary="List devices", tags=["devices"], responses=API_ERRORS)
-async def list_devices(
-    request: Request[Any, Any, Any],
-    tenant: Annotated[str | None, QueryParameter(pattern=f"^{ID_PATTERN}$", description="Only this tenant")] = None,
-    status: Annotated[str | None, QueryParameter(description="Only devices in this lifecycle state")] = None,
-    limit: Limit = 100,
-    cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
-) -> DevicePage:
-    async with _pool(request).connection() as conn:
-        rows = await queries.list_devices(conn, tenant=tenant, status=status, after=cursor, limit=limit + 1)
-    items = [Device(**row) for row in rows[:limit]]
-    return DevicePage(items=items, next_cursor=items[-1].device_id if len(rows) > limit else None)
-
-
-@get("/devices/{device_id:str}", summary="Get a device", tags=["devices"], responses=API_ERRORS)
-async def get_device(request: Request[Any, Any, Any], device_id: DeviceId) -> Device:
-    async with _pool(request).connection() as conn:
-        return Device(**await queries.get_device(conn, device_id))
-
-
 @get(
     "/devices/{device_id:str}/telemetry", summary="Query a device's telemetry", tags=["telemetry"], responses=API_ERRORS
 )
 async def get_telemetry(
     request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
     device_id: DeviceId,
     metric: Annotated[
         str | None,
@@ -164,7 +146,8 @@ async def get_telemetry(
         raise InvalidInput("bad_aggregation", "bucket and agg go together")
     if agg is not None and metric is None:
         raise InvalidInput("bad_aggregation", "an aggregate needs a metric")
-    async with _pool(request).connection() as conn:
+    tenant = principal.need("telemetry:read")
+    async with tenant_transaction(request, tenant) as conn:
         device = await queries.get_device(conn, device_id)
         if agg is not None and bucket is not None and metric is not None:
             rows = await queries.buckets(
@@ -229,6 +212,28 @@ async def readyz(request: Request[Any, Any, Any]) -> Health:
 # -------------------------------------------------------------------------------------------- app factory
 
 
+async def _refuse_privileged_role(pool: AsyncConnectionPool[Any]) -> None:
+    """Tenant isolation rests on row-level security, which a table owner or a BYPASSRLS role would skip: the
+    API refuses to serve with such a role (ADR-0012). An unreachable database is left to /readyz."""
+    try:
+        async with pool.connection(timeout=5) as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT r.rolsuper OR r.rolbypassrls, EXISTS (SELECT 1 FROM pg_tables t"
+                    " WHERE t.schemaname = 'public' AND t.tableowner = current_user)"
+                    " FROM pg_roles r WHERE r.rolname = current_user"
+                )
+            ).fetchone()
+    except Exception:  # noqa: BLE001 - unreachable now; readiness reports it, requests fail closed
+        log.warning("database unreachable at start; the role check runs when it answers")
+        return
+    if row is not None and (row[0] or row[1]):
+        raise Unavailable(
+            "the API's database role owns tables or bypasses row-level security; connect it as kestrel_api"
+            " (KESTREL_API_DATABASE_URL)"
+        )
+
+
 def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = True) -> Litestar:
     """Build the API. ``open_pool=False`` builds it without a database (OpenAPI generation)."""
 
@@ -239,6 +244,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
         )
         if open_pool:
             await pool.open(wait=False)
+            await _refuse_privileged_role(pool)
         app.state.pool = pool
         try:
             yield
@@ -246,10 +252,12 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
             await pool.close()
 
     prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
+    for handler in CONTROL_ROUTES:  # every route documents the errors it can answer
+        handler.responses = {**API_ERRORS, **(handler.responses or {})}
     api_v1 = Router(
         path="/api/v1",
-        route_handlers=[list_devices, get_device, get_telemetry],
-        guards=[require_admin],
+        route_handlers=[*CONTROL_ROUTES, get_telemetry],
+        dependencies={"principal": Provide(provide_principal)},
         security=[{"bearerAuth": []}],
     )
     return Litestar(

@@ -9,7 +9,16 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from kestrel.errors import Conflict, Forbidden, InvalidInput, KestrelError, NotFound, Unauthenticated, Unavailable
+from kestrel.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    KestrelError,
+    NotFound,
+    PreconditionFailed,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger("kestrel.api")
 PROBLEM_JSON = "application/problem+json"
@@ -20,6 +29,7 @@ _STATUS: dict[type[KestrelError], int] = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    PreconditionFailed: 412,
     Unavailable: 503,
 }
 _TITLES = {
@@ -29,6 +39,7 @@ _TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
+    412: "Precondition Failed",
     413: "Content Too Large",
     429: "Too Many Requests",
     500: "Internal Server Error",

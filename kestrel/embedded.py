@@ -43,6 +43,7 @@ from kestrel.servers import (
     http_ok,
 )
 from kestrel.simulate import device_ids
+from kestrel.tokens import SCOPES
 
 DEMO_TENANT = "demo"
 FIRST_DEVICE = "my-sensor"
@@ -144,6 +145,7 @@ class EmbeddedStack:
                 "KESTREL_WRITER_METRICS_PORT": str(self.ports.writer_metrics),
                 "KESTREL_API_PORT": str(self.ports.api),
                 "KESTREL_API_ADMIN_TOKEN": token,
+                "KESTREL_API_DATABASE_URL": self.postgres.api_url,
                 "KESTREL_AUTHSVC_PORT": str(self.ports.authsvc),
                 "KESTREL_AUTHSVC_BROKER_KEY": self.secrets["broker-key"],
                 "KESTREL_AUTHSVC_KICK_MQTT_PORT": str(self.ports.mqtt),
@@ -239,6 +241,13 @@ class EmbeddedStack:
         print("  provisioning PKI and credentials ...", flush=True)
         self._provision()
         token = _read_or_create_token(self.state / "admin-token")
+        demo_token = self.state / "demo-token"  # an admin-scoped API token of the demo tenant, for curl
+        if not demo_token.exists():
+            _, value = registry.create_api_token(
+                self.postgres.url, DEMO_TENANT, list(SCOPES), name="embedded default", days=365
+            )
+            demo_token.write_text(value + "\n")
+            demo_token.chmod(0o600)
         env = self._env(token)
         env_file = self.state / "kestrel.env"
         env_file.write_text(
@@ -309,7 +318,7 @@ class EmbeddedStack:
                 f"-V mqttv5 -q 1 -t v1/{DEMO_TENANT}/d/{FIRST_DEVICE}/telemetry "
                 "-m '{\"temp\": 21.5}'",
                 "Read it back:",
-                f'  curl -s -H "Authorization: Bearer $(cat {self.state}/admin-token)" '
+                f'  curl -s -H "Authorization: Bearer $(cat {self.state}/demo-token)" '
                 f"http://{LOOPBACK}:{p.api}/api/v1/devices/{FIRST_DEVICE}/telemetry",
                 "",
             ]

@@ -44,6 +44,12 @@ class Conflict(KestrelError):
     kind = "conflict"
 
 
+class PreconditionFailed(KestrelError):
+    """An ``If-Match`` did not match the current version (someone else changed it first)."""
+
+    kind = "precondition_failed"
+
+
 class Unavailable(KestrelError):
     """A dependency is down or overloaded; retrying later may succeed."""
 

@@ -232,6 +232,8 @@ class PostgresServer(ManagedProcess):
     shared_buffers: str = "256MB"
     database: str = "kestrel"
     role: str = "kestrel"
+    #: The API's login: owns nothing and cannot bypass row-level security (migration 0008, ADR-0012).
+    api_role: str = "kestrel_api"
     extra_conf: str = ""
 
     @property
@@ -249,6 +251,11 @@ class PostgresServer(ManagedProcess):
     def url(self) -> str:
         """Connection string for the application role."""
         return f"postgresql://{self.role}:{self._password()}@{LOOPBACK}:{self.port}/{self.database}"
+
+    @property
+    def api_url(self) -> str:
+        """Connection string for the API's role (same secret file: one loopback cluster of our own)."""
+        return f"postgresql://{self.api_role}:{self._password()}@{LOOPBACK}:{self.port}/{self.database}"
 
     @property
     def admin_url(self) -> str:
@@ -321,10 +328,13 @@ class PostgresServer(ManagedProcess):
         raise self.fail(f"did not accept connections within {timeout:.0f}s")
 
     def _bootstrap(self, conn: psycopg.Connection) -> None:
-        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.role,)).fetchone() is None:
+        for role, attributes in ((self.role, ""), (self.api_role, " NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")):
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
             conn.execute(
-                psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    psycopg.sql.Identifier(self.role), psycopg.sql.Literal(self._password())
+                psycopg.sql.SQL("{} ROLE {} LOGIN PASSWORD {}" + attributes).format(
+                    psycopg.sql.SQL("ALTER" if exists else "CREATE"),
+                    psycopg.sql.Identifier(role),
+                    psycopg.sql.Literal(self._password()),
                 )
             )
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone() is None:

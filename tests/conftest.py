@@ -72,6 +72,25 @@ def isolated_database(postgres: PostgresServer, prefix: str) -> str:
     return url
 
 
+def api_url_for(postgres: PostgresServer, database_url: str) -> str:
+    """The API role's connection to the database ``database_url`` names."""
+    return postgres.api_url.rsplit("/", 1)[0] + "/" + database_url.rsplit("/", 1)[1]
+
+
+@pytest.fixture
+def api_database_url(postgres: PostgresServer) -> str:
+    """The session database as the API's role (no table owned, no BYPASSRLS)."""
+    return postgres.api_url
+
+
+def tenant_token(database_url: str, tenant: str, *scopes: str) -> dict[str, str]:
+    """Authorization headers with a fresh API token of ``tenant`` (every scope unless some are named)."""
+    from kestrel.tokens import SCOPES  # noqa: PLC0415
+
+    _, token = registry.create_api_token(database_url, tenant, list(scopes or SCOPES), name="test")
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 def database_url(postgres: PostgresServer) -> str:
     return postgres.url

@@ -11,8 +11,10 @@ import secrets
 from collections.abc import Iterable
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from kestrel.errors import Conflict, InvalidInput, NotFound
+from kestrel.tokens import SCOPES, new_token
 from kestrel.topics import require_id
 
 
@@ -134,3 +136,30 @@ def set_device_status(conninfo: str, device: str, status: str) -> str:
             raise Conflict(f"device {device} is decommissioned")
         conn.execute("UPDATE devices SET status = %s WHERE device_id = %s", (status, device))
         return str(row[0])
+
+
+def create_api_token(
+    conninfo: str, tenant: str, scopes: list[str], *, name: str = "", days: int = 90, user_id: str | None = None
+) -> tuple[str, str]:
+    """An API token for ``tenant`` (operator path: the CLI and the embedded default); returns (token id, the
+    token, shown once). Only its secret's SHA-256 is stored."""
+    unknown = set(scopes) - set(SCOPES)
+    if unknown or not scopes:
+        raise InvalidInput("bad_scope", f"scopes must be among: {', '.join(SCOPES)}")
+    if not 1 <= days <= 365:
+        raise InvalidInput("bad_lifetime", "tokens live 1 to 365 days")
+    token_id, token, digest = new_token()
+    with psycopg.connect(conninfo) as conn:
+        if conn.execute("SELECT 1 FROM tenants WHERE tenant_id = %s", (tenant,)).fetchone() is None:
+            raise NotFound(f"tenant {tenant} does not exist")
+        conn.execute(
+            "INSERT INTO api_tokens (token_id, tenant_id, user_id, name, scopes, secret_sha256, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(days => %s))",
+            (token_id, tenant, user_id, name, sorted(set(scopes)), digest, days),
+        )
+        conn.execute(
+            "INSERT INTO audit_log (tenant_id, actor, action, target, after, request_id)"
+            " VALUES (%s, 'cli', 'token.create', %s, %s, 'cli')",
+            (tenant, f"token:{token_id}", Jsonb({"scopes": sorted(set(scopes)), "days": days})),
+        )
+    return token_id, token

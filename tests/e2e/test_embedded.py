@@ -109,8 +109,9 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         banner = _read_until(proc, "Read it back:")
         assert f"mqtt://127.0.0.1:{ports['mqtt']}" in banner
         assert f"http://127.0.0.1:{ports['api']}/api/v1" in banner
-        token = (state / "admin-token").read_text().strip()
+        token = (state / "demo-token").read_text().strip()
         assert token not in banner  # the banner points at the file, never prints the secret
+        assert (state / "demo-token").stat().st_mode & 0o077 == 0
         assert (state / "admin-token").stat().st_mode & 0o077 == 0
         assert f"mqtts://localhost:{ports['mqtt-tls']}" in banner
         # The banner's own command: the first device's certificate over mTLS.

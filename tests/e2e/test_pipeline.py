@@ -24,22 +24,22 @@ import pytest
 from kestrel import streams
 from kestrel.servers import MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
 from kestrel.simulate import Fleet
-from tests.conftest import Pipeline, ServiceProcess, Tenant, scrape, stored_rows, wait_until
+from tests.conftest import Pipeline, ServiceProcess, Tenant, scrape, stored_rows, tenant_token, wait_until
 from tests.jetstream_helpers import deadletters
 
 pytestmark = pytest.mark.e2e
-TOKEN = "kst_admin_e2e_token"
+TOKEN = "platform-admin-e2e-token"
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def start_api(pipeline: Pipeline) -> ServiceProcess:
+def start_api(pipeline: Pipeline, api_database_url: str) -> ServiceProcess:
     port = free_port()
     env = dict(
         os.environ,
-        KESTREL_DATABASE_URL=pipeline.database_url,
+        KESTREL_API_DATABASE_URL=api_database_url,
         KESTREL_API_PORT=str(port),
         KESTREL_API_ADMIN_TOKEN=TOKEN,
     )
@@ -52,8 +52,8 @@ def start_api(pipeline: Pipeline) -> ServiceProcess:
     return proc
 
 
-def api_get(port: int, path: str) -> Any:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {TOKEN}"})
+def api_get(port: int, path: str, auth: dict[str, str]) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=auth)
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback
         return json.loads(resp.read())
 
@@ -103,9 +103,11 @@ def test_publish_is_stored_and_served_by_the_api(
     nats_server: NatsServer,
     mosquitto: MosquittoServer,
     make_tenant: Callable[[int], Tenant],
+    api_database_url: str,
 ) -> None:
     tenant, pipeline, _writer, _bridge = start_ingest(pipeline_factory, nats_server, make_tenant, 3)
-    api = start_api(pipeline)
+    api = start_api(pipeline, api_database_url)
+    auth = tenant_token(pipeline.database_url, tenant.id, "telemetry:read")
     d5, d311, dbare = tenant.devices
     base = now_ms()
     paho_publish(
@@ -121,13 +123,13 @@ def test_publish_is_stored_and_served_by_the_api(
     )
 
     assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == 9, 20)
-    five = api_get(api.metrics_port, f"/api/v1/devices/{d5}/telemetry?metric=temp")
+    five = api_get(api.metrics_port, f"/api/v1/devices/{d5}/telemetry?metric=temp", auth)
     assert [p["value"] for p in five["points"]] == [20, 21, 22, 23, 24]
     assert [p["seq"] for p in five["points"]] == [0, 1, 2, 3, 4]
-    engine = api_get(api.metrics_port, f"/api/v1/devices/{d311}/telemetry")
+    engine = api_get(api.metrics_port, f"/api/v1/devices/{d311}/telemetry", auth)
     assert [p["stream"] for p in engine["points"]] == ["engine"] * 3
     assert engine["points"][2]["value"] == {"rpm": 2000, "on": True}
-    bare = api_get(api.metrics_port, f"/api/v1/devices/{dbare}/telemetry")
+    bare = api_get(api.metrics_port, f"/api/v1/devices/{dbare}/telemetry", auth)
     assert bare["points"][0]["value"] == {"temp": 21.5, "state": "ok"}
     assert bare["points"][0]["seq"] is None
 

@@ -12,19 +12,18 @@ from litestar.testing import TestClient
 
 from api.app import ApiSettings, create_app
 from kestrel.settings import Secret
-from tests.conftest import Tenant
+from tests.conftest import Tenant, tenant_token
 
 pytestmark = pytest.mark.integration
-TOKEN = "kst_admin_test_token_value"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TOKEN = "platform-admin-test-token-value"
 T0 = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC).replace(
     year=datetime.now(UTC).year, month=datetime.now(UTC).month, day=datetime.now(UTC).day
 ) - timedelta(hours=3)
 
 
 @pytest.fixture
-def client(database_url: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
-    app = create_app(ApiSettings(admin_token=Secret(TOKEN)), database_url)
+def client(api_database_url: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    app = create_app(ApiSettings(admin_token=Secret(TOKEN)), api_database_url)
     with TestClient(app) as test_client:
         yield test_client
 
@@ -47,6 +46,11 @@ def fleet(make_tenant: Callable[[int], Tenant], database_url: str) -> Tenant:
             (tenant.id, tenant.devices[0], T0 + timedelta(minutes=10)),
         )
     return tenant
+
+
+@pytest.fixture
+def auth(fleet: Tenant, database_url: str) -> dict[str, str]:
+    return tenant_token(database_url, fleet.id)
 
 
 def assert_problem(resp, status: int, kind: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -74,41 +78,42 @@ def test_api_requires_the_token(client: TestClient, headers: dict[str, str]) -> 
     assert resp.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_empty_admin_token_fails_closed(database_url: str) -> None:
-    with TestClient(create_app(ApiSettings(), database_url)) as c:
+def test_empty_admin_token_fails_closed(api_database_url: str) -> None:
+    with TestClient(create_app(ApiSettings(), api_database_url)) as c:
         assert_problem(c.get("/api/v1/devices", headers={"Authorization": "Bearer "}), 401, "unauthenticated")
 
 
-def test_list_devices_by_tenant_with_cursor(client: TestClient, fleet: Tenant) -> None:  # type: ignore[type-arg]
-    first = client.get("/api/v1/devices", params={"tenant": fleet.id, "limit": 2}, headers=AUTH).json()
+def test_list_devices_by_tenant_with_cursor(client: TestClient, auth: dict[str, str], fleet: Tenant) -> None:  # type: ignore[type-arg]
+    first = client.get("/api/v1/devices", params={"limit": 2}, headers=auth).json()
     assert [d["device_id"] for d in first["items"]] == sorted(fleet.devices)[:2]
-    rest = client.get(
-        "/api/v1/devices", params={"tenant": fleet.id, "limit": 2, "cursor": first["next_cursor"]}, headers=AUTH
-    ).json()
+    rest = client.get("/api/v1/devices", params={"limit": 2, "cursor": first["next_cursor"]}, headers=auth).json()
     assert [d["device_id"] for d in rest["items"]] == sorted(fleet.devices)[2:]
     assert rest["next_cursor"] is None
 
 
-def test_get_device_and_404(client: TestClient, fleet: Tenant) -> None:  # type: ignore[type-arg]
-    body = client.get(f"/api/v1/devices/{fleet.devices[1]}", headers=AUTH).json()
-    assert body["tenant_id"] == fleet.id
+def test_get_device_and_404(client: TestClient, auth: dict[str, str], fleet: Tenant) -> None:  # type: ignore[type-arg]
+    body = client.get(f"/api/v1/devices/{fleet.devices[1]}", headers=auth).json()
+    assert body["device_id"] == fleet.devices[1]
     assert body["status"] == "active"
-    assert_problem(client.get("/api/v1/devices/nope-nope", headers=AUTH), 404, "not_found")
-    assert_problem(client.get("/api/v1/devices/nope-nope/telemetry", headers=AUTH), 404, "not_found")
+    assert_problem(client.get("/api/v1/devices/nope-nope", headers=auth), 404, "not_found")
+    assert_problem(client.get("/api/v1/devices/nope-nope/telemetry", headers=auth), 404, "not_found")
 
 
-def test_bad_device_id_is_400(client: TestClient) -> None:  # type: ignore[type-arg]
-    body = assert_problem(client.get("/api/v1/devices/bad.id", headers=AUTH), 400, "invalid_input")
+def test_bad_device_id_is_400(
+    client: TestClient,
+    auth: dict[str, str],
+) -> None:  # type: ignore[type-arg]
+    body = assert_problem(client.get("/api/v1/devices/bad.id", headers=auth), 400, "invalid_input")
     assert body["invalid-params"][0]["name"] == "device_id"
 
 
-def test_raw_points_with_cursor_pagination(client: TestClient, fleet: Tenant) -> None:  # type: ignore[type-arg]
+def test_raw_points_with_cursor_pagination(client: TestClient, auth: dict[str, str], fleet: Tenant) -> None:  # type: ignore[type-arg]
     url = f"/api/v1/devices/{fleet.devices[0]}/telemetry"
     seen: list[float] = []
     cursor = None
     for _ in range(10):
         params = window(metric="temp", limit="4") | ({"cursor": cursor} if cursor else {})
-        page = client.get(url, params=params, headers=AUTH).json()
+        page = client.get(url, params=params, headers=auth).json()
         seen += [p["value"] for p in page["points"]]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -116,8 +121,8 @@ def test_raw_points_with_cursor_pagination(client: TestClient, fleet: Tenant) ->
     assert seen == [float(m) for m in range(10)]
 
 
-def test_raw_points_without_metric_return_every_metric(client: TestClient, fleet: Tenant) -> None:  # type: ignore[type-arg]
-    page = client.get(f"/api/v1/devices/{fleet.devices[0]}/telemetry", params=window(), headers=AUTH).json()
+def test_raw_points_without_metric_return_every_metric(client: TestClient, auth: dict[str, str], fleet: Tenant) -> None:  # type: ignore[type-arg]
+    page = client.get(f"/api/v1/devices/{fleet.devices[0]}/telemetry", params=window(), headers=auth).json()
     assert len(page["points"]) == 11
     assert page["points"][0]["value"] == {"temp": 0.0, "mode": "boost", "ok": True}
     assert page["points"][-1]["seq"] is None
@@ -142,6 +147,7 @@ def test_raw_points_without_metric_return_every_metric(client: TestClient, fleet
 )
 def test_aggregates_per_bucket(
     client: TestClient,
+    auth: dict[str, str],
     fleet: Tenant,
     metric: str,
     agg: str,  # type: ignore[type-arg]
@@ -150,7 +156,7 @@ def test_aggregates_per_bucket(
     body = client.get(
         f"/api/v1/devices/{fleet.devices[0]}/telemetry",
         params=window(metric=metric, bucket="5m", agg=agg),
-        headers=AUTH,
+        headers=auth,
     ).json()
     assert [b["value"] for b in body["buckets"]] == expected
     assert [b["samples"] for b in body["buckets"]] == [5, 5]
@@ -178,19 +184,23 @@ def test_aggregates_per_bucket(
 )
 def test_bad_queries_are_400_problems(
     client: TestClient,
+    auth: dict[str, str],
     fleet: Tenant,
     params: dict[str, str],  # type: ignore[type-arg]
     kind: str,
 ) -> None:
-    resp = client.get(f"/api/v1/devices/{fleet.devices[0]}/telemetry", params=params, headers=AUTH)
+    resp = client.get(f"/api/v1/devices/{fleet.devices[0]}/telemetry", params=params, headers=auth)
     assert_problem(resp, 400, kind)
 
 
-def test_health_and_unknown_routes(client: TestClient) -> None:  # type: ignore[type-arg]
+def test_health_and_unknown_routes(
+    client: TestClient,
+    auth: dict[str, str],
+) -> None:  # type: ignore[type-arg]
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.get("/readyz").json()["status"] == "ready"
-    assert_problem(client.get("/api/v1/nothing-here", headers=AUTH), 404, "not_found")
-    assert_problem(client.post("/api/v1/devices", headers=AUTH), 405, "method_not_allowed")
+    assert_problem(client.get("/api/v1/nothing-here", headers=auth), 404, "not_found")
+    assert_problem(client.put("/api/v1/devices", headers=auth), 405, "method_not_allowed")
 
 
 def test_readyz_fails_when_database_is_unreachable() -> None:

@@ -1,0 +1,817 @@
+"""The control plane's REST routes (ADR-0012): tenants (platform administrator), devices, groups, users,
+tokens, cross-device telemetry and the audit log, each tenant route inside its tenant's RLS transaction.
+
+Other tenants' objects answer 404, never 403: a tenant cannot even learn they exist. Writes take ``If-Match``
+(the ``ETag`` of the object's version) and creates take ``Idempotency-Key``. Every change writes the audit log
+in its own transaction.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import msgspec
+import psycopg
+from litestar import Request, Response, delete, get, patch, post, put
+from litestar.params import Body, HeaderParameter, JSONBody, PathParameter, QueryParameter
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from api.auth import CallerPrincipal, audit, pool, request_id, tenant_transaction
+from kestrel.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
+from kestrel.tokens import SCOPES, new_token
+from kestrel.topics import ID_PATTERN
+
+Id = Annotated[str, PathParameter(pattern=f"^{ID_PATTERN}$")]
+TokenId = Annotated[str, PathParameter(pattern="^[0-9a-f]{16}$")]
+UserId = Annotated[str, PathParameter(pattern="^u[0-9a-f]{16}$")]
+Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="Page size")]
+IfMatch = Annotated[str | None, HeaderParameter(name="If-Match", description="ETag from a read; 412 if stale")]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(name="Idempotency-Key", description="Replays the first answer for the same body", max_length=200),
+]
+DEVICE_STATUSES = ("registered", "provisioned", "active", "suspended", "decommissioned")
+_STRICT = {"forbid_unknown_fields": True, "frozen": True, "kw_only": True}
+
+# ------------------------------------------------------------------------------------------------ schemas
+
+
+class Tenant(msgspec.Struct, frozen=True, kw_only=True):
+    tenant_id: str
+    name: str
+    status: str
+    max_devices: int | None
+    api_requests_per_s: int | None
+    ingest_messages_per_s: int | None
+    version: int
+    created_at: datetime
+
+
+class TenantCreate(msgspec.Struct, **_STRICT):
+    tenant_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    max_devices: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    api_requests_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    ingest_messages_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class TenantPatch(msgspec.Struct, **_STRICT):
+    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    status: Literal["active", "suspended"] | None = None
+    max_devices: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    api_requests_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    ingest_messages_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:=-]{1,64}$")]
+
+
+class ControlDevice(msgspec.Struct, frozen=True, kw_only=True):
+    device_id: str
+    name: str
+    status: str
+    tags: list[str]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ControlDevicePage(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[ControlDevice]
+    next_cursor: str | None = None
+
+
+class DeviceCreate(msgspec.Struct, **_STRICT):
+    device_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
+
+
+class DevicePatch(msgspec.Struct, **_STRICT):
+    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=64)] | None = None
+    status: Literal["active", "suspended"] | None = None
+
+
+class BulkResult(msgspec.Struct, frozen=True, kw_only=True):
+    created: int
+
+
+class Group(msgspec.Struct, frozen=True, kw_only=True):
+    group_id: str
+    name: str
+    devices: int
+    version: int
+    created_at: datetime
+
+
+class GroupCreate(msgspec.Struct, **_STRICT):
+    group_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True):
+    user_id: str
+    email: str
+    role: str
+    status: str
+    version: int
+    created_at: datetime
+
+
+class UserCreate(msgspec.Struct, **_STRICT):
+    email: Annotated[str, msgspec.Meta(pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$")]
+    role: Literal["admin", "operator", "viewer"]
+
+
+class UserPatch(msgspec.Struct, **_STRICT):
+    role: Literal["admin", "operator", "viewer"] | None = None
+    status: Literal["active", "disabled"] | None = None
+
+
+class Token(msgspec.Struct, frozen=True, kw_only=True):
+    token_id: str
+    name: str
+    user_id: str | None
+    scopes: list[str]
+    expires_at: datetime
+    revoked_at: datetime | None
+    created_at: datetime
+
+
+class TokenCreate(msgspec.Struct, **_STRICT):
+    scopes: Annotated[list[str], msgspec.Meta(min_length=1, max_length=len(SCOPES))]
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    user_id: Annotated[str, msgspec.Meta(pattern="^u[0-9a-f]{16}$")] | None = None
+    expires_in_days: Annotated[int, msgspec.Meta(ge=1, le=365)] = 90
+
+
+class TokenCreated(msgspec.Struct, frozen=True, kw_only=True):
+    token: str  # shown once
+    token_id: str
+    scopes: list[str]
+    expires_at: datetime
+
+
+class LatestValue(msgspec.Struct, frozen=True, kw_only=True):
+    device_id: str
+    ts: datetime
+    value: Any
+
+
+class LatestPage(msgspec.Struct, frozen=True, kw_only=True):
+    metric: str | None
+    items: list[LatestValue]
+
+
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    before: Any
+    after: Any
+    request_id: str
+
+
+class AuditPage(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[AuditEntry]
+    next_cursor: int | None = None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _etag(version: int) -> str:
+    return f'"v{version}"'
+
+
+def _expected_version(if_match: str | None) -> int | None:
+    if if_match is None or if_match.strip() == "*":
+        return None
+    value = if_match.strip().removeprefix("W/")
+    if not (value.startswith('"v') and value.endswith('"') and value[2:-1].isdigit()):
+        raise PreconditionFailed("If-Match must be an ETag this API returned")
+    return int(value[2:-1])
+
+
+async def _fetch(conn: AsyncConnection[Any], query: str, params: Any) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    return await (await cur.execute(query, params)).fetchall()
+
+
+async def _one(conn: AsyncConnection[Any], query: str, params: Any, missing: str) -> dict[str, Any]:
+    rows = await _fetch(conn, query, params)
+    if not rows:
+        raise NotFound(missing)
+    return rows[0]
+
+
+def _digest(body: object) -> str:
+    return hashlib.sha256(msgspec.json.encode(body)).hexdigest()
+
+
+async def _replay(conn: AsyncConnection[Any], tenant: str, key: str | None, body: object) -> Any | None:
+    """The stored answer of an earlier create with this Idempotency-Key (409 if the body differs)."""
+    if key is None:
+        return None
+    rows = await _fetch(
+        conn, "SELECT request_sha256, body FROM idempotency_keys WHERE tenant_id = %s AND key = %s", (tenant, key)
+    )
+    if not rows:
+        return None
+    if rows[0]["request_sha256"] != _digest(body):
+        raise Conflict("this Idempotency-Key was used with a different request")
+    return rows[0]["body"]
+
+
+async def _remember(conn: AsyncConnection[Any], tenant: str, key: str | None, body: object, answer: object) -> None:
+    if key is not None:
+        await conn.execute(
+            "INSERT INTO idempotency_keys (tenant_id, key, request_sha256, status, body) VALUES (%s, %s, %s, 201, %s)",
+            (tenant, key, _digest(body), msgspec.json.encode(answer).decode()),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ tenants
+
+TENANT_COLUMNS = "tenant_id, name, status, max_devices, api_requests_per_s, ingest_messages_per_s, version, created_at"
+
+
+@get("/tenants", summary="List tenants (platform administrator)", tags=["tenants"])
+async def list_tenants(request: Request[Any, Any, Any], principal: CallerPrincipal) -> list[Tenant]:
+    principal.need_platform()
+    async with pool(request).connection() as conn:
+        rows = await _fetch(conn, f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_tenants()", ())
+    return [Tenant(**r) for r in rows]
+
+
+@post("/tenants", summary="Create a tenant (platform administrator)", tags=["tenants"])
+async def create_tenant(
+    request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[TenantCreate]
+) -> Tenant:
+    principal.need_platform()
+    try:
+        async with pool(request).connection() as conn:
+            rows = await _fetch(
+                conn,
+                f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_create_tenant(%s, %s, %s, %s, %s, %s, %s)",
+                (
+                    data.tenant_id,
+                    data.name,
+                    data.max_devices,
+                    data.api_requests_per_s,
+                    data.ingest_messages_per_s,
+                    principal.actor,
+                    request_id(request),
+                ),
+            )
+    except psycopg.errors.UniqueViolation as exc:
+        raise Conflict(f"tenant {data.tenant_id} already exists") from exc
+    return Tenant(**rows[0])
+
+
+@get("/tenants/{tenant_id:str}", summary="Get a tenant", tags=["tenants"])
+async def get_tenant(request: Request[Any, Any, Any], principal: CallerPrincipal, tenant_id: Id) -> Response[Tenant]:
+    if principal.platform:
+        async with pool(request).connection() as conn:
+            rows = await _fetch(
+                conn, f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_tenants() WHERE tenant_id = %s", (tenant_id,)
+            )
+    else:
+        async with tenant_transaction(request, principal.tenant or "") as conn:
+            rows = await _fetch(conn, f"SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = %s", (tenant_id,))
+    if not rows:
+        raise NotFound(f"tenant {tenant_id} not found")
+    return Response(Tenant(**rows[0]), headers={"ETag": _etag(rows[0]["version"])})
+
+
+@patch("/tenants/{tenant_id:str}", summary="Change a tenant (platform administrator)", tags=["tenants"])
+async def patch_tenant(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    tenant_id: Id,
+    data: JSONBody[TenantPatch],
+    if_match: IfMatch = None,
+) -> Response[Tenant]:
+    principal.need_platform()
+    changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
+    try:
+        async with pool(request).connection() as conn:
+            rows = await _fetch(
+                conn,
+                f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_update_tenant(%s, %s, %s, %s, %s)",
+                (
+                    tenant_id,
+                    _expected_version(if_match),
+                    msgspec.json.encode(changes).decode(),
+                    principal.actor,
+                    request_id(request),
+                ),
+            )
+    except psycopg.errors.RaiseException as exc:
+        raise PreconditionFailed("the tenant changed since it was read") from exc
+    if not rows:
+        raise NotFound(f"tenant {tenant_id} not found")
+    return Response(Tenant(**rows[0]), headers={"ETag": _etag(rows[0]["version"])})
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+DEVICE_COLUMNS = "device_id, name, status, tags, version, created_at, updated_at"
+DEVICES_PAGE = f"""
+SELECT {DEVICE_COLUMNS} FROM devices d
+WHERE d.tenant_id = %(tenant)s
+  AND (%(status)s::text IS NULL OR d.status = %(status)s)
+  AND (%(tag)s::text IS NULL OR %(tag)s = ANY (d.tags))
+  AND (%(group)s::text IS NULL OR EXISTS (SELECT 1 FROM device_group_members m
+       WHERE m.tenant_id = d.tenant_id AND m.device_id = d.device_id AND m.group_id = %(group)s))
+  AND (%(after)s::text IS NULL OR d.device_id > %(after)s)
+ORDER BY d.device_id LIMIT %(limit)s
+"""
+
+
+@get("/devices", summary="List devices", tags=["devices"])
+async def list_devices(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    status: Annotated[str | None, QueryParameter(description="Lifecycle state")] = None,
+    group: Annotated[str | None, QueryParameter(pattern=f"^{ID_PATTERN}$", description="Only this group")] = None,
+    tag: Annotated[str | None, QueryParameter(pattern=r"^[A-Za-z0-9_.:=-]{1,64}$", description="Only this tag")] = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, QueryParameter(pattern=f"^{ID_PATTERN}$", description="next_cursor")] = None,
+) -> ControlDevicePage:
+    tenant = principal.need("devices:read")
+    if status is not None and status not in DEVICE_STATUSES:
+        raise InvalidInput("bad_status", f"status must be one of {', '.join(DEVICE_STATUSES)}")
+    params = {"tenant": tenant, "status": status, "tag": tag, "group": group, "after": cursor, "limit": limit + 1}
+    async with tenant_transaction(request, tenant) as conn:
+        rows = await _fetch(conn, DEVICES_PAGE, params)
+    items = [ControlDevice(**r) for r in rows[:limit]]
+    return ControlDevicePage(items=items, next_cursor=items[-1].device_id if len(rows) > limit else None)
+
+
+@get("/devices/{device_id:str}", summary="Get a device", tags=["devices"])
+async def get_device(
+    request: Request[Any, Any, Any], principal: CallerPrincipal, device_id: Id
+) -> Response[ControlDevice]:
+    tenant = principal.need("devices:read")
+    async with tenant_transaction(request, tenant) as conn:
+        row = await _one(
+            conn,
+            f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s",
+            (device_id,),
+            f"device {device_id} not found",
+        )
+    return Response(ControlDevice(**row), headers={"ETag": _etag(row["version"])})
+
+
+async def _check_quota(conn: AsyncConnection[Any], tenant: str, adding: int) -> None:
+    row = await _one(
+        conn,
+        "SELECT t.max_devices, (SELECT count(*) FROM devices d WHERE d.tenant_id = t.tenant_id) AS devices"
+        " FROM tenants t WHERE t.tenant_id = %s",
+        (tenant,),
+        "tenant not found",
+    )
+    if row["max_devices"] is not None and row["devices"] + adding > row["max_devices"]:
+        raise Conflict(f"the tenant's device quota ({row['max_devices']}) would be exceeded")
+
+
+async def _insert_devices(conn: AsyncConnection[Any], tenant: str, devices: list[DeviceCreate]) -> None:
+    await _check_quota(conn, tenant, len(devices))
+    try:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO devices (device_id, tenant_id, name, tags) VALUES (%s, %s, %s, %s)",
+                [(d.device_id, tenant, d.name, d.tags) for d in devices],
+            )
+    except psycopg.errors.UniqueViolation as exc:
+        raise Conflict("a device id in the request is already registered") from exc
+
+
+@post("/devices", summary="Register a device", tags=["devices"])
+async def create_device(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    data: JSONBody[DeviceCreate],
+    idempotency_key: IdempotencyKey = None,
+) -> ControlDevice:
+    tenant = principal.need("devices:write")
+    async with tenant_transaction(request, tenant) as conn:
+        if (stored := await _replay(conn, tenant, idempotency_key, data)) is not None:
+            return msgspec.convert(stored, ControlDevice)
+        await _insert_devices(conn, tenant, [data])
+        row = await _one(conn, f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s", (data.device_id,), "")
+        created = ControlDevice(**row)
+        await audit(conn, request, principal, "device.create", f"device:{data.device_id}", after=created)
+        await _remember(conn, tenant, idempotency_key, data, created)
+    return created
+
+
+MAX_BULK = 10_000
+
+
+def _parse_bulk(content_type: str, raw: bytes) -> list[DeviceCreate]:
+    """A JSON array of devices, or CSV with the header ``device_id,name,tags`` (tags separated by ``;``)."""
+    try:
+        if content_type.startswith("text/csv"):
+            rows = list(csv.DictReader(io.StringIO(raw.decode())))
+            if rows and set(rows[0]) - {"device_id", "name", "tags"}:
+                raise InvalidInput("bad_csv", "CSV columns are device_id, name, tags")
+            items: Any = [
+                {
+                    "device_id": r.get("device_id") or "",
+                    "name": r.get("name") or "",
+                    "tags": [t for t in (r.get("tags") or "").split(";") if t],
+                }
+                for r in rows
+            ]
+        else:
+            items = msgspec.json.decode(raw)
+        devices = msgspec.convert(items, list[DeviceCreate])
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInput("bad_csv", "not UTF-8 CSV") from exc
+    except msgspec.MsgspecError as exc:
+        raise InvalidInput("bad_body", str(exc)) from exc
+    if not 1 <= len(devices) <= MAX_BULK:
+        raise InvalidInput("bad_body", f"send 1 to {MAX_BULK} devices")
+    if len({d.device_id for d in devices}) != len(devices):
+        raise InvalidInput("bad_body", "a device id appears twice")
+    return devices
+
+
+@post(
+    "/devices/bulk",
+    summary="Register many devices at once (JSON array or CSV), all or none",
+    tags=["devices"],
+    request_body_description="JSON array of devices, or text/csv with columns device_id,name,tags",
+)
+async def bulk_create_devices(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    data: Annotated[list[DeviceCreate], Body(media_type="application/json")],
+) -> BulkResult:
+    tenant = principal.need("devices:write")
+    devices = _parse_bulk(request.headers.get("content-type", ""), await request.body())
+    async with tenant_transaction(request, tenant) as conn:
+        await _insert_devices(conn, tenant, devices)
+        await audit(
+            conn,
+            request,
+            principal,
+            "device.bulk_create",
+            f"devices:{len(devices)}",
+            after=[d.device_id for d in devices],
+        )
+    return BulkResult(created=len(devices))
+
+
+@patch("/devices/{device_id:str}", summary="Change a device", tags=["devices"])
+async def patch_device(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    device_id: Id,
+    data: JSONBody[DevicePatch],
+    if_match: IfMatch = None,
+) -> Response[ControlDevice]:
+    tenant = principal.need("devices:write")
+    async with tenant_transaction(request, tenant) as conn:
+        before = ControlDevice(
+            **await _one(
+                conn,
+                f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s FOR UPDATE",
+                (device_id,),
+                f"device {device_id} not found",
+            )
+        )
+        expected = _expected_version(if_match)
+        if expected is not None and expected != before.version:
+            raise PreconditionFailed(f"device {device_id} changed since it was read")
+        if data.status is not None and before.status == "decommissioned":
+            raise Conflict(f"device {device_id} is decommissioned")
+        row = await _one(
+            conn,
+            f"UPDATE devices SET name = coalesce(%s, name), tags = coalesce(%s, tags), status = coalesce(%s, status),"
+            f" version = version + 1, updated_at = now() WHERE device_id = %s RETURNING {DEVICE_COLUMNS}",
+            (data.name, data.tags, data.status, device_id),
+            f"device {device_id} not found",
+        )
+        after = ControlDevice(**row)
+        await audit(conn, request, principal, "device.update", f"device:{device_id}", before=before, after=after)
+    return Response(after, headers={"ETag": _etag(after.version)})
+
+
+# ------------------------------------------------------------------------------------------------ groups
+
+GROUPS = """
+SELECT g.group_id, g.name, g.version, g.created_at,
+       (SELECT count(*) FROM device_group_members m WHERE m.tenant_id = g.tenant_id AND m.group_id = g.group_id)
+         AS devices
+FROM device_groups g WHERE g.tenant_id = %(tenant)s AND (%(group)s::text IS NULL OR g.group_id = %(group)s)
+ORDER BY g.group_id
+"""
+
+
+@get("/groups", summary="List device groups", tags=["groups"])
+async def list_groups(request: Request[Any, Any, Any], principal: CallerPrincipal) -> list[Group]:
+    tenant = principal.need("groups:read")
+    async with tenant_transaction(request, tenant) as conn:
+        return [Group(**r) for r in await _fetch(conn, GROUPS, {"tenant": tenant, "group": None})]
+
+
+@post("/groups", summary="Create a device group", tags=["groups"])
+async def create_group(
+    request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[GroupCreate]
+) -> Group:
+    tenant = principal.need("groups:write")
+    async with tenant_transaction(request, tenant) as conn:
+        try:
+            await conn.execute(
+                "INSERT INTO device_groups (tenant_id, group_id, name) VALUES (%s, %s, %s)",
+                (tenant, data.group_id, data.name),
+            )
+        except psycopg.errors.UniqueViolation as exc:
+            raise Conflict(f"group {data.group_id} already exists") from exc
+        group = Group(**(await _fetch(conn, GROUPS, {"tenant": tenant, "group": data.group_id}))[0])
+        await audit(conn, request, principal, "group.create", f"group:{data.group_id}", after=group)
+    return group
+
+
+@get("/groups/{group_id:str}", summary="Get a device group", tags=["groups"])
+async def get_group(request: Request[Any, Any, Any], principal: CallerPrincipal, group_id: Id) -> Group:
+    tenant = principal.need("groups:read")
+    async with tenant_transaction(request, tenant) as conn:
+        return Group(**await _one(conn, GROUPS, {"tenant": tenant, "group": group_id}, f"group {group_id} not found"))
+
+
+@delete("/groups/{group_id:str}", summary="Delete a device group (not its devices)", tags=["groups"], status_code=204)
+async def delete_group(request: Request[Any, Any, Any], principal: CallerPrincipal, group_id: Id) -> None:
+    tenant = principal.need("groups:write")
+    async with tenant_transaction(request, tenant) as conn:
+        before = await _one(conn, GROUPS, {"tenant": tenant, "group": group_id}, f"group {group_id} not found")
+        await conn.execute("DELETE FROM device_groups WHERE tenant_id = %s AND group_id = %s", (tenant, group_id))
+        await audit(conn, request, principal, "group.delete", f"group:{group_id}", before=before)
+
+
+@put(
+    "/groups/{group_id:str}/devices/{device_id:str}",
+    summary="Add a device to a group",
+    tags=["groups"],
+    status_code=204,
+)
+async def add_group_member(
+    request: Request[Any, Any, Any], principal: CallerPrincipal, group_id: Id, device_id: Id
+) -> None:
+    tenant = principal.need("groups:write")
+    async with tenant_transaction(request, tenant) as conn:
+        await _one(conn, GROUPS, {"tenant": tenant, "group": group_id}, f"group {group_id} not found")
+        await _one(
+            conn, "SELECT 1 AS x FROM devices WHERE device_id = %s", (device_id,), f"device {device_id} not found"
+        )
+        await conn.execute(
+            "INSERT INTO device_group_members (tenant_id, group_id, device_id) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (tenant, group_id, device_id),
+        )
+        await audit(conn, request, principal, "group.add_device", f"group:{group_id}", after={"device_id": device_id})
+
+
+@delete(
+    "/groups/{group_id:str}/devices/{device_id:str}",
+    summary="Remove a device from a group",
+    tags=["groups"],
+    status_code=204,
+)
+async def remove_group_member(
+    request: Request[Any, Any, Any], principal: CallerPrincipal, group_id: Id, device_id: Id
+) -> None:
+    tenant = principal.need("groups:write")
+    async with tenant_transaction(request, tenant) as conn:
+        cur = await conn.execute(
+            "DELETE FROM device_group_members WHERE tenant_id = %s AND group_id = %s AND device_id = %s",
+            (tenant, group_id, device_id),
+        )
+        if cur.rowcount == 0:
+            raise NotFound(f"device {device_id} is not in group {group_id}")
+        await audit(
+            conn, request, principal, "group.remove_device", f"group:{group_id}", before={"device_id": device_id}
+        )
+
+
+# ------------------------------------------------------------------------------------------------ telemetry
+
+LATEST = """
+SELECT DISTINCT ON (t.device_id) t.device_id, t.ts, {value} AS value
+FROM telemetry t JOIN devices d ON d.tenant_id = t.tenant_id AND d.device_id = t.device_id
+WHERE t.tenant_id = %(tenant)s AND t.ts >= %(since)s {has_metric}
+  AND (%(tag)s::text IS NULL OR %(tag)s = ANY (d.tags))
+  AND (%(group)s::text IS NULL OR EXISTS (SELECT 1 FROM device_group_members m
+       WHERE m.tenant_id = d.tenant_id AND m.device_id = d.device_id AND m.group_id = %(group)s))
+ORDER BY t.device_id, t.ts DESC
+LIMIT %(limit)s
+"""
+
+
+@get("/telemetry/latest", summary="Latest reading of many devices (by group or tag)", tags=["telemetry"])
+async def latest_telemetry(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    metric: Annotated[str | None, QueryParameter(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")] = None,
+    group: Annotated[str | None, QueryParameter(pattern=f"^{ID_PATTERN}$")] = None,
+    tag: Annotated[str | None, QueryParameter(pattern=r"^[A-Za-z0-9_.:=-]{1,64}$")] = None,
+    within_hours: Annotated[int, QueryParameter(ge=1, le=24 * 31, description="Look back this far")] = 24,
+    limit: Limit = 1000,
+) -> LatestPage:
+    tenant = principal.need("telemetry:read")
+    from psycopg import sql  # noqa: PLC0415
+
+    query = sql.SQL(LATEST).format(
+        value=sql.SQL("t.metrics -> %(metric)s" if metric else "t.metrics"),
+        has_metric=sql.SQL("AND t.metrics ? %(metric)s" if metric else ""),
+    )
+    params = {
+        "tenant": tenant,
+        "metric": metric,
+        "group": group,
+        "tag": tag,
+        "limit": limit,
+        "since": datetime.now(UTC) - timedelta(hours=within_hours),
+    }
+    async with tenant_transaction(request, tenant) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        rows = await (await cur.execute(query, params)).fetchall()
+    return LatestPage(metric=metric, items=[LatestValue(**r) for r in rows])
+
+
+# ------------------------------------------------------------------------------------------------ users
+
+USER_COLUMNS = "user_id, email, role, status, version, created_at"
+
+
+@get("/users", summary="List users", tags=["users"])
+async def list_users(request: Request[Any, Any, Any], principal: CallerPrincipal) -> list[User]:
+    tenant = principal.need("users:read")
+    async with tenant_transaction(request, tenant) as conn:
+        return [User(**r) for r in await _fetch(conn, f"SELECT {USER_COLUMNS} FROM users ORDER BY email", ())]
+
+
+@post("/users", summary="Create a user", tags=["users"])
+async def create_user(request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[UserCreate]) -> User:
+    tenant = principal.need("users:write")
+    import secrets  # noqa: PLC0415
+
+    async with tenant_transaction(request, tenant) as conn:
+        try:
+            row = await _one(
+                conn,
+                f"INSERT INTO users (user_id, tenant_id, email, role) VALUES (%s, %s, %s, %s) RETURNING {USER_COLUMNS}",
+                ("u" + secrets.token_hex(8), tenant, data.email.lower(), data.role),
+                "",
+            )
+        except psycopg.errors.UniqueViolation as exc:
+            raise Conflict(f"a user with email {data.email} exists") from exc
+        user = User(**row)
+        await audit(conn, request, principal, "user.create", f"user:{user.user_id}", after=user)
+    return user
+
+
+@patch("/users/{user_id:str}", summary="Change a user's role or status", tags=["users"])
+async def patch_user(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    user_id: UserId,
+    data: JSONBody[UserPatch],
+    if_match: IfMatch = None,
+) -> Response[User]:
+    tenant = principal.need("users:write")
+    async with tenant_transaction(request, tenant) as conn:
+        before = User(
+            **await _one(
+                conn,
+                f"SELECT {USER_COLUMNS} FROM users WHERE user_id = %s FOR UPDATE",
+                (user_id,),
+                f"user {user_id} not found",
+            )
+        )
+        expected = _expected_version(if_match)
+        if expected is not None and expected != before.version:
+            raise PreconditionFailed(f"user {user_id} changed since it was read")
+        row = await _one(
+            conn,
+            f"UPDATE users SET role = coalesce(%s, role), status = coalesce(%s, status), version = version + 1"
+            f" WHERE user_id = %s RETURNING {USER_COLUMNS}",
+            (data.role, data.status, user_id),
+            "",
+        )
+        after = User(**row)
+        await audit(conn, request, principal, "user.update", f"user:{user_id}", before=before, after=after)
+    return Response(after, headers={"ETag": _etag(after.version)})
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+
+TOKEN_COLUMNS = "token_id, name, user_id, scopes, expires_at, revoked_at, created_at"  # noqa: S105 - columns
+
+
+@get("/tokens", summary="List API tokens (never their secrets)", tags=["tokens"])
+async def list_tokens(request: Request[Any, Any, Any], principal: CallerPrincipal) -> list[Token]:
+    tenant = principal.need("tokens:read")
+    async with tenant_transaction(request, tenant) as conn:
+        return [
+            Token(**r) for r in await _fetch(conn, f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at", ())
+        ]
+
+
+@post("/tokens", summary="Create an API token (its secret is shown once)", tags=["tokens"])
+async def create_token(
+    request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[TokenCreate]
+) -> TokenCreated:
+    tenant = principal.need("tokens:write")
+    unknown = set(data.scopes) - set(SCOPES)
+    if unknown:
+        raise InvalidInput("bad_scope", f"unknown scope(s): {', '.join(sorted(unknown))}")
+    if not set(data.scopes) <= principal.scopes:
+        raise Forbidden("a token cannot grant scopes its creator does not have")
+    token_id, token, digest = new_token()
+    expires_at = datetime.now(UTC) + timedelta(days=data.expires_in_days)
+    async with tenant_transaction(request, tenant) as conn:
+        if data.user_id is not None:
+            await _one(
+                conn, "SELECT 1 AS x FROM users WHERE user_id = %s", (data.user_id,), f"user {data.user_id} not found"
+            )
+        await conn.execute(
+            "INSERT INTO api_tokens (token_id, tenant_id, user_id, name, scopes, secret_sha256, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (token_id, tenant, data.user_id, data.name, sorted(set(data.scopes)), digest, expires_at),
+        )
+        summary = {"scopes": sorted(set(data.scopes)), "user_id": data.user_id, "expires_at": expires_at}
+        await audit(conn, request, principal, "token.create", f"token:{token_id}", after=summary)
+    return TokenCreated(token=token, token_id=token_id, scopes=sorted(set(data.scopes)), expires_at=expires_at)
+
+
+@delete("/tokens/{token_id:str}", summary="Revoke an API token", tags=["tokens"], status_code=204)
+async def revoke_token(request: Request[Any, Any, Any], principal: CallerPrincipal, token_id: TokenId) -> None:
+    tenant = principal.need("tokens:write")
+    async with tenant_transaction(request, tenant) as conn:
+        cur = await conn.execute(
+            "UPDATE api_tokens SET revoked_at = now() WHERE token_id = %s AND revoked_at IS NULL", (token_id,)
+        )
+        if cur.rowcount == 0:
+            raise NotFound(f"no active token {token_id}")
+        await audit(conn, request, principal, "token.revoke", f"token:{token_id}")
+
+
+# ------------------------------------------------------------------------------------------------ audit
+
+
+@get("/audit", summary="The tenant's audit log, newest first", tags=["audit"])
+async def list_audit(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    limit: Limit = 100,
+    cursor: Annotated[int | None, QueryParameter(ge=1, description="next_cursor")] = None,
+) -> AuditPage:
+    tenant = principal.need("audit:read")
+    async with tenant_transaction(request, tenant) as conn:
+        rows = await _fetch(
+            conn,
+            "SELECT id, at, actor, action, target, before, after, request_id FROM audit_log"
+            " WHERE tenant_id = %s AND (%s::bigint IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+            (tenant, cursor, cursor, limit + 1),
+        )
+    items = [AuditEntry(**r) for r in rows[:limit]]
+    return AuditPage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+
+
+ROUTES = [
+    list_tenants,
+    create_tenant,
+    get_tenant,
+    patch_tenant,
+    list_devices,
+    get_device,
+    create_device,
+    bulk_create_devices,
+    patch_device,
+    list_groups,
+    create_group,
+    get_group,
+    delete_group,
+    add_group_member,
+    remove_group_member,
+    latest_telemetry,
+    list_users,
+    create_user,
+    patch_user,
+    list_tokens,
+    create_token,
+    revoke_token,
+    list_audit,
+]

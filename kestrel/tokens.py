@@ -1,0 +1,46 @@
+"""API token format and scopes, shared by the API (which checks them) and the operator CLI (which issues them).
+
+``kst_<id>_<secret>``: the 16-hex id is public and recognisable; the 43-character secret is shown once and
+stored only as SHA-256 (ADR-0012).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import Final
+
+SCOPES: Final = (
+    "devices:read",
+    "devices:write",
+    "telemetry:read",
+    "groups:read",
+    "groups:write",
+    "users:read",
+    "users:write",
+    "tokens:read",
+    "tokens:write",
+    "audit:read",
+    "commands:write",
+)
+_READ_ONLY = frozenset({"devices:read", "telemetry:read", "groups:read"})
+#: What a user's role allows; a user's token never exceeds it.
+ROLE_SCOPES: Final[dict[str, frozenset[str]]] = {
+    "viewer": _READ_ONLY,
+    "operator": _READ_ONLY | {"devices:write", "groups:write", "commands:write"},
+    "admin": frozenset(SCOPES),
+}
+TOKEN_PREFIX: Final = "kst_"  # noqa: S105 - a recognisable prefix, not a secret
+TOKEN_PATTERN: Final = re.compile(r"\Akst_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
+
+
+def new_token() -> tuple[str, str, str]:
+    """(token id, full token shown once, SHA-256 of its secret)."""
+    token_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return token_id, f"{TOKEN_PREFIX}{token_id}_{secret}", secret_digest(secret)
+
+
+def secret_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
