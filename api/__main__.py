@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 
 import msgspec
+import psycopg
 import uvicorn
 
-from api.app import ApiSettings, create_app
+from api.app import PRIVILEGED_DETAIL, PRIVILEGED_ROLE, ApiSettings, create_app
 from kestrel.errors import InvalidInput
 from kestrel.logs import configure_logging
 from kestrel.settings import from_env
@@ -19,6 +20,31 @@ def openapi_document() -> str:
     return msgspec.json.format(encoded, indent=2).decode() + "\n"
 
 
+def _privileged(url: str) -> bool:
+    """True when the role owns tables or bypasses RLS. Unreachable: False (the app starts, /readyz tells, and
+    the lifespan repeats the check)."""
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            row = conn.execute(PRIVILEGED_ROLE).fetchone()
+    except psycopg.Error:
+        return False
+    return row is not None and bool(row[0] or row[1])
+
+
+def _settings() -> ApiSettings:
+    """Settings the API may start with; ``InvalidInput`` (one line) otherwise. Fails closed."""
+    settings = from_env(ApiSettings, "KESTREL_API")
+    if not settings.admin_token:
+        raise InvalidInput(
+            "no_admin_token", "KESTREL_API_ADMIN_TOKEN is not set; refusing to start without a credential"
+        )
+    if not settings.database_url:
+        raise InvalidInput("no_database", "KESTREL_API_DATABASE_URL is not set (the kestrel_api role's connection)")
+    if _privileged(settings.database_url.reveal()):
+        raise InvalidInput("privileged_role", PRIVILEGED_DETAIL)
+    return settings
+
+
 def main(argv: list[str]) -> int:
     if argv == ["openapi"]:
         sys.stdout.write(openapi_document())
@@ -28,17 +54,9 @@ def main(argv: list[str]) -> int:
         return 2
     configure_logging("api")
     try:
-        settings = from_env(ApiSettings, "KESTREL_API")
+        settings = _settings()
     except InvalidInput as exc:
         print(f"kestrel api: {exc.detail}", file=sys.stderr)
-        return 2
-    if not settings.admin_token:
-        print(
-            "kestrel api: KESTREL_API_ADMIN_TOKEN is not set; refusing to start without a credential", file=sys.stderr
-        )
-        return 2
-    if not settings.database_url:
-        print("kestrel api: KESTREL_API_DATABASE_URL is not set (the kestrel_api role's connection)", file=sys.stderr)
         return 2
     app = create_app(settings, settings.database_url.reveal())
     uvicorn.run(

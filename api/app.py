@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 from litestar import Litestar, Request, Router, get
@@ -212,26 +212,28 @@ async def readyz(request: Request[Any, Any, Any]) -> Health:
 # -------------------------------------------------------------------------------------------- app factory
 
 
+PRIVILEGED_ROLE: Final = (
+    "SELECT r.rolsuper OR r.rolbypassrls, EXISTS (SELECT 1 FROM pg_tables t"
+    " WHERE t.schemaname = 'public' AND t.tableowner = current_user)"
+    " FROM pg_roles r WHERE r.rolname = current_user"
+)
+PRIVILEGED_DETAIL: Final = (
+    "the API's database role owns tables or bypasses row-level security; connect it as kestrel_api"
+    " (KESTREL_API_DATABASE_URL)"
+)
+
+
 async def _refuse_privileged_role(pool: AsyncConnectionPool[Any]) -> None:
     """Tenant isolation rests on row-level security, which a table owner or a BYPASSRLS role would skip: the
     API refuses to serve with such a role (ADR-0012). An unreachable database is left to /readyz."""
     try:
         async with pool.connection(timeout=5) as conn:
-            row = await (
-                await conn.execute(
-                    "SELECT r.rolsuper OR r.rolbypassrls, EXISTS (SELECT 1 FROM pg_tables t"
-                    " WHERE t.schemaname = 'public' AND t.tableowner = current_user)"
-                    " FROM pg_roles r WHERE r.rolname = current_user"
-                )
-            ).fetchone()
+            row = await (await conn.execute(PRIVILEGED_ROLE)).fetchone()
     except Exception:  # noqa: BLE001 - unreachable now; readiness reports it, requests fail closed
         log.warning("database unreachable at start; the role check runs when it answers")
         return
     if row is not None and (row[0] or row[1]):
-        raise Unavailable(
-            "the API's database role owns tables or bypasses row-level security; connect it as kestrel_api"
-            " (KESTREL_API_DATABASE_URL)"
-        )
+        raise Unavailable(PRIVILEGED_DETAIL)
 
 
 def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = True) -> Litestar:

@@ -21,6 +21,7 @@ def test_document_is_openapi_31_with_every_route_error_and_bearer_auth() -> None
         "/api/v1/tenants/{tenant_id}",
         "/api/v1/devices",
         "/api/v1/devices/bulk",
+        "/api/v1/devices/import",
         "/api/v1/devices/{device_id}",
         "/api/v1/devices/{device_id}/telemetry",
         "/api/v1/groups",
