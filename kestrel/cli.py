@@ -25,6 +25,10 @@ device_app = typer.Typer(no_args_is_help=True, help="Devices.")
 app.add_typer(db_app, name="db")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(device_app, name="device")
+user_app = typer.Typer(no_args_is_help=True, help="Users of a tenant.")
+app.add_typer(user_app, name="user")
+token_app = typer.Typer(no_args_is_help=True, help="API tokens (tenant-scoped).")
+app.add_typer(token_app, name="token")
 service_app = typer.Typer(no_args_is_help=True, help="Backend principals (services that connect to the broker).")
 app.add_typer(service_app, name="service")
 
@@ -70,6 +74,95 @@ def tenant_create(
 
     registry.create_tenant(database_url(), tenant, name)
     typer.echo(f"created tenant {tenant}")
+
+
+@tenant_app.command("list")
+def tenant_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List tenants with their status and device counts."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    rows = registry.list_tenants(database_url())
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    for r in rows:
+        typer.echo(f"{r['tenant_id']:<24} {r['status']:<10} {r['devices']:>7} device(s)  {r['name']}")
+
+
+@user_app.command("create")
+def user_create(
+    email: Annotated[str, typer.Argument(help="The user's e-mail (unique within the tenant)")],
+    tenant: Annotated[str, typer.Option(help="Tenant")],
+    role: Annotated[str, typer.Option(help="admin, operator or viewer")] = "viewer",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Create a user of a tenant."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    user_id = registry.create_user(database_url(), tenant, email, role)
+    typer.echo(json.dumps({"user_id": user_id, "tenant": tenant, "role": role}) if as_json else user_id)
+
+
+@token_app.command("create")
+def token_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the token is bound to")],
+    scope: Annotated[list[str], typer.Option(help="A scope, e.g. devices:read (repeatable)")],
+    name: Annotated[str, typer.Option(help="What the token is for")] = "",
+    days: Annotated[int, typer.Option(min=1, max=365, help="Lifetime")] = 90,
+    user: Annotated[str | None, typer.Option(help="Bind it to a user (it never exceeds their role)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Create an API token; it is printed once and stored only as a digest."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    token_id, token = registry.create_api_token(database_url(), tenant, scope, name=name, days=days, user_id=user)
+    typer.echo(json.dumps({"token_id": token_id, "token": token, "scopes": sorted(set(scope))}) if as_json else token)
+
+
+@device_app.command("list")
+def device_list(
+    tenant: Annotated[str, typer.Option(help="Tenant")],
+    status: Annotated[str | None, typer.Option(help="Only this lifecycle state")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List a tenant's devices."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    rows = registry.list_devices(database_url(), tenant, status)
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    for r in rows:
+        typer.echo(f"{r['device_id']:<32} {r['status']:<14} {','.join(map(str, r['tags']))}")  # type: ignore[call-overload]
+
+
+@device_app.command("import")
+def device_import(
+    file: Annotated[Path, typer.Argument(help="CSV with header device_id[,name][,tags] (tags split by ;)")],
+    tenant: Annotated[str, typer.Option(help="Owning tenant")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Register many devices from CSV, all or none, with a progress bar on stderr."""
+    import csv  # noqa: PLC0415
+
+    from rich.progress import Progress  # noqa: PLC0415
+
+    from kestrel.db import registry  # noqa: PLC0415
+
+    try:
+        with file.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInput("bad_file", f"cannot read {file} as UTF-8 CSV") from exc
+    if not rows or "device_id" not in rows[0]:
+        raise InvalidInput("bad_csv", f"{file} needs a header with device_id and at least one row")
+    devices = [
+        (r["device_id"] or "", r.get("name") or "", [t for t in (r.get("tags") or "").split(";") if t]) for r in rows
+    ]
+    with Progress(transient=as_json) as progress:
+        task = progress.add_task("importing", total=len(devices))
+        created = registry.import_devices(database_url(), tenant, devices, lambda n: progress.advance(task, n))
+    typer.echo(json.dumps({"tenant": tenant, "created": created}) if as_json else f"imported {created} device(s)")
 
 
 @device_app.command("create")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import psycopg
+import psycopg.rows
 from psycopg.types.json import Jsonb
 
 from kestrel.errors import Conflict, InvalidInput, NotFound
@@ -163,3 +164,85 @@ def create_api_token(
             (tenant, f"token:{token_id}", Jsonb({"scopes": sorted(set(scopes)), "days": days})),
         )
     return token_id, token
+
+
+def list_tenants(conninfo: str) -> list[dict[str, object]]:
+    with psycopg.connect(conninfo) as conn:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        return cur.execute(
+            "SELECT t.tenant_id, t.name, t.status, t.max_devices, t.created_at,"
+            " (SELECT count(*) FROM devices d WHERE d.tenant_id = t.tenant_id) AS devices"
+            " FROM tenants t ORDER BY t.tenant_id"
+        ).fetchall()
+
+
+def list_devices(conninfo: str, tenant: str, status: str | None = None) -> list[dict[str, object]]:
+    require_id("tenant", tenant)
+    with psycopg.connect(conninfo) as conn:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        if cur.execute("SELECT 1 FROM tenants WHERE tenant_id = %s", (tenant,)).fetchone() is None:
+            raise NotFound(f"tenant {tenant} does not exist")
+        return cur.execute(
+            "SELECT device_id, name, status, tags, created_at FROM devices"
+            " WHERE tenant_id = %s AND (%s::text IS NULL OR status = %s) ORDER BY device_id",
+            (tenant, status, status),
+        ).fetchall()
+
+
+def create_user(conninfo: str, tenant: str, email: str, role: str) -> str:
+    if role not in ("admin", "operator", "viewer"):
+        raise InvalidInput("bad_role", "role must be admin, operator or viewer")
+    user_id = "u" + secrets.token_hex(8)
+    try:
+        with psycopg.connect(conninfo) as conn:
+            if conn.execute("SELECT 1 FROM tenants WHERE tenant_id = %s", (tenant,)).fetchone() is None:
+                raise NotFound(f"tenant {tenant} does not exist")
+            conn.execute(
+                "INSERT INTO users (user_id, tenant_id, email, role) VALUES (%s, %s, %s, %s)",
+                (user_id, tenant, email.lower(), role),
+            )
+    except psycopg.errors.CheckViolation as exc:
+        raise InvalidInput("bad_email", f"{email[:80]!r} is not an e-mail address") from exc
+    except psycopg.errors.UniqueViolation as exc:
+        raise Conflict(f"tenant {tenant} already has a user {email}") from exc
+    return user_id
+
+
+def import_devices(
+    conninfo: str,
+    tenant: str,
+    devices: list[tuple[str, str, list[str]]],
+    progress: Callable[[int], None] | None = None,
+    chunk: int = 500,
+) -> int:
+    """Register ``(device_id, name, tags)`` rows in one transaction (all or none), respecting the tenant's
+    device quota; ``progress`` is told how many rows each chunk wrote."""
+    require_id("tenant", tenant)
+    for device_id, _, tags in devices:
+        require_id("device", device_id)
+        if len(tags) > 64:
+            raise InvalidInput("bad_tags", f"device {device_id} has more than 64 tags")
+    if len({d for d, _, _ in devices}) != len(devices):
+        raise InvalidInput("bad_csv", "a device id appears twice")
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        row = conn.execute(
+            "SELECT max_devices, (SELECT count(*) FROM devices WHERE tenant_id = %s) FROM tenants WHERE tenant_id = %s",
+            (tenant, tenant),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"tenant {tenant} does not exist")
+        if row[0] is not None and row[1] + len(devices) > row[0]:
+            raise Conflict(f"the tenant's device quota ({row[0]}) would be exceeded")
+        try:
+            with conn.cursor() as cur:
+                for start in range(0, len(devices), chunk):
+                    part = devices[start : start + chunk]
+                    cur.executemany(
+                        "INSERT INTO devices (device_id, tenant_id, name, tags) VALUES (%s, %s, %s, %s)",
+                        [(d, tenant, n, t) for d, n, t in part],
+                    )
+                    if progress:
+                        progress(len(part))
+        except psycopg.errors.UniqueViolation as exc:
+            raise Conflict("a device id in the file is already registered") from exc
+    return len(devices)

@@ -176,3 +176,43 @@ def test_device_suspend_resume_and_service_principals(database_url: str) -> None
     assert bad_role.returncode == 2
     assert "role must be one of" in one_line(bad_role.stderr)
     assert kestrel("service", "revoke", name, database_url=database_url).returncode == 0
+
+
+def test_operator_commands_for_users_tokens_and_devices(database_url: str, tmp_path: Path) -> None:
+    tenant = f"op-{uuid.uuid4().hex[:8]}"
+    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    listed = json.loads(kestrel("tenant", "list", "--json", database_url=database_url).stdout)
+    assert any(t["tenant_id"] == tenant and t["devices"] == 0 for t in listed)
+
+    user = kestrel("user", "create", "ops@example.com", "--tenant", tenant, "--role", "operator", "--json",
+                   database_url=database_url)  # fmt: skip
+    assert user.returncode == 0, user.stderr
+    user_id = json.loads(user.stdout)["user_id"]
+    bad = kestrel("user", "create", "not-an-email", "--tenant", tenant, database_url=database_url)
+    assert bad.returncode == 2 and "is not an e-mail address" in one_line(bad.stderr)
+
+    token = kestrel("token", "create", "--tenant", tenant, "--scope", "devices:read", "--scope", "telemetry:read",
+                    "--user", user_id, "--json", database_url=database_url)  # fmt: skip
+    assert token.returncode == 0, token.stderr
+    issued = json.loads(token.stdout)
+    assert issued["token"].startswith(f"kst_{issued['token_id']}_")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT secret_sha256, scopes, user_id FROM api_tokens WHERE token_id = %s",
+                           (issued["token_id"],)).fetchone()  # fmt: skip
+    assert row is not None and issued["token"].split("_", 2)[2] not in row[0]
+    assert row[1:] == (["devices:read", "telemetry:read"], user_id)
+    wrong = kestrel("token", "create", "--tenant", tenant, "--scope", "root", database_url=database_url)
+    assert wrong.returncode == 2 and "scopes must be among" in one_line(wrong.stderr)
+
+    csv_file = tmp_path / "fleet.csv"
+    csv_file.write_text("device_id,name,tags\n" + "".join(f"{tenant}-{i},pump {i},site:a;pump\n" for i in range(25)))
+    imported = kestrel("device", "import", str(csv_file), "--tenant", tenant, "--json", database_url=database_url)
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout) == {"tenant": tenant, "created": 25}
+    again = kestrel("device", "import", str(csv_file), "--tenant", tenant, database_url=database_url)
+    assert again.returncode == 1 and "already registered" in again.stderr.strip().splitlines()[-1]
+    devices = json.loads(kestrel("device", "list", "--tenant", tenant, "--json", database_url=database_url).stdout)
+    assert len(devices) == 25 and devices[0]["tags"] == ["site:a", "pump"]
+    (tmp_path / "bad.csv").write_text("id,name\nx,y\n")
+    no_header = kestrel("device", "import", str(tmp_path / "bad.csv"), "--tenant", tenant, database_url=database_url)
+    assert no_header.returncode == 2 and "needs a header with device_id" in one_line(no_header.stderr)
