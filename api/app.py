@@ -19,7 +19,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from psycopg_pool import AsyncConnectionPool
 
 from api import queries
-from api.auth import CallerPrincipal, provide_principal, tenant_transaction
+from api.auth import CallerPrincipal, RateLimiter, provide_principal, tenant_transaction
 from api.control import ROUTES as CONTROL_ROUTES
 from api.problems import PROBLEM_JSON, Problem, handle_exception
 from kestrel import __version__
@@ -91,6 +91,7 @@ def _problems(*codes: int) -> dict[int, ResponseSpec]:
         404: "Not found (or another tenant's)",
         409: "Conflict",
         412: "If-Match does not match the current version",
+        429: "The tenant is over its request quota (see Retry-After)",
         503: "Not ready",
     }
     return {
@@ -101,7 +102,7 @@ def _problems(*codes: int) -> dict[int, ResponseSpec]:
     }
 
 
-API_ERRORS = _problems(400, 401, 403, 404, 409, 412)
+API_ERRORS = _problems(400, 401, 403, 404, 409, 412, 429)
 
 
 def _pool(request: Request[Any, Any, Any]) -> AsyncConnectionPool[Any]:
@@ -271,6 +272,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
         state=State(
             {
                 "admin_token": settings.admin_token.reveal(),
+                "rate_limiter": RateLimiter(),
                 "schema_version": max(m.version for m in available_migrations("native")),
             }
         ),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +29,25 @@ from litestar.di import NamedDependency
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel.errors import Forbidden, Unauthenticated
+from kestrel.errors import Forbidden, RateLimited, Unauthenticated
 from kestrel.tokens import ROLE_SCOPES, TOKEN_PATTERN, TOKEN_PREFIX, secret_digest
+
+
+class RateLimiter:
+    """Token buckets per tenant (``tenants.api_requests_per_s``, bursts up to one second's worth). Per API
+    process: with N replicas behind a balancer a tenant gets up to N times its rate (ADR-0012)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
+
+    def take(self, tenant: str, rate: int) -> None:
+        now = time.monotonic()
+        tokens, at = self._buckets.get(tenant, (float(rate), now))
+        tokens = min(float(rate), tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._buckets[tenant] = (tokens, now)
+            raise RateLimited(f"tenant over its quota of {rate} requests/s", retry_after=(1.0 - tokens) / rate)
+        self._buckets[tenant] = (tokens - 1.0, now)
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,7 @@ async def _token_principal(request: Request[Any, Any, Any], token: str) -> Princ
     digest = secret_digest(secret)
     if row is None or not hmac.compare_digest(digest, row[3]):
         raise Unauthenticated("a valid bearer token is required")
-    tenant, user_id, scopes, _, expires_at, revoked_at, role, user_status, tenant_status = row
+    tenant, user_id, scopes, _, expires_at, revoked_at, role, user_status, tenant_status, rate = row
     if revoked_at is not None or expires_at <= datetime.now(UTC):
         raise Unauthenticated("the token is expired or revoked")
     if tenant is None or tenant_status != "active":
@@ -86,6 +104,9 @@ async def _token_principal(request: Request[Any, Any, Any], token: str) -> Princ
             raise Unauthenticated("the token's user is disabled")
         granted &= ROLE_SCOPES.get(role, frozenset())
         actor = f"user:{user_id}/token:{token_id}"
+    if rate is not None:
+        limiter: RateLimiter = request.app.state.rate_limiter
+        limiter.take(tenant, rate)
     return Principal(actor=actor, tenant=tenant, scopes=granted)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import msgspec
@@ -16,6 +17,7 @@ from kestrel.errors import (
     KestrelError,
     NotFound,
     PreconditionFailed,
+    RateLimited,
     Unauthenticated,
     Unavailable,
 )
@@ -30,6 +32,7 @@ _STATUS: dict[type[KestrelError], int] = {
     NotFound: 404,
     Conflict: 409,
     PreconditionFailed: 412,
+    RateLimited: 429,
     Unavailable: 503,
 }
 _TITLES = {
@@ -52,6 +55,7 @@ _KINDS = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    429: "rate_limited",
     500: "internal",
     503: "unavailable",
 }
@@ -109,6 +113,8 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     if isinstance(exc, KestrelError):
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
         headers = {"WWW-Authenticate": 'Bearer realm="kestrel"'} if status == 401 else None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         kind = f"invalid_input.{exc.reason}" if isinstance(exc, InvalidInput) else exc.kind
         return problem_response(request, status, exc.detail, kind, headers=headers)
     if isinstance(exc, ValidationException):

@@ -50,6 +50,16 @@ class PreconditionFailed(KestrelError):
     kind = "precondition_failed"
 
 
+class RateLimited(KestrelError):
+    """A tenant's request or message rate is over its quota; ``retry_after`` seconds is worth waiting."""
+
+    kind = "rate_limited"
+
+    def __init__(self, detail: str, retry_after: float = 1.0) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class Unavailable(KestrelError):
     """A dependency is down or overloaded; retrying later may succeed."""
 

@@ -343,3 +343,19 @@ def test_device_quota_and_platform_tenant_management(client: TestClient, databas
     )
     assert stale.status_code == 412
     assert client.post("/api/v1/devices", json={"device_id": f"{tenant}-2"}, headers=auth).status_code == 201
+
+
+def test_api_requests_over_the_tenants_quota_get_429(client: TestClient, database_url: str) -> None:  # type: ignore[type-arg]
+    limited, _ = _tenant(database_url, 1)
+    other, _ = _tenant(database_url, 1)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE tenants SET api_requests_per_s = 3 WHERE tenant_id = %s", (limited,))
+    auth, other_auth = tenant_token(database_url, limited), tenant_token(database_url, other)
+    statuses = [client.get("/api/v1/devices", headers=auth).status_code for _ in range(12)]
+    assert statuses.count(200) >= 3 and 429 in statuses
+    refused = client.get("/api/v1/devices", headers=auth)
+    if refused.status_code == 429:
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["type"] == "urn:kestrel:problem:rate_limited"
+    # another tenant is not slowed down
+    assert all(client.get("/api/v1/devices", headers=other_auth).status_code == 200 for _ in range(12))

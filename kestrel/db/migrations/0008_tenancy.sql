@@ -141,9 +141,11 @@ GRANT USAGE ON SEQUENCE audit_log_id_seq TO kestrel_api;
 -- single row the token's id names (the caller still compares the secret's digest).
 CREATE FUNCTION kestrel_token_lookup(p_token_id text)
 RETURNS TABLE (tenant_id text, user_id text, scopes text[], secret_sha256 text, expires_at timestamptz,
-               revoked_at timestamptz, user_role text, user_status text, tenant_status text)
+               revoked_at timestamptz, user_role text, user_status text, tenant_status text,
+               api_requests_per_s integer)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
-    SELECT k.tenant_id, k.user_id, k.scopes, k.secret_sha256, k.expires_at, k.revoked_at, u.role, u.status, t.status
+    SELECT k.tenant_id, k.user_id, k.scopes, k.secret_sha256, k.expires_at, k.revoked_at, u.role, u.status, t.status,
+           t.api_requests_per_s
     FROM api_tokens k
     LEFT JOIN users u ON u.user_id = k.user_id
     LEFT JOIN tenants t ON t.tenant_id = k.tenant_id
