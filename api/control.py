@@ -43,6 +43,9 @@ _STRICT = {"forbid_unknown_fields": True, "frozen": True, "kw_only": True}
 # ------------------------------------------------------------------------------------------------ schemas
 
 
+Limit32 = Annotated[int, msgspec.Meta(ge=1, le=2_000_000_000)]  # PostgreSQL integer columns
+
+
 class Tenant(msgspec.Struct, frozen=True, kw_only=True):
     tenant_id: str
     name: str
@@ -57,17 +60,17 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
 class TenantCreate(msgspec.Struct, **_STRICT):
     tenant_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
     name: Annotated[str, msgspec.Meta(max_length=200)] = ""
-    max_devices: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    api_requests_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    ingest_messages_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_devices: Limit32 | None = None
+    api_requests_per_s: Limit32 | None = None
+    ingest_messages_per_s: Limit32 | None = None
 
 
 class TenantPatch(msgspec.Struct, **_STRICT):
     name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
     status: Literal["active", "suspended"] | None = None
-    max_devices: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    api_requests_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    ingest_messages_per_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_devices: Limit32 | None = None
+    api_requests_per_s: Limit32 | None = None
+    ingest_messages_per_s: Limit32 | None = None
 
 
 Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:=-]{1,64}$")]
