@@ -28,6 +28,7 @@ bench: install
 
 openapi: install
 	$(PY) -m api openapi > api/openapi.json
+	$(PY) -m api graphql-schema > api/schema.graphql
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

@@ -9,6 +9,7 @@ import psycopg
 import uvicorn
 
 from api.app import PRIVILEGED_DETAIL, PRIVILEGED_ROLE, ApiSettings, create_app
+from api.graphql import build_schema
 from kestrel.errors import InvalidInput
 from kestrel.logs import configure_logging
 from kestrel.settings import from_env
@@ -49,8 +50,11 @@ def main(argv: list[str]) -> int:
     if argv == ["openapi"]:
         sys.stdout.write(openapi_document())
         return 0
+    if argv == ["graphql-schema"]:
+        sys.stdout.write(build_schema(introspection=True).as_str() + "\n")
+        return 0
     if argv:
-        print("usage: python -m api [openapi]", file=sys.stderr)
+        print("usage: python -m api [openapi|graphql-schema]", file=sys.stderr)
         return 2
     configure_logging("api")
     try:

@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from api import queries
 from api.auth import CallerPrincipal, RateLimiter, provide_principal, tenant_transaction
 from api.control import ROUTES as CONTROL_ROUTES
+from api.graphql import graphql_controller
 from api.problems import PROBLEM_JSON, Problem, handle_exception
 from kestrel import __version__
 from kestrel.db.migrate import available_migrations
@@ -42,6 +43,7 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     admin_token: Secret = msgspec.field(default_factory=lambda: Secret(""))
     database_url: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    graphql_introspection: bool = False
     pool_min: int = 1
     pool_max: int = 10
 
@@ -259,7 +261,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
         handler.responses = {**API_ERRORS, **(handler.responses or {})}
     api_v1 = Router(
         path="/api/v1",
-        route_handlers=[*CONTROL_ROUTES, get_telemetry],
+        route_handlers=[*CONTROL_ROUTES, get_telemetry, graphql_controller(settings.graphql_introspection)],
         dependencies={"principal": Provide(provide_principal)},
         security=[{"bearerAuth": []}],
     )

@@ -45,3 +45,10 @@ def test_document_is_openapi_31_with_every_route_error_and_bearer_auth() -> None
             assert {"400", "401", "403", "404"} <= set(responses), (method, path)
             assert "application/problem+json" in responses["401"]["content"]
             assert operation["security"] == [{"bearerAuth": []}], (method, path)
+
+
+def test_committed_graphql_schema_matches_the_app() -> None:
+    from api.graphql import build_schema  # noqa: PLC0415
+
+    committed = (REPO / "api" / "schema.graphql").read_text()
+    assert committed == build_schema(introspection=True).as_str() + "\n", "api/schema.graphql is stale: `make openapi`"

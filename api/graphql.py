@@ -1,0 +1,175 @@
+"""GraphQL at ``/api/v1/graphql`` (strawberry on Litestar), over the same tenant transactions, scopes and SQL
+as the REST routes (ADR-0012). Read-only for now: devices, groups, latest values and aggregated telemetry.
+
+Abuse limits: query depth, aliases and tokens are capped; introspection is off unless configured.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import strawberry
+from litestar import Request
+from psycopg.rows import dict_row
+from strawberry.extensions import DisableIntrospection, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.litestar import BaseContext, make_graphql_controller
+from strawberry.scalars import JSON
+from strawberry.types import Info
+
+from api import queries
+from api.auth import Principal, provide_principal, tenant_transaction
+from api.control import DEVICES_PAGE, GROUPS
+from kestrel.errors import InvalidInput
+from kestrel.topics import is_valid_id
+
+MAX_DEPTH = 6
+MAX_ALIASES = 15
+MAX_TOKENS = 2000
+MAX_PAGE = 1000
+
+
+@strawberry.type
+class Bucket:
+    bucket: datetime
+    value: JSON | None
+    samples: int
+
+
+@strawberry.type
+class Device:
+    device_id: str
+    name: str
+    status: str
+    tags: list[str]
+    created_at: datetime
+
+    @strawberry.field(description="Aggregates of one metric in time buckets (telemetry:read)")
+    async def telemetry(
+        self,
+        info: Info[Any, Any],
+        metric: str,
+        agg: str = "avg",
+        bucket: str = "1h",
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[Bucket]:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("telemetry:read")
+        if agg not in queries.AGGREGATES:
+            raise InvalidInput("bad_aggregation", f"agg must be one of {', '.join(queries.AGGREGATES)}")
+        end = until or datetime.now(UTC)
+        start = since or end - timedelta(days=1)
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            rows = await queries.buckets(
+                conn, tenant=tenant, device=self.device_id, metric=metric, agg=agg,
+                bucket=queries.parse_bucket(bucket), start=start, end=end,
+            )  # fmt: skip
+        return [Bucket(**r) for r in rows]
+
+
+@strawberry.type
+class DevicePage:
+    items: list[Device]
+    next_cursor: str | None
+
+
+@strawberry.type
+class Group:
+    group_id: str
+    name: str
+    devices: int
+
+
+class Context(BaseContext, kw_only=True):
+    """Strawberry's Litestar context with the authenticated caller (strawberry fills in ``request``)."""
+
+    principal: Principal
+
+    @property
+    def http(self) -> Request[Any, Any, Any]:
+        assert self.request is not None  # always set for HTTP operations, the only ones served
+        return self.request
+
+
+def _device(row: dict[str, Any]) -> Device:
+    return Device(
+        device_id=row["device_id"], name=row["name"], status=row["status"], tags=row["tags"],
+        created_at=row["created_at"],
+    )  # fmt: skip
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="The tenant's devices, filtered and paged (devices:read)")
+    async def devices(
+        self,
+        info: Info[Any, Any],
+        status: str | None = None,
+        group: str | None = None,
+        tag: str | None = None,
+        first: int = 100,
+        after: str | None = None,
+    ) -> DevicePage:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("devices:read")
+        if not 1 <= first <= MAX_PAGE:
+            raise InvalidInput("bad_page", f"first must be 1 to {MAX_PAGE}")
+        for value in (group, after):
+            if value is not None and not is_valid_id(value):
+                raise InvalidInput("bad_id", "ids match [A-Za-z0-9_-]{1,64}")
+        params = {"tenant": tenant, "status": status, "tag": tag, "group": group, "after": after, "limit": first + 1}
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (await cur.execute(DEVICES_PAGE, params)).fetchall()
+        items = [_device(r) for r in rows[:first]]
+        return DevicePage(items=items, next_cursor=items[-1].device_id if len(rows) > first else None)
+
+    @strawberry.field(description="One device, or null when the tenant has none by that id (devices:read)")
+    async def device(self, info: Info[Any, Any], device_id: str) -> Device | None:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("devices:read")
+        if not is_valid_id(device_id):
+            return None
+        params = {"tenant": tenant, "status": None, "tag": None, "group": None, "after": None, "limit": 1}
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (
+                await cur.execute(DEVICES_PAGE.replace("d.device_id > %(after)s", "d.device_id = %(id)s"),
+                                  params | {"after": device_id, "id": device_id})
+            ).fetchall()  # fmt: skip
+        return _device(rows[0]) if rows else None
+
+    @strawberry.field(description="The tenant's device groups (groups:read)")
+    async def groups(self, info: Info[Any, Any]) -> list[Group]:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("groups:read")
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (await cur.execute(GROUPS, {"tenant": tenant, "group": None})).fetchall()
+        return [Group(group_id=r["group_id"], name=r["name"], devices=r["devices"]) for r in rows]
+
+
+def build_schema(introspection: bool) -> strawberry.Schema:
+    extensions: list[Any] = [
+        QueryDepthLimiter(max_depth=MAX_DEPTH),
+        MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        MaxTokensLimiter(max_token_count=MAX_TOKENS),
+    ]
+    if not introspection:
+        extensions.append(DisableIntrospection())
+    return strawberry.Schema(query=Query, extensions=extensions)
+
+
+def graphql_controller(introspection: bool) -> type:
+    """The GraphQL endpoint. Its contract is the committed SDL (``api/schema.graphql``), not the OpenAPI document."""
+    schema = build_schema(introspection)
+
+    async def context_getter(request: Request[Any, Any, Any]) -> Context:
+        return Context(principal=await provide_principal(request))
+
+    controller = make_graphql_controller(
+        schema, path="/graphql", graphql_ide=None, allow_queries_via_get=False, context_getter=context_getter
+    )
+    controller.include_in_schema = False
+    return controller
