@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,24 +29,16 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from kestrel.errors import Forbidden, RateLimited, Unauthenticated
+from kestrel.ratelimit import TokenBuckets
 from kestrel.tokens import ROLE_SCOPES, TOKEN_PATTERN, TOKEN_PREFIX, secret_digest
 
 
-class RateLimiter:
-    """Token buckets per tenant (``tenants.api_requests_per_s``, bursts up to one second's worth). Per API
-    process: with N replicas behind a balancer a tenant gets up to N times its rate (ADR-0012)."""
+class RateLimiter(TokenBuckets):
+    """``tenants.api_requests_per_s``, per API process (ADR-0012)."""
 
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
-
-    def take(self, tenant: str, rate: int) -> None:
-        now = time.monotonic()
-        tokens, at = self._buckets.get(tenant, (float(rate), now))
-        tokens = min(float(rate), tokens + (now - at) * rate)
-        if tokens < 1.0:
-            self._buckets[tenant] = (tokens, now)
-            raise RateLimited(f"tenant over its quota of {rate} requests/s", retry_after=(1.0 - tokens) / rate)
-        self._buckets[tenant] = (tokens - 1.0, now)
+    def check(self, tenant: str, rate: int) -> None:
+        if (wait := self.take(tenant, float(rate))) is not None:
+            raise RateLimited(f"tenant over its quota of {rate} requests/s", retry_after=wait)
 
 
 @dataclass(frozen=True)
@@ -106,7 +97,7 @@ async def _token_principal(request: Request[Any, Any, Any], token: str) -> Princ
         actor = f"user:{user_id}/token:{token_id}"
     if rate is not None:
         limiter: RateLimiter = request.app.state.rate_limiter
-        limiter.take(tenant, rate)
+        limiter.check(tenant, rate)
     return Principal(actor=actor, tenant=tenant, scopes=granted)
 
 

@@ -29,6 +29,7 @@ from psycopg.pq import Format
 from ingest.jetstream import JetStreamPublisher, RawPuller, ensure_writer_consumer, publish_deadletter
 from kestrel import streams
 from kestrel.errors import InvalidInput
+from kestrel.ratelimit import TokenBuckets
 from kestrel.wire import TelemetryEnvelope, decode_envelope
 
 log = logging.getLogger("kestrel.ingest.writer")
@@ -195,6 +196,10 @@ class StorageRejected(Exception):
     """The database refused a batch for its content (not a transient failure)."""
 
 
+QUOTA_REFRESH_S = 10.0
+QUOTAS = "SELECT tenant_id, ingest_messages_per_s FROM tenants WHERE ingest_messages_per_s IS NOT NULL"
+
+
 class Writer:
     """Stores batches; owns one database connection, reconnecting on failure."""
 
@@ -212,6 +217,9 @@ class Writer:
         self.publisher = publisher
         self.metrics = metrics
         self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.quotas: dict[str, int] = {}  # tenant -> ingest messages/s (tenants.ingest_messages_per_s)
+        self._quotas_at = -QUOTA_REFRESH_S
+        self._buckets = TokenBuckets()
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None or self.conn.closed:
@@ -229,6 +237,31 @@ class Writer:
         await conn.execute("SELECT telemetry_maintain()")
         await conn.commit()
 
+    async def _refresh_quotas(self) -> None:
+        """Per-tenant ingest limits, re-read every QUOTA_REFRESH_S (a failed read keeps the last known)."""
+        if time.monotonic() - self._quotas_at < QUOTA_REFRESH_S:
+            return
+        conn = await self.connect()
+        rows = await (
+            await conn.execute(
+                "SELECT tenant_id, ingest_messages_per_s FROM tenants WHERE ingest_messages_per_s IS NOT NULL"
+            )
+        ).fetchall()
+        await conn.commit()
+        self.quotas = {tenant: int(rate) for tenant, rate in rows}
+        self._quotas_at = time.monotonic()
+
+    def _over_quota(self, decoded: list[Decoded]) -> tuple[list[Decoded], list[Decoded]]:
+        """(admitted, over their tenant's messages/s): one tenant's flood never delays another's messages."""
+        admitted, over = [], []
+        for item in decoded:
+            rate = self.quotas.get(item.envelope.tenant)
+            if rate is not None and self._buckets.take(item.envelope.tenant, float(rate)) is not None:
+                over.append(item)
+            else:
+                admitted.append(item)
+        return admitted, over
+
     async def _store(self, decoded: list[Decoded]) -> StoreResult:
         return await store_rows(await self.connect(), [row for d in decoded for row in to_rows(d.envelope)])
 
@@ -243,6 +276,24 @@ class Writer:
             except InvalidInput as exc:
                 malformed.append((msg, exc))
         await asyncio.gather(*(self._reject(msg, exc.reason, exc.detail, term=True) for msg, exc in malformed))
+        if decoded:
+            try:
+                await self._refresh_quotas()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("could not read ingest quotas; keeping the last known: %s", str(exc).splitlines()[0])
+            decoded, over = self._over_quota(decoded)
+            await asyncio.gather(
+                *(
+                    self._reject(
+                        d.msg,
+                        "tenant_rate_limited",
+                        f"tenant {d.envelope.tenant} is over its ingest quota"
+                        f" of {self.quotas.get(d.envelope.tenant)} messages/s",
+                        term=False,
+                    )
+                    for d in over
+                )
+            )
         if decoded:
             try:
                 await self._store_and_settle(decoded)

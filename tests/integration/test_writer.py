@@ -198,3 +198,29 @@ async def test_messages_that_exhaust_max_deliver_end_in_the_dead_letter_stream(
         await writer_nc.close()
         await publisher.close()
         await nc.close()
+
+
+@pytest.mark.asyncio
+async def test_a_tenant_over_its_ingest_quota_is_dead_lettered_and_others_are_not(
+    harness: Harness, make_tenant: Callable[[int], Tenant], database_url: str
+) -> None:
+    """A burst of 60 messages against a quota of 5 messages/s: about 5 stored (a one-second bucket), the rest
+    dead-lettered with a counted reason; a tenant without a quota in the same batches keeps everything."""
+    noisy, quiet = make_tenant(1), make_tenant(1)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE tenants SET ingest_messages_per_s = 5 WHERE tenant_id = %s", (noisy.id,))
+    for seq in range(60):
+        await harness.send(*reading(noisy.id, noisy.devices[0], seq))
+        await harness.send(*reading(quiet.id, quiet.devices[0], seq))
+    assert await eventually(lambda: len(rows(database_url, quiet.id)) == 60)
+    assert await eventually(
+        lambda: (
+            harness.metric("kestrel_writer_deadlettered_total", reason="tenant_rate_limited")
+            + len(rows(database_url, noisy.id))
+            == 60
+        )
+    )
+    stored = len(rows(database_url, noisy.id))
+    assert 1 <= stored <= 40, stored  # one second's burst plus what refilled while sending (a slow CI box)
+    dead = await deadletters(harness.nats_url, topic_contains=noisy.devices[0], expect=60 - stored)
+    assert {d[streams.HDR_REASON] for d in dead} == {"tenant_rate_limited"}
