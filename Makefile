@@ -25,6 +25,7 @@ lint:
 bench: install
 	$(PY) bench/run.py
 	$(PY) bench/identity_bench.py
+	$(PY) bench/api_bench.py
 
 openapi: install
 	$(PY) -m api openapi > api/openapi.json

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpload
 import httpx
 import uvloop
 from cryptography import x509
@@ -40,52 +41,9 @@ PASSPHRASE = "bench-passphrase-" + uuid.uuid4().hex
 KEY = "bench-broker-key"
 
 
-async def _call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
-    """One keep-alive HTTP/1.1 exchange on raw streams (a lean client, so the client is not what we measure)."""
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return status, await reader.readexactly(length)
-
-
-def _request(port: int, path: str, body: dict[str, str] | None) -> bytes:
-    if body is None:
-        return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-    data = json.dumps(body).encode()
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
-        f"x-authsvc-key: {KEY}\r\ncontent-length: {len(data)}\r\n\r\n"
-    ).encode() + data
-
-
-async def measure(
-    port: int, path: str, bodies: list[dict[str, str]] | None, total: int, concurrency: int
-) -> tuple[float, float, float]:
-    requests = [_request(port, path, b) for b in bodies] if bodies else [_request(port, path, None)]
-    latencies: list[float] = []
-    queue = list(range(total))
-
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        while queue:
-            i = queue.pop()
-            started = time.perf_counter()
-            status, payload = await _call(reader, writer, requests[i % len(requests)])
-            latencies.append(time.perf_counter() - started)
-            assert status == 200, payload
-            if bodies is not None:
-                assert b'"result":"allow"' in payload, payload
-        writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return total / elapsed, 1000 * statistics.median(latencies), 1000 * latencies[int(len(latencies) * 0.99)]
+def _authn_request(port: int, body: dict[str, str]) -> bytes:
+    headers = {"content-type": "application/json", "x-authsvc-key": KEY}
+    return httpload.request(port, "POST", "/mqtt/authn", headers, json.dumps(body).encode())
 
 
 @dataclass
@@ -203,9 +161,11 @@ def main() -> None:
             subprocess.Popen([sys.executable, "-m", "authsvc"], env=env, stderr=(root / "authsvc.log").open("w"))
         )
         _wait_http(f"http://127.0.0.1:{port}/healthz")
-        floor = uvloop.run(measure(port, "/healthz", None, 4000, 16))
-        cold = uvloop.run(measure(port, "/mqtt/authn", bodies, len(bodies), 16))  # each device once: lookups uncached
-        auth = uvloop.run(measure(port, "/mqtt/authn", bodies, 4000, 16))
+        allowed = lambda status, payload: status == 200 and b'"result":"allow"' in payload  # noqa: E731
+        authn = [_authn_request(port, b) for b in bodies]
+        floor = uvloop.run(httpload.measure(port, [httpload.request(port, "GET", "/healthz")], 4000, 16))
+        cold = uvloop.run(httpload.measure(port, authn, len(authn), 16, allowed))  # each device once: uncached
+        auth = uvloop.run(httpload.measure(port, authn, 4000, 16, allowed))
         print("authsvc (one process), 16 keep-alive connections, 4,000 requests each, lean raw-socket client:")
         print(
             f"  POST /mqtt/authn, first connect of each of 200 devices (database lookups): "
