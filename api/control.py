@@ -218,6 +218,17 @@ async def _one(conn: AsyncConnection[Any], query: str, params: Any, missing: str
     return rows[0]
 
 
+async def _lock_current(
+    conn: AsyncConnection[Any], query: str, object_id: str, if_match: str | None, kind: str
+) -> dict[str, Any]:
+    """The row to update, locked; 404 when the tenant has none, 412 when ``If-Match`` names an older version."""
+    row = await _one(conn, query, (object_id,), f"{kind} {object_id} not found")
+    expected = _expected_version(if_match)
+    if expected is not None and expected != row["version"]:
+        raise PreconditionFailed(f"{kind} {object_id} changed since it was read")
+    return row
+
+
 def _digest(body: object) -> str:
     return hashlib.sha256(msgspec.json.encode(body)).hexdigest()
 
@@ -498,16 +509,14 @@ async def patch_device(
     tenant = principal.need("devices:write")
     async with tenant_transaction(request, tenant) as conn:
         before = ControlDevice(
-            **await _one(
+            **await _lock_current(
                 conn,
                 f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s FOR UPDATE",
-                (device_id,),
-                f"device {device_id} not found",
+                device_id,
+                if_match,
+                "device",
             )
         )
-        expected = _expected_version(if_match)
-        if expected is not None and expected != before.version:
-            raise PreconditionFailed(f"device {device_id} changed since it was read")
         if data.status is not None and before.status == "decommissioned":
             raise Conflict(f"device {device_id} is decommissioned")
         row = await _one(
@@ -707,16 +716,10 @@ async def patch_user(
     tenant = principal.need("users:write")
     async with tenant_transaction(request, tenant) as conn:
         before = User(
-            **await _one(
-                conn,
-                f"SELECT {USER_COLUMNS} FROM users WHERE user_id = %s FOR UPDATE",
-                (user_id,),
-                f"user {user_id} not found",
+            **await _lock_current(
+                conn, f"SELECT {USER_COLUMNS} FROM users WHERE user_id = %s FOR UPDATE", user_id, if_match, "user"
             )
         )
-        expected = _expected_version(if_match)
-        if expected is not None and expected != before.version:
-            raise PreconditionFailed(f"user {user_id} changed since it was read")
         row = await _one(
             conn,
             f"UPDATE users SET role = coalesce(%s, role), status = coalesce(%s, status), version = version + 1"

@@ -151,13 +151,13 @@ class Query:
 
 
 def build_schema(introspection: bool) -> strawberry.Schema:
-    extensions: list[Any] = [
-        QueryDepthLimiter(max_depth=MAX_DEPTH),
-        MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
-        MaxTokensLimiter(max_token_count=MAX_TOKENS),
+    extensions: list[Any] = [  # factories: a fresh extension per request
+        lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
+        lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
     ]
     if not introspection:
-        extensions.append(DisableIntrospection())
+        extensions.append(DisableIntrospection)
     return strawberry.Schema(query=Query, extensions=extensions)
 
 

@@ -155,14 +155,19 @@ class Tenant:
     devices: list[str]
 
 
+def new_tenant(database_url: str, devices: int = 3, prefix: str = "t") -> Tenant:
+    """A registered tenant with ``devices`` registered devices, ids unique to this call."""
+    tag = uuid.uuid4().hex[:10]
+    tenant = Tenant(f"{prefix}-{tag}", [f"{prefix}-{tag}-{i}" for i in range(devices)])
+    registry.create_tenant(database_url, tenant.id)
+    registry.create_devices(database_url, tenant.id, tenant.devices)
+    return tenant
+
+
 @pytest.fixture
 def make_tenant(database_url: str) -> Callable[[int], Tenant]:
     def make(devices: int = 3) -> Tenant:
-        tag = uuid.uuid4().hex[:10]
-        tenant = Tenant(f"t-{tag}", [f"d-{tag}-{i}" for i in range(devices)])
-        registry.create_tenant(database_url, tenant.id)
-        registry.create_devices(database_url, tenant.id, tenant.devices)
-        return tenant
+        return new_tenant(database_url, devices, prefix="t")
 
     return make
 

@@ -14,9 +14,8 @@ import pytest
 from litestar.testing import TestClient
 
 from api.app import ApiSettings, create_app
-from kestrel.db import registry
 from kestrel.settings import Secret
-from tests.conftest import tenant_token
+from tests.conftest import new_tenant, tenant_token
 
 pytestmark = pytest.mark.integration
 URL = "/api/v1/graphql"
@@ -28,12 +27,9 @@ def client(api_database_url: str) -> Iterator[TestClient]:  # type: ignore[type-
         yield c
 
 
-def _tenant(database_url: str, n: int = 2) -> tuple[str, list[str]]:
-    tag = uuid.uuid4().hex[:8]
-    tenant, ids = f"gq-{tag}", [f"gq-{tag}-{i}" for i in range(n)]
-    registry.create_tenant(database_url, tenant)
-    registry.create_devices(database_url, tenant, ids)
-    return tenant, ids
+def _tenant(database_url: str, devices: int = 2) -> tuple[str, list[str]]:
+    made = new_tenant(database_url, devices, prefix="gq")
+    return made.id, made.devices
 
 
 def gql(client: TestClient, auth: dict[str, str], query: str, **variables: Any) -> dict[str, Any]:  # type: ignore[type-arg]

@@ -21,7 +21,7 @@ from api.__main__ import openapi_document
 from api.app import ApiSettings, create_app
 from kestrel.db import registry
 from kestrel.settings import Secret
-from tests.conftest import tenant_token
+from tests.conftest import new_tenant, tenant_token
 
 pytestmark = pytest.mark.integration
 PLATFORM = "platform-admin-" + uuid.uuid4().hex
@@ -35,11 +35,8 @@ def client(api_database_url: str) -> Iterator[TestClient]:  # type: ignore[type-
 
 
 def _tenant(database_url: str, devices: int = 3) -> tuple[str, list[str]]:
-    tag = uuid.uuid4().hex[:8]
-    tenant, ids = f"tn-{tag}", [f"tn-{tag}-{i}" for i in range(devices)]
-    registry.create_tenant(database_url, tenant)
-    registry.create_devices(database_url, tenant, ids)
-    return tenant, ids
+    made = new_tenant(database_url, devices, prefix="tn")
+    return made.id, made.devices
 
 
 # ------------------------------------------------------------------------------------------- the database
