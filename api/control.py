@@ -20,9 +20,10 @@ import psycopg
 from litestar import Request, Response, delete, get, patch, post, put
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter, RawBody
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
+from api import queries
 from api.auth import CallerPrincipal, Principal, audit, pool, request_id, tenant_transaction
 from kestrel.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
 from kestrel.tokens import SCOPES, new_token
@@ -653,8 +654,6 @@ async def latest_telemetry(
     limit: Limit = 1000,
 ) -> LatestPage:
     tenant = principal.need("telemetry:read")
-    from psycopg import sql  # noqa: PLC0415
-
     query = sql.SQL(LATEST).format(
         value=sql.SQL("t.metrics -> %(metric)s" if metric else "t.metrics"),
         has_metric=sql.SQL("AND t.metrics ? %(metric)s" if metric else ""),
@@ -671,6 +670,69 @@ async def latest_telemetry(
         cur = conn.cursor(row_factory=dict_row)
         rows = await (await cur.execute(query, params)).fetchall()
     return LatestPage(metric=metric, items=[LatestValue(**r) for r in rows])
+
+
+GROUP_BUCKETS = """
+SELECT date_bin(%(bucket)s, ts, %(origin)s) AS bucket, {agg} AS value, count(*) AS samples,
+       count(DISTINCT t.device_id) AS devices
+FROM telemetry t JOIN device_group_members m
+  ON m.tenant_id = t.tenant_id AND m.device_id = t.device_id AND m.group_id = %(group)s
+WHERE t.tenant_id = %(tenant)s AND ts >= %(from)s AND ts < %(to)s AND metrics ? %(metric)s
+GROUP BY 1 ORDER BY 1
+"""
+
+
+class GroupBucket(msgspec.Struct, frozen=True, kw_only=True):
+    bucket: datetime
+    value: Any
+    samples: int
+    devices: int
+
+
+class GroupTelemetry(msgspec.Struct, frozen=True, kw_only=True):
+    group_id: str
+    metric: str
+    agg: str
+    bucket: str
+    buckets: list[GroupBucket]
+
+
+@get("/groups/{group_id:str}/telemetry", summary="Aggregate a metric over every device of a group", tags=["telemetry"])
+async def group_telemetry(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    group_id: Id,
+    metric: Annotated[str, QueryParameter(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")],
+    agg: Annotated[queries.Agg, QueryParameter(description="Aggregate per bucket, over all the group's devices")],
+    bucket: Annotated[str, QueryParameter(pattern=r"^[1-9][0-9]{0,5}[smhd]$", description="e.g. 5m")] = "1h",
+    start: Annotated[datetime | None, QueryParameter(name="from", description="Inclusive start (RFC 3339)")] = None,
+    end: Annotated[datetime | None, QueryParameter(name="to", description="Exclusive end (RFC 3339)")] = None,
+) -> GroupTelemetry:
+    tenant = principal.need("telemetry:read")
+    end = end or datetime.now(UTC)
+    start = start or end - timedelta(days=1)
+    if start.tzinfo is None or end.tzinfo is None or start >= end:
+        raise InvalidInput("bad_time", "from must be before to, both with a time zone")
+    width = queries.parse_bucket(bucket)
+    if (end - start) / width > queries.MAX_BUCKETS:
+        raise InvalidInput("too_many_buckets", f"the range holds more than {queries.MAX_BUCKETS} buckets")
+    query = sql.SQL(GROUP_BUCKETS).format(agg=sql.SQL(queries.AGGREGATES[agg]))  # agg is from a closed set
+    params = {
+        "tenant": tenant,
+        "group": group_id,
+        "metric": metric,
+        "bucket": width,
+        "origin": queries.ORIGIN,
+        "from": start,
+        "to": end,
+    }
+    async with tenant_transaction(request, tenant) as conn:
+        await _one(conn, GROUPS, {"tenant": tenant, "group": group_id}, f"group {group_id} not found")
+        cur = conn.cursor(row_factory=dict_row)
+        rows = await (await cur.execute(query, params)).fetchall()
+    return GroupTelemetry(
+        group_id=group_id, metric=metric, agg=agg, bucket=bucket, buckets=[GroupBucket(**r) for r in rows]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ users
@@ -825,6 +887,7 @@ ROUTES = [
     add_group_member,
     remove_group_member,
     latest_telemetry,
+    group_telemetry,
     list_users,
     create_user,
     patch_user,

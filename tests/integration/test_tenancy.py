@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -160,9 +161,10 @@ def test_scopes_roles_and_escalation(client: TestClient, database_url: str) -> N
     viewer_user = client.post("/api/v1/users", json={"email": "v@example.com", "role": "viewer"}, headers=admin).json()
     # A token of a viewer never exceeds the viewer role, whatever scopes it was given.
     created = client.post(
-        "/api/v1/tokens", json={"scopes": ["devices:read", "devices:write"], "user_id": viewer_user["user_id"]},
+        "/api/v1/tokens",
+        json={"scopes": ["devices:read", "devices:write"], "user_id": viewer_user["user_id"]},
         headers=admin,
-    ).json()  # fmt: skip
+    ).json()
     viewer = {"Authorization": f"Bearer {created['token']}"}
     assert client.get("/api/v1/devices", headers=viewer).status_code == 200
     assert client.post("/api/v1/devices", json={"device_id": f"{tenant}-new"}, headers=viewer).status_code == 403
@@ -176,8 +178,10 @@ def test_scopes_roles_and_escalation(client: TestClient, database_url: str) -> N
     # Demoting a user narrows their existing tokens at once.
     operator = client.post("/api/v1/users", json={"email": "o@example.com", "role": "operator"}, headers=admin).json()
     op_token = client.post(
-        "/api/v1/tokens", json={"scopes": ["devices:write", "devices:read"], "user_id": operator["user_id"]}, headers=admin
-    ).json()["token"]  # fmt: skip
+        "/api/v1/tokens",
+        json={"scopes": ["devices:write", "devices:read"], "user_id": operator["user_id"]},
+        headers=admin,
+    ).json()["token"]
     op = {"Authorization": f"Bearer {op_token}"}
     assert client.patch(f"/api/v1/devices/{devices[1]}", json={"name": "renamed"}, headers=op).status_code == 200
     client.patch(f"/api/v1/users/{operator['user_id']}", json={"role": "viewer"}, headers=admin).raise_for_status()
@@ -201,6 +205,7 @@ def _fill(path: str, ids: dict[str, str]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: ids[m[1]], path)
 
 
+QUERY_VALUES = {"metric": "temp", "agg": "avg"}  # valid values for required query parameters
 BODIES: dict[str, Any] = {
     "/api/v1/tenants": {"tenant_id": "stolen-tenant"},
     "/api/v1/tenants/{tenant_id}": {"status": "suspended"},
@@ -224,8 +229,13 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
     client.put(f"/api/v1/groups/b-group/devices/{b_devices[0]}", headers=auth_b).raise_for_status()
     b_user = client.post("/api/v1/users", json={"email": "b@example.com", "role": "admin"}, headers=auth_b).json()
     b_token = client.post("/api/v1/tokens", json={"scopes": ["devices:read"]}, headers=auth_b).json()
-    ids = {"tenant_id": b, "device_id": b_devices[0], "group_id": "b-group", "user_id": b_user["user_id"],
-           "token_id": b_token["token_id"]}  # fmt: skip
+    ids = {
+        "tenant_id": b,
+        "device_id": b_devices[0],
+        "group_id": "b-group",
+        "user_id": b_user["user_id"],
+        "token_id": b_token["token_id"],
+    }
     before = _snapshot(database_url, b)
     doc = json.loads(openapi_document())
     tried = 0
@@ -235,13 +245,26 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
         for method in item:
             url = _fill(path, ids)
             body = BODIES.get(path)
+            required = {
+                p["name"]: QUERY_VALUES[p["name"]]
+                for p in item[method].get("parameters", [])
+                if p["in"] == "query" and p.get("required")
+            }
             resp = client.request(
-                method.upper(), url, headers=auth_a, json=body if method in ("post", "patch") else None
+                method.upper(),
+                url,
+                params=required,
+                headers=auth_a,
+                json=body if method in ("post", "patch") else None,
             )
             tried += 1
             if "{" in path:  # names one of B's objects: it does not exist for A
                 assert resp.status_code == 404 or (path.startswith("/api/v1/tenants") and resp.status_code == 403), (
-                    method, path, resp.status_code, resp.text)  # fmt: skip
+                    method,
+                    path,
+                    resp.status_code,
+                    resp.text,
+                )
             else:  # acts in A's own tenant (or is platform-only): never reaches B
                 assert resp.status_code in (200, 201, 204, 400, 403, 404), (method, path, resp.status_code, resp.text)
     assert tried >= 20
@@ -281,12 +304,16 @@ def test_devices_groups_etags_idempotency_bulk_and_audit(client: TestClient, dat
     tenant, devices = _tenant(database_url, 1)
     auth = tenant_token(database_url, tenant)
     created = client.post(
-        "/api/v1/devices", json={"device_id": f"{tenant}-x", "tags": ["floor:2"]},
+        "/api/v1/devices",
+        json={"device_id": f"{tenant}-x", "tags": ["floor:2"]},
         headers=auth | {"Idempotency-Key": "k1"},
-    )  # fmt: skip
+    )
     assert created.status_code == 201, created.text
-    again = client.post("/api/v1/devices", json={"device_id": f"{tenant}-x", "tags": ["floor:2"]},
-                        headers=auth | {"Idempotency-Key": "k1"})  # fmt: skip
+    again = client.post(
+        "/api/v1/devices",
+        json={"device_id": f"{tenant}-x", "tags": ["floor:2"]},
+        headers=auth | {"Idempotency-Key": "k1"},
+    )
     assert again.status_code == 201 and again.json() == created.json()
     other_body = client.post(
         "/api/v1/devices", json={"device_id": f"{tenant}-y"}, headers=auth | {"Idempotency-Key": "k1"}
@@ -328,8 +355,12 @@ def test_device_quota_and_platform_tenant_management(client: TestClient, databas
     assert client.get(f"/api/v1/tenants/{tenant}", headers=auth).status_code == 200  # its own
     bulk = client.post("/api/v1/devices/bulk", json=[{"device_id": f"{tenant}-{i}"} for i in range(3)], headers=auth)
     assert bulk.status_code == 409 and "quota" in bulk.json()["detail"]
-    assert client.post("/api/v1/devices/bulk", json=[{"device_id": f"{tenant}-{i}"} for i in range(2)],
-                       headers=auth).status_code == 201  # fmt: skip
+    assert (
+        client.post(
+            "/api/v1/devices/bulk", json=[{"device_id": f"{tenant}-{i}"} for i in range(2)], headers=auth
+        ).status_code
+        == 201
+    )
     etag = client.get(f"/api/v1/tenants/{tenant}", headers=PLATFORM_AUTH).headers["etag"]
     raised = client.patch(
         f"/api/v1/tenants/{tenant}", json={"max_devices": 3}, headers=PLATFORM_AUTH | {"If-Match": etag}
@@ -356,3 +387,43 @@ def test_api_requests_over_the_tenants_quota_get_429(client: TestClient, databas
         assert refused.json()["type"] == "urn:kestrel:problem:rate_limited"
     # another tenant is not slowed down
     assert all(client.get("/api/v1/devices", headers=other_auth).status_code == 200 for _ in range(12))
+
+
+def test_aggregates_over_a_group_and_latest_values(client: TestClient, database_url: str) -> None:  # type: ignore[type-arg]
+    tenant, devices = _tenant(database_url, 3)
+    other, other_devices = _tenant(database_url, 1)
+    auth = tenant_token(database_url, tenant)
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    with psycopg.connect(database_url) as conn:
+        for t, device, temp in (
+            (tenant, devices[0], 10.0),
+            (tenant, devices[1], 30.0),
+            (tenant, devices[2], 999.0),
+            (other, other_devices[0], 500.0),
+        ):
+            conn.execute(
+                "INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
+                " VALUES (%s, %s, '', %s, 1, %s, now())",
+                (t, device, start + timedelta(minutes=5), json.dumps({"temp": temp})),
+            )
+    client.post("/api/v1/groups", json={"group_id": "hall"}, headers=auth).raise_for_status()
+    for device in devices[:2]:
+        client.put(f"/api/v1/groups/hall/devices/{device}", headers=auth).raise_for_status()
+    window = {"from": start.isoformat(), "to": (start + timedelta(hours=1)).isoformat()}
+    body = client.get(
+        "/api/v1/groups/hall/telemetry", params={"metric": "temp", "agg": "avg", **window}, headers=auth
+    ).json()
+    assert [(b["value"], b["samples"], b["devices"]) for b in body["buckets"]] == [(20.0, 2, 2)]  # not device 2
+    latest = client.get(
+        "/api/v1/telemetry/latest", params={"group": "hall", "metric": "temp", "within_hours": 6}, headers=auth
+    ).json()
+    assert sorted((i["device_id"], i["value"]) for i in latest["items"]) == [(devices[0], 10.0), (devices[1], 30.0)]
+    everything = client.get("/api/v1/telemetry/latest", params={"within_hours": 6}, headers=auth).json()["items"]
+    assert other_devices[0] not in {i["device_id"] for i in everything}
+    other_auth = tenant_token(database_url, other)
+    assert (
+        client.get(
+            "/api/v1/groups/hall/telemetry", params={"metric": "temp", "agg": "avg"}, headers=other_auth
+        ).status_code
+        == 404
+    )

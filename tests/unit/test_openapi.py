@@ -27,6 +27,7 @@ def test_document_is_openapi_31_with_every_route_error_and_bearer_auth() -> None
         "/api/v1/groups",
         "/api/v1/groups/{group_id}",
         "/api/v1/groups/{group_id}/devices/{device_id}",
+        "/api/v1/groups/{group_id}/telemetry",
         "/api/v1/telemetry/latest",
         "/api/v1/users",
         "/api/v1/users/{user_id}",
