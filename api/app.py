@@ -22,6 +22,9 @@ from api import queries
 from api.auth import CallerPrincipal, RateLimiter, provide_principal, tenant_transaction
 from api.control import ROUTES as CONTROL_ROUTES
 from api.graphql import graphql_controller
+from api.oauth import MANAGEMENT_ROUTES as OAUTH_MANAGEMENT
+from api.oauth import SigningKeys
+from api.oauth import token as oauth_token
 from api.problems import PROBLEM_JSON, Problem, handle_exception
 from kestrel import __version__
 from kestrel.db.migrate import available_migrations
@@ -44,6 +47,10 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     admin_token: Secret = msgspec.field(default_factory=lambda: Secret(""))
     database_url: Secret = msgspec.field(default_factory=lambda: Secret(""))
     graphql_introspection: bool = False
+    #: Ed25519 private key (PEM) signing OAuth access tokens; unset: the token endpoint issues none.
+    signing_key_file: str = ""
+    #: Comma-separated public keys (PEM files) of rotated-out signing keys, still accepted until their tokens expire.
+    previous_signing_keys: str = ""
     pool_min: int = 1
     pool_max: int = 10
 
@@ -257,11 +264,17 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
             await pool.close()
 
     prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
-    for handler in CONTROL_ROUTES:  # every route documents the errors it can answer
+    for handler in [*CONTROL_ROUTES, *OAUTH_MANAGEMENT]:  # every route documents the errors it can answer
         handler.responses = {**API_ERRORS, **(handler.responses or {})}
     api_v1 = Router(
         path="/api/v1",
-        route_handlers=[*CONTROL_ROUTES, get_telemetry, graphql_controller(settings.graphql_introspection)],
+        route_handlers=[
+            *CONTROL_ROUTES,
+            *OAUTH_MANAGEMENT,
+            oauth_token,
+            get_telemetry,
+            graphql_controller(settings.graphql_introspection),
+        ],
         dependencies={"principal": Provide(provide_principal)},
         security=[{"bearerAuth": []}],
     )
@@ -275,6 +288,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
             {
                 "admin_token": settings.admin_token.reveal(),
                 "rate_limiter": RateLimiter(),
+                "signing_keys": SigningKeys.load(settings.signing_key_file, settings.previous_signing_keys),
                 "schema_version": max(m.version for m in available_migrations("native")),
             }
         ),
@@ -284,7 +298,10 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
             description="Kestrel IoT platform REST API. Errors are RFC 9457 problem details.",
             components=Components(
                 security_schemes={
-                    "bearerAuth": SecurityScheme(type="http", scheme="bearer", description="Admin or API token")
+                    "bearerAuth": SecurityScheme(
+                        type="http", scheme="bearer", description="API token, OAuth access token, or the platform token"
+                    ),
+                    "basicAuth": SecurityScheme(type="http", scheme="basic", description="OAuth client id and secret"),
                 }
             ),
             path="/schema",

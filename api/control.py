@@ -855,7 +855,7 @@ async def list_audit(
     request: Request[Any, Any, Any],
     principal: CallerPrincipal,
     limit: Limit = 100,
-    cursor: Annotated[int | None, QueryParameter(ge=1, description="next_cursor")] = None,
+    cursor: Annotated[int | None, QueryParameter(ge=1, le=2**63 - 1, description="next_cursor")] = None,
 ) -> AuditPage:
     tenant = principal.need("audit:read")
     async with tenant_transaction(request, tenant) as conn:

@@ -146,6 +146,7 @@ class EmbeddedStack:
                 "KESTREL_API_PORT": str(self.ports.api),
                 "KESTREL_API_ADMIN_TOKEN": token,
                 "KESTREL_API_DATABASE_URL": self.postgres.api_url,
+                "KESTREL_API_SIGNING_KEY_FILE": str(self.state / "api-signing.key"),
                 "KESTREL_AUTHSVC_PORT": str(self.ports.authsvc),
                 "KESTREL_AUTHSVC_BROKER_KEY": self.secrets["broker-key"],
                 "KESTREL_AUTHSVC_KICK_MQTT_PORT": str(self.ports.mqtt),
@@ -241,6 +242,14 @@ class EmbeddedStack:
         print("  provisioning PKI and credentials ...", flush=True)
         self._provision()
         token = _read_or_create_token(self.state / "admin-token")
+        signing_key = self.state / "api-signing.key"  # signs OAuth access tokens (Ed25519)
+        if not signing_key.exists():
+            signing_key.write_bytes(
+                ed25519.Ed25519PrivateKey.generate().private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            signing_key.chmod(0o600)
         demo_token = self.state / "demo-token"  # an admin-scoped API token of the demo tenant, for curl
         if not demo_token.exists():
             _, value = registry.create_api_token(

@@ -34,6 +34,9 @@ def test_document_is_openapi_31_with_every_route_error_and_bearer_auth() -> None
         "/api/v1/tokens",
         "/api/v1/tokens/{token_id}",
         "/api/v1/audit",
+        "/api/v1/oauth/token",
+        "/api/v1/oauth-clients",
+        "/api/v1/oauth-clients/{client_id}",
         "/healthz",
         "/readyz",
     } == set(doc["paths"])
@@ -43,6 +46,10 @@ def test_document_is_openapi_31_with_every_route_error_and_bearer_auth() -> None
             continue
         for method, operation in item.items():
             responses = operation["responses"]
+            if path == "/api/v1/oauth/token":  # RFC 6749 errors, client authentication by Basic
+                assert {"200", "400", "401"} <= set(responses)
+                assert {"basicAuth": []} in operation["security"]
+                continue
             assert {"400", "401", "403", "404"} <= set(responses), (method, path)
             assert "application/problem+json" in responses["401"]["content"]
             assert operation["security"] == [{"bearerAuth": []}], (method, path)
