@@ -230,11 +230,12 @@ async def _lock_current(
     return row
 
 
-def _digest(body: object) -> str:
-    return hashlib.sha256(msgspec.json.encode(body)).hexdigest()
+def _digest(kind: str, body: object) -> str:
+    """The request's identity for Idempotency-Key: what is created, and from which body."""
+    return hashlib.sha256(msgspec.json.encode([kind, body])).hexdigest()
 
 
-async def _replay(conn: AsyncConnection[Any], tenant: str, key: str | None, body: object) -> Any | None:
+async def _replay(conn: AsyncConnection[Any], tenant: str, key: str | None, kind: str, body: object) -> Any | None:
     """The stored answer of an earlier create with this Idempotency-Key (409 if the body differs)."""
     if key is None:
         return None
@@ -243,16 +244,18 @@ async def _replay(conn: AsyncConnection[Any], tenant: str, key: str | None, body
     )
     if not rows:
         return None
-    if rows[0]["request_sha256"] != _digest(body):
+    if rows[0]["request_sha256"] != _digest(kind, body):
         raise Conflict("this Idempotency-Key was used with a different request")
     return rows[0]["body"]
 
 
-async def _remember(conn: AsyncConnection[Any], tenant: str, key: str | None, body: object, answer: object) -> None:
+async def _remember(
+    conn: AsyncConnection[Any], tenant: str, key: str | None, kind: str, body: object, answer: object
+) -> None:
     if key is not None:
         await conn.execute(
             "INSERT INTO idempotency_keys (tenant_id, key, request_sha256, status, body) VALUES (%s, %s, %s, 201, %s)",
-            (tenant, key, _digest(body), msgspec.json.encode(answer).decode()),
+            (tenant, key, _digest(kind, body), msgspec.json.encode(answer).decode()),
         )
 
 
@@ -424,13 +427,13 @@ async def create_device(
 ) -> ControlDevice:
     tenant = principal.need("devices:write")
     async with tenant_transaction(request, tenant) as conn:
-        if (stored := await _replay(conn, tenant, idempotency_key, data)) is not None:
+        if (stored := await _replay(conn, tenant, idempotency_key, "device", data)) is not None:
             return msgspec.convert(stored, ControlDevice)
         await _insert_devices(conn, tenant, [data])
         row = await _one(conn, f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s", (data.device_id,), "")
         created = ControlDevice(**row)
         await audit(conn, request, principal, "device.create", f"device:{data.device_id}", after=created)
-        await _remember(conn, tenant, idempotency_key, data, created)
+        await _remember(conn, tenant, idempotency_key, "device", data, created)
     return created
 
 
@@ -552,10 +555,15 @@ async def list_groups(request: Request[Any, Any, Any], principal: CallerPrincipa
 
 @post("/groups", summary="Create a device group", tags=["groups"])
 async def create_group(
-    request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[GroupCreate]
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    data: JSONBody[GroupCreate],
+    idempotency_key: IdempotencyKey = None,
 ) -> Group:
     tenant = principal.need("groups:write")
     async with tenant_transaction(request, tenant) as conn:
+        if (stored := await _replay(conn, tenant, idempotency_key, "group", data)) is not None:
+            return msgspec.convert(stored, Group)
         try:
             await conn.execute(
                 "INSERT INTO device_groups (tenant_id, group_id, name) VALUES (%s, %s, %s)",
@@ -565,6 +573,7 @@ async def create_group(
             raise Conflict(f"group {data.group_id} already exists") from exc
         group = Group(**(await _fetch(conn, GROUPS, {"tenant": tenant, "group": data.group_id}))[0])
         await audit(conn, request, principal, "group.create", f"group:{data.group_id}", after=group)
+        await _remember(conn, tenant, idempotency_key, "group", data, group)
     return group
 
 
@@ -748,11 +757,18 @@ async def list_users(request: Request[Any, Any, Any], principal: CallerPrincipal
 
 
 @post("/users", summary="Create a user", tags=["users"])
-async def create_user(request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[UserCreate]) -> User:
+async def create_user(
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    data: JSONBody[UserCreate],
+    idempotency_key: IdempotencyKey = None,
+) -> User:
     tenant = principal.need("users:write")
     import secrets  # noqa: PLC0415
 
     async with tenant_transaction(request, tenant) as conn:
+        if (stored := await _replay(conn, tenant, idempotency_key, "user", data)) is not None:
+            return msgspec.convert(stored, User)
         try:
             row = await _one(
                 conn,
@@ -764,6 +780,7 @@ async def create_user(request: Request[Any, Any, Any], principal: CallerPrincipa
             raise Conflict(f"a user with email {data.email} exists") from exc
         user = User(**row)
         await audit(conn, request, principal, "user.create", f"user:{user.user_id}", after=user)
+        await _remember(conn, tenant, idempotency_key, "user", data, user)
     return user
 
 

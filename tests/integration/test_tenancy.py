@@ -197,7 +197,15 @@ def _snapshot(database_url: str, tenant: str) -> dict[str, Any]:
     with psycopg.connect(database_url) as conn:
         return {
             table: sorted(map(str, conn.execute(f"SELECT * FROM {table} WHERE tenant_id = %s", (tenant,)).fetchall()))  # noqa: S608
-            for table in ("tenants", "devices", "device_groups", "device_group_members", "users", "api_tokens")
+            for table in (
+                "tenants",
+                "devices",
+                "device_groups",
+                "device_group_members",
+                "users",
+                "api_tokens",
+                "oauth_clients",
+            )
         }
 
 
@@ -217,6 +225,7 @@ BODIES: dict[str, Any] = {
     "/api/v1/users": {"email": "a@example.com", "role": "admin"},
     "/api/v1/users/{user_id}": {"role": "viewer"},
     "/api/v1/tokens": {"scopes": ["devices:read"]},
+    "/api/v1/oauth-clients": {"scopes": ["devices:read"]},
 }
 
 
@@ -229,12 +238,14 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
     client.put(f"/api/v1/groups/b-group/devices/{b_devices[0]}", headers=auth_b).raise_for_status()
     b_user = client.post("/api/v1/users", json={"email": "b@example.com", "role": "admin"}, headers=auth_b).json()
     b_token = client.post("/api/v1/tokens", json={"scopes": ["devices:read"]}, headers=auth_b).json()
+    b_client = client.post("/api/v1/oauth-clients", json={"scopes": ["devices:read"]}, headers=auth_b).json()
     ids = {
         "tenant_id": b,
         "device_id": b_devices[0],
         "group_id": "b-group",
         "user_id": b_user["user_id"],
         "token_id": b_token["token_id"],
+        "client_id": b_client["client_id"],
     }
     before = _snapshot(database_url, b)
     doc = json.loads(openapi_document())
@@ -427,3 +438,21 @@ def test_aggregates_over_a_group_and_latest_values(client: TestClient, database_
         ).status_code
         == 404
     )
+
+
+def test_idempotent_creates_of_groups_and_users(client: TestClient, database_url: str) -> None:  # type: ignore[type-arg]
+    tenant, _ = _tenant(database_url, 1)
+    auth = tenant_token(database_url, tenant)
+    first = client.post(
+        "/api/v1/users", json={"email": "i@example.com", "role": "viewer"}, headers=auth | {"Idempotency-Key": "u1"}
+    )
+    again = client.post(
+        "/api/v1/users", json={"email": "i@example.com", "role": "viewer"}, headers=auth | {"Idempotency-Key": "u1"}
+    )
+    assert first.status_code == again.status_code == 201 and first.json() == again.json()
+    reused = client.post("/api/v1/groups", json={"group_id": "g"}, headers=auth | {"Idempotency-Key": "u1"})
+    assert reused.status_code == 409  # the same key for another kind of request
+    g1 = client.post("/api/v1/groups", json={"group_id": "g"}, headers=auth | {"Idempotency-Key": "g1"})
+    g2 = client.post("/api/v1/groups", json={"group_id": "g"}, headers=auth | {"Idempotency-Key": "g1"})
+    assert g1.status_code == g2.status_code == 201 and g1.json() == g2.json()
+    assert len(client.get("/api/v1/users", headers=auth).json()) == 1
