@@ -852,16 +852,25 @@ async def create_token(
     return TokenCreated(token=token, token_id=token_id, scopes=sorted(set(data.scopes)), expires_at=expires_at)
 
 
-@delete("/tokens/{token_id:str}", summary="Revoke an API token", tags=["tokens"], status_code=204)
-async def revoke_token(request: Request[Any, Any, Any], principal: CallerPrincipal, token_id: TokenId) -> None:
+_REVOCABLE = {"token": ("api_tokens", "token_id"), "oauth_client": ("oauth_clients", "client_id")}
+
+
+async def revoke_credential(request: Request[Any, Any, Any], principal: Principal, kind: str, key: str) -> None:
+    """Revoke an API token or OAuth client of the caller's tenant (404 if it has no such active one), audited."""
     tenant = principal.need("tokens:write")
+    table, column = _REVOCABLE[kind]  # constants, never input
     async with tenant_transaction(request, tenant) as conn:
         cur = await conn.execute(
-            "UPDATE api_tokens SET revoked_at = now() WHERE token_id = %s AND revoked_at IS NULL", (token_id,)
+            f"UPDATE {table} SET revoked_at = now() WHERE {column} = %s AND revoked_at IS NULL", (key,)
         )
         if cur.rowcount == 0:
-            raise NotFound(f"no active token {token_id}")
-        await audit(conn, request, principal, "token.revoke", f"token:{token_id}")
+            raise NotFound(f"no active {kind.replace('_', ' ')} {key}")
+        await audit(conn, request, principal, f"{kind}.revoke", f"{kind}:{key}")
+
+
+@delete("/tokens/{token_id:str}", summary="Revoke an API token", tags=["tokens"], status_code=204)
+async def revoke_token(request: Request[Any, Any, Any], principal: CallerPrincipal, token_id: TokenId) -> None:
+    await revoke_credential(request, principal, "token", token_id)
 
 
 # ------------------------------------------------------------------------------------------------ audit

@@ -30,7 +30,8 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Requ
 from litestar.params import Body, PathParameter, RawBody
 
 from api.auth import CallerPrincipal, Principal, audit, pool, tenant_transaction
-from kestrel.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
+from api.control import revoke_credential
+from kestrel.errors import Forbidden, InvalidInput, Unauthenticated
 from kestrel.tokens import SCOPES, secret_digest
 
 AUDIENCE: Final = "kestrel-api"
@@ -303,14 +304,7 @@ async def create_client(
     status_code=204,
 )
 async def revoke_client(request: Request[Any, Any, Any], principal: CallerPrincipal, client_id: ClientId) -> None:
-    tenant = principal.need("tokens:write")
-    async with tenant_transaction(request, tenant) as conn:
-        cur = await conn.execute(
-            "UPDATE oauth_clients SET revoked_at = now() WHERE client_id = %s AND revoked_at IS NULL", (client_id,)
-        )
-        if cur.rowcount == 0:
-            raise NotFound(f"no active OAuth client {client_id}")
-        await audit(conn, request, principal, "oauth_client.revoke", f"oauth_client:{client_id}")
+    await revoke_credential(request, principal, "oauth_client", client_id)
 
 
 MANAGEMENT_ROUTES = [list_clients, create_client, revoke_client]
