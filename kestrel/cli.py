@@ -68,12 +68,13 @@ def db_migrate() -> None:
 def tenant_create(
     tenant: Annotated[str, typer.Argument(help=f"Tenant id, {ID_PATTERN}")],
     name: Annotated[str, typer.Option(help="Display name")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Create a tenant."""
     from kestrel.db import registry  # noqa: PLC0415
 
     registry.create_tenant(database_url(), tenant, name)
-    typer.echo(f"created tenant {tenant}")
+    typer.echo(json.dumps({"tenant": tenant, "name": name}) if as_json else f"created tenant {tenant}")
 
 
 @tenant_app.command("list")

@@ -180,7 +180,8 @@ def test_device_suspend_resume_and_service_principals(database_url: str) -> None
 
 def test_operator_commands_for_users_tokens_and_devices(database_url: str, tmp_path: Path) -> None:
     tenant = f"op-{uuid.uuid4().hex[:8]}"
-    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    created = kestrel("tenant", "create", tenant, "--name", "Operators", "--json", database_url=database_url)
+    assert json.loads(created.stdout) == {"tenant": tenant, "name": "Operators"}
     listed = json.loads(kestrel("tenant", "list", "--json", database_url=database_url).stdout)
     assert any(t["tenant_id"] == tenant and t["devices"] == 0 for t in listed)
 
