@@ -106,15 +106,15 @@ async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("a valid bearer token is required")
+    expected: str = request.app.state.admin_token
+    if expected and hmac.compare_digest(token.encode(), expected.encode()):  # first: whatever its format
+        return Principal(actor="platform-admin", tenant=None, scopes=frozenset())
     if token.startswith(TOKEN_PREFIX):
         return await _token_principal(request, token)
     if token.count(".") == 2:  # an OAuth access token (a JWT)
         from api.oauth import access_token_principal  # noqa: PLC0415 - oauth builds on this module
 
         return await access_token_principal(request, token)
-    expected: str = request.app.state.admin_token
-    if expected and hmac.compare_digest(token.encode(), expected.encode()):
-        return Principal(actor="platform-admin", tenant=None, scopes=frozenset())
     raise Unauthenticated("a valid bearer token is required")
 
 

@@ -92,7 +92,7 @@ class Service(ManagedProcess):
 def _read_or_create_token(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
-    token = "kst_admin_" + secrets.token_urlsafe(32)
+    token = "kpa_" + secrets.token_urlsafe(32)  # the platform administrator's; not an API token (kst_)
     path.write_text(token + "\n")
     path.chmod(0o600)
     return token

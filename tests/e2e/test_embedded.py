@@ -113,6 +113,12 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         assert token not in banner  # the banner points at the file, never prints the secret
         assert (state / "demo-token").stat().st_mode & 0o077 == 0
         assert (state / "admin-token").stat().st_mode & 0o077 == 0
+        platform = (state / "admin-token").read_text().strip()
+        tenants = urllib.request.Request(
+            f"http://127.0.0.1:{ports['api']}/api/v1/tenants", headers={"Authorization": f"Bearer {platform}"}
+        )
+        with urllib.request.urlopen(tenants, timeout=5) as resp:  # noqa: S310 - loopback
+            assert "demo" in {t["tenant_id"] for t in json.loads(resp.read())}
         assert f"mqtts://localhost:{ports['mqtt-tls']}" in banner
         # The banner's own command: the first device's certificate over mTLS.
         command = next(line.strip() for line in banner.splitlines() if line.strip().startswith("mosquitto_pub"))

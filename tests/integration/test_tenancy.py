@@ -456,3 +456,11 @@ def test_idempotent_creates_of_groups_and_users(client: TestClient, database_url
     g2 = client.post("/api/v1/groups", json={"group_id": "g"}, headers=auth | {"Idempotency-Key": "g1"})
     assert g1.status_code == g2.status_code == 201 and g1.json() == g2.json()
     assert len(client.get("/api/v1/users", headers=auth).json()) == 1
+
+
+def test_the_platform_token_works_whatever_its_format(api_database_url: str) -> None:
+    """Older embedded state dirs hold a platform token that looks like an API token (kst_…)."""
+    legacy = "kst_admin_" + uuid.uuid4().hex
+    with TestClient(create_app(ApiSettings(admin_token=Secret(legacy)), api_database_url)) as c:
+        assert c.get("/api/v1/tenants", headers={"Authorization": f"Bearer {legacy}"}).status_code == 200
+        assert c.get("/api/v1/tenants", headers={"Authorization": f"Bearer {legacy}x"}).status_code == 401
