@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -19,7 +19,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from psycopg_pool import AsyncConnectionPool
 
 from api import queries
-from api.auth import CallerPrincipal, RateLimiter, provide_principal, tenant_transaction
+from api.auth import CallerPrincipal, RateLimiter, pool, provide_principal, tenant_transaction
 from api.control import ROUTES as CONTROL_ROUTES
 from api.graphql import graphql_controller
 from api.oauth import MANAGEMENT_ROUTES as OAUTH_MANAGEMENT
@@ -114,11 +114,6 @@ def _problems(*codes: int) -> dict[int, ResponseSpec]:
 API_ERRORS = _problems(400, 401, 403, 404, 409, 412, 429)
 
 
-def _pool(request: Request[Any, Any, Any]) -> AsyncConnectionPool[Any]:
-    pool: AsyncConnectionPool[Any] = request.app.state.pool
-    return pool
-
-
 # ------------------------------------------------------------------------------------------------ routes
 
 
@@ -146,12 +141,7 @@ async def get_telemetry(
     limit: Limit = 1000,
     cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page")] = None,
 ) -> Telemetry:
-    end = end or datetime.now(UTC)
-    start = start or end - timedelta(days=1)
-    if start.tzinfo is None or end.tzinfo is None:
-        raise InvalidInput("bad_time", "from and to need a time zone (e.g. 2026-11-27T12:00:00Z)")
-    if start >= end:
-        raise InvalidInput("bad_time", "from must be before to")
+    start, end = queries.window(start, end)
     if (bucket is None) != (agg is None):
         raise InvalidInput("bad_aggregation", "bucket and agg go together")
     if agg is not None and metric is None:
@@ -210,7 +200,7 @@ async def healthz() -> Health:
 @get("/readyz", summary="Readiness: database reachable and migrated", tags=["health"], responses=_problems(503))
 async def readyz(request: Request[Any, Any, Any]) -> Health:
     try:
-        async with _pool(request).connection(timeout=2) as conn:
+        async with pool(request).connection(timeout=2) as conn:
             row = await (await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")).fetchone()
     except Exception as exc:
         raise Unavailable("database unreachable") from exc

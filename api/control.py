@@ -8,9 +8,8 @@ in its own transaction.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -25,6 +24,7 @@ from psycopg.rows import dict_row
 
 from api import queries
 from api.auth import CallerPrincipal, Principal, audit, pool, request_id, tenant_transaction
+from kestrel.db import registry
 from kestrel.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
 from kestrel.tokens import SCOPES, new_token
 from kestrel.topics import ID_PATTERN
@@ -347,6 +347,7 @@ async def patch_tenant(
 # ------------------------------------------------------------------------------------------------ devices
 
 DEVICE_COLUMNS = "device_id, name, status, tags, version, created_at, updated_at"
+DEVICE = f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s"
 DEVICES_PAGE = f"""
 SELECT {DEVICE_COLUMNS} FROM devices d
 WHERE d.tenant_id = %(tenant)s
@@ -387,7 +388,7 @@ async def get_device(
     async with tenant_transaction(request, tenant) as conn:
         row = await _one(
             conn,
-            f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s",
+            DEVICE,
             (device_id,),
             f"device {device_id} not found",
         )
@@ -430,7 +431,7 @@ async def create_device(
         if (stored := await _replay(conn, tenant, idempotency_key, "device", data)) is not None:
             return msgspec.convert(stored, ControlDevice)
         await _insert_devices(conn, tenant, [data])
-        row = await _one(conn, f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s", (data.device_id,), "")
+        row = await _one(conn, DEVICE, (data.device_id,), "")
         created = ControlDevice(**row)
         await audit(conn, request, principal, "device.create", f"device:{data.device_id}", after=created)
         await _remember(conn, tenant, idempotency_key, "device", data, created)
@@ -441,18 +442,11 @@ MAX_BULK = 10_000
 
 
 def _parse_csv(raw: bytes) -> list[DeviceCreate]:
-    """CSV with the header ``device_id,name,tags`` (tags separated by ``;``)."""
+    """CSV as ``kestrel device import`` reads it, validated like a JSON bulk body."""
     try:
-        rows = list(csv.DictReader(io.StringIO(raw.decode())))
-        if not rows or set(rows[0]) - {"device_id", "name", "tags"}:
-            raise InvalidInput("bad_csv", "CSV needs a header device_id[,name][,tags] and at least one row")
-        items = [
-            {"device_id": r.get("device_id") or "", "name": r.get("name") or "",
-             "tags": [t for t in (r.get("tags") or "").split(";") if t]}
-            for r in rows
-        ]  # fmt: skip
-        return msgspec.convert(items, list[DeviceCreate])
-    except (UnicodeDecodeError, csv.Error) as exc:
+        rows = registry.parse_device_csv(raw.decode())
+        return msgspec.convert([{"device_id": d, "name": n, "tags": t} for d, n, t in rows], list[DeviceCreate])
+    except UnicodeDecodeError as exc:
         raise InvalidInput("bad_csv", "not UTF-8 CSV") from exc
     except msgspec.ValidationError as exc:
         raise InvalidInput("bad_csv", str(exc)) from exc
@@ -467,9 +461,13 @@ async def _bulk(request: Request[Any, Any, Any], principal: Principal, devices: 
     async with tenant_transaction(request, tenant) as conn:
         await _insert_devices(conn, tenant, devices)
         await audit(
-            conn, request, principal, "device.bulk_create", f"devices:{len(devices)}",
+            conn,
+            request,
+            principal,
+            "device.bulk_create",
+            f"devices:{len(devices)}",
             after=[d.device_id for d in devices],
-        )  # fmt: skip
+        )
     return BulkResult(created=len(devices))
 
 
@@ -515,7 +513,7 @@ async def patch_device(
         before = ControlDevice(
             **await _lock_current(
                 conn,
-                f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = %s FOR UPDATE",
+                DEVICE + " FOR UPDATE",
                 device_id,
                 if_match,
                 "device",
@@ -681,16 +679,6 @@ async def latest_telemetry(
     return LatestPage(metric=metric, items=[LatestValue(**r) for r in rows])
 
 
-GROUP_BUCKETS = """
-SELECT date_bin(%(bucket)s, ts, %(origin)s) AS bucket, {agg} AS value, count(*) AS samples,
-       count(DISTINCT t.device_id) AS devices
-FROM telemetry t JOIN device_group_members m
-  ON m.tenant_id = t.tenant_id AND m.device_id = t.device_id AND m.group_id = %(group)s
-WHERE t.tenant_id = %(tenant)s AND ts >= %(from)s AND ts < %(to)s AND metrics ? %(metric)s
-GROUP BY 1 ORDER BY 1
-"""
-
-
 class GroupBucket(msgspec.Struct, frozen=True, kw_only=True):
     bucket: datetime
     value: Any
@@ -718,27 +706,19 @@ async def group_telemetry(
     end: Annotated[datetime | None, QueryParameter(name="to", description="Exclusive end (RFC 3339)")] = None,
 ) -> GroupTelemetry:
     tenant = principal.need("telemetry:read")
-    end = end or datetime.now(UTC)
-    start = start or end - timedelta(days=1)
-    if start.tzinfo is None or end.tzinfo is None or start >= end:
-        raise InvalidInput("bad_time", "from must be before to, both with a time zone")
-    width = queries.parse_bucket(bucket)
-    if (end - start) / width > queries.MAX_BUCKETS:
-        raise InvalidInput("too_many_buckets", f"the range holds more than {queries.MAX_BUCKETS} buckets")
-    query = sql.SQL(GROUP_BUCKETS).format(agg=sql.SQL(queries.AGGREGATES[agg]))  # agg is from a closed set
-    params = {
-        "tenant": tenant,
-        "group": group_id,
-        "metric": metric,
-        "bucket": width,
-        "origin": queries.ORIGIN,
-        "from": start,
-        "to": end,
-    }
+    start, end = queries.window(start, end)
     async with tenant_transaction(request, tenant) as conn:
         await _one(conn, GROUPS, {"tenant": tenant, "group": group_id}, f"group {group_id} not found")
-        cur = conn.cursor(row_factory=dict_row)
-        rows = await (await cur.execute(query, params)).fetchall()
+        rows = await queries.buckets(
+            conn,
+            tenant=tenant,
+            group=group_id,
+            metric=metric,
+            agg=agg,
+            bucket=queries.parse_bucket(bucket),
+            start=start,
+            end=end,
+        )
     return GroupTelemetry(
         group_id=group_id, metric=metric, agg=agg, bucket=bucket, buckets=[GroupBucket(**r) for r in rows]
     )
@@ -764,8 +744,6 @@ async def create_user(
     idempotency_key: IdempotencyKey = None,
 ) -> User:
     tenant = principal.need("users:write")
-    import secrets  # noqa: PLC0415
-
     async with tenant_transaction(request, tenant) as conn:
         if (stored := await _replay(conn, tenant, idempotency_key, "user", data)) is not None:
             return msgspec.convert(stored, User)

@@ -6,7 +6,7 @@ Abuse limits: query depth, aliases and tokens are capped; introspection is off u
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import strawberry
@@ -19,7 +19,7 @@ from strawberry.types import Info
 
 from api import queries
 from api.auth import Principal, provide_principal, tenant_transaction
-from api.control import DEVICES_PAGE, GROUPS
+from api.control import DEVICE, DEVICES_PAGE, GROUPS
 from kestrel.errors import InvalidInput
 from kestrel.topics import is_valid_id
 
@@ -58,8 +58,7 @@ class Device:
         tenant = ctx.principal.need("telemetry:read")
         if agg not in queries.AGGREGATES:
             raise InvalidInput("bad_aggregation", f"agg must be one of {', '.join(queries.AGGREGATES)}")
-        end = until or datetime.now(UTC)
-        start = since or end - timedelta(days=1)
+        start, end = queries.window(since, until)
         async with tenant_transaction(ctx.http, tenant) as conn:
             rows = await queries.buckets(
                 conn, tenant=tenant, device=self.device_id, metric=metric, agg=agg,
@@ -131,13 +130,9 @@ class Query:
         tenant = ctx.principal.need("devices:read")
         if not is_valid_id(device_id):
             return None
-        params = {"tenant": tenant, "status": None, "tag": None, "group": None, "after": None, "limit": 1}
         async with tenant_transaction(ctx.http, tenant) as conn:
             cur = conn.cursor(row_factory=dict_row)
-            rows = await (
-                await cur.execute(DEVICES_PAGE.replace("d.device_id > %(after)s", "d.device_id = %(id)s"),
-                                  params | {"after": device_id, "id": device_id})
-            ).fetchall()  # fmt: skip
+            rows = await (await cur.execute(DEVICE, (device_id,))).fetchall()
         return _device(rows[0]) if rows else None
 
     @strawberry.field(description="The tenant's device groups (groups:read)")

@@ -35,11 +35,15 @@ WHERE tenant_id = %(tenant)s AND device_id = %(device)s AND ts >= %(from)s AND t
 ORDER BY ts, seq, stream LIMIT %(limit)s
 """
 BUCKETS: Final = """
-SELECT date_bin(%(bucket)s, ts, %(origin)s) AS bucket, {agg} AS value, count(*) AS samples
+SELECT date_bin(%(bucket)s, ts, %(origin)s) AS bucket, {agg} AS value, count(*) AS samples{devices}
 FROM telemetry
-WHERE tenant_id = %(tenant)s AND device_id = %(device)s AND ts >= %(from)s AND ts < %(to)s AND metrics ? %(metric)s
+WHERE tenant_id = %(tenant)s AND {scope} AND ts >= %(from)s AND ts < %(to)s AND metrics ? %(metric)s
 GROUP BY 1 ORDER BY 1
 """
+_ONE_DEVICE: Final = "device_id = %(device)s"
+_GROUP_MEMBERS: Final = (
+    "device_id IN (SELECT device_id FROM device_group_members WHERE tenant_id = %(tenant)s AND group_id = %(group)s)"
+)
 _NUMBER = "FILTER (WHERE jsonb_typeof(metrics -> %(metric)s) = 'number')"
 AGGREGATES: Final[dict[str, str]] = {
     "avg": f"to_jsonb(avg((metrics ->> %(metric)s)::float8) {_NUMBER})",
@@ -127,23 +131,45 @@ async def raw_points(
     return await (await cur.execute(query, params)).fetchall()
 
 
+def window(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+    """A query's time range: ``to`` defaults to now, ``from`` to a day before; both need a zone, in order."""
+    end = end or datetime.now(UTC)
+    start = start or end - timedelta(days=1)
+    if start.tzinfo is None or end.tzinfo is None:
+        raise InvalidInput("bad_time", "from and to need a time zone (e.g. 2026-11-27T12:00:00Z)")
+    if start >= end:
+        raise InvalidInput("bad_time", "from must be before to")
+    return start, end
+
+
+def bucket_sql(agg: str, *, group: bool = False) -> sql.Composed:
+    """The bucket query for one device, or (``group``) over a group's devices, counting them per bucket."""
+    return sql.SQL(BUCKETS).format(
+        agg=sql.SQL(AGGREGATES[agg]),  # agg is from a closed set
+        devices=sql.SQL(", count(DISTINCT device_id) AS devices" if group else ""),
+        scope=sql.SQL(_GROUP_MEMBERS if group else _ONE_DEVICE),
+    )
+
+
 async def buckets(
     conn: AsyncConnection[Any],
     *,
     tenant: str,
-    device: str,
     metric: str,
     agg: str,
     bucket: timedelta,
     start: datetime,
     end: datetime,
+    device: str | None = None,
+    group: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Aggregates per bucket of one device, or of every device in ``group`` (rows then carry ``devices``)."""
     if (end - start) / bucket > MAX_BUCKETS:
         raise InvalidInput("too_many_buckets", f"the range holds more than {MAX_BUCKETS} buckets; widen the bucket")
-    query = sql.SQL(BUCKETS).format(agg=sql.SQL(AGGREGATES[agg]))  # agg is from a closed set
     params = {
         "tenant": tenant,
         "device": device,
+        "group": group,
         "metric": metric,
         "bucket": bucket,
         "origin": ORIGIN,
@@ -151,4 +177,4 @@ async def buckets(
         "to": end,
     }
     cur = conn.cursor(row_factory=dict_row)
-    return await (await cur.execute(query, params)).fetchall()
+    return await (await cur.execute(bucket_sql(agg, group=group is not None), params)).fetchall()

@@ -26,7 +26,7 @@ import uvloop
 from psycopg_pool import AsyncConnectionPool
 
 from api.control import DEVICES_PAGE
-from api.queries import AGGREGATES, BUCKETS
+from api.queries import bucket_sql
 from kestrel.db import registry
 from kestrel.db.migrate import migrate
 from kestrel.servers import PostgresServer, free_port
@@ -112,7 +112,7 @@ def main() -> None:
             ),
             "telemetry aggregate (24 h, 1 h buckets, avg of 1,440 points)": (
                 f"/api/v1/devices/{device}/telemetry?metric=temp&bucket=1h&agg=avg&{window}",
-                BUCKETS.format(agg=AGGREGATES["avg"]),
+                bucket_sql("avg"),
                 {
                     "tenant": tenant,
                     "device": device,

@@ -134,7 +134,7 @@ def device_list(
         typer.echo(json.dumps(rows, default=str))
         return
     for r in rows:
-        typer.echo(f"{r['device_id']:<32} {r['status']:<14} {','.join(map(str, r['tags']))}")  # type: ignore[call-overload]
+        typer.echo(f"{r['device_id']:<32} {r['status']:<14} {','.join(r['tags'])}")
 
 
 @device_app.command("import")
@@ -144,22 +144,15 @@ def device_import(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Register many devices from CSV, all or none, with a progress bar on stderr."""
-    import csv  # noqa: PLC0415
-
     from rich.progress import Progress  # noqa: PLC0415
 
     from kestrel.db import registry  # noqa: PLC0415
 
     try:
-        with file.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InvalidInput("bad_file", f"cannot read {file} as UTF-8 CSV") from exc
-    if not rows or "device_id" not in rows[0]:
-        raise InvalidInput("bad_csv", f"{file} needs a header with device_id and at least one row")
-    devices = [
-        (r["device_id"] or "", r.get("name") or "", [t for t in (r.get("tags") or "").split(";") if t]) for r in rows
-    ]
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput("bad_file", f"cannot read {file} as UTF-8") from exc
+    devices = registry.parse_device_csv(text)
     with Progress(transient=as_json) as progress:
         task = progress.add_task("importing", total=len(devices))
         created = registry.import_devices(database_url(), tenant, devices, lambda n: progress.advance(task, n))

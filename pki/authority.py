@@ -35,10 +35,21 @@ class IssuedCertificate:
     chain_pem: str  # tenant CA, then root
 
     @property
+    def _chain(self) -> tuple[str, str]:
+        end = "-----END CERTIFICATE-----\n"
+        tenant_ca, _, root = self.chain_pem.partition(end)
+        return tenant_ca + end, root
+
+    @property
+    def root_pem(self) -> str:
+        """The root certificate: what devices (``--cafile``) and brokers trust."""
+        return self._chain[1]
+
+    @property
     def full_chain_pem(self) -> str:
         """The device certificate followed by its tenant CA: what a device presents in its TLS handshake,
         so brokers need to trust only the root."""
-        return self.cert_pem + self.chain_pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+        return self.cert_pem + self._chain[0]
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def issue(
     )
     _write(out_dir / f"{device}.crt", issued.full_chain_pem)
     _write(out_dir / "ca-chain.pem", issued.chain_pem)
-    _write(out_dir / "ca.pem", issued.chain_pem.split("-----END CERTIFICATE-----\n", 1)[1])
+    _write(out_dir / "ca.pem", issued.root_pem)
     typer.echo(f"issued {device}: serial {issued.serial}, files in {out_dir}/")
 
 

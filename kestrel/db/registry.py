@@ -6,9 +6,12 @@ minimum the telemetry path needs: the writer refuses telemetry for devices that 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import secrets
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import psycopg
 import psycopg.rows
@@ -166,7 +169,7 @@ def create_api_token(
     return token_id, token
 
 
-def list_tenants(conninfo: str) -> list[dict[str, object]]:
+def list_tenants(conninfo: str) -> list[dict[str, Any]]:
     with psycopg.connect(conninfo) as conn:
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
         return cur.execute(
@@ -176,7 +179,7 @@ def list_tenants(conninfo: str) -> list[dict[str, object]]:
         ).fetchall()
 
 
-def list_devices(conninfo: str, tenant: str, status: str | None = None) -> list[dict[str, object]]:
+def list_devices(conninfo: str, tenant: str, status: str | None = None) -> list[dict[str, Any]]:
     require_id("tenant", tenant)
     with psycopg.connect(conninfo) as conn:
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
@@ -206,6 +209,23 @@ def create_user(conninfo: str, tenant: str, email: str, role: str) -> str:
     except psycopg.errors.UniqueViolation as exc:
         raise Conflict(f"tenant {tenant} already has a user {email}") from exc
     return user_id
+
+
+DeviceRow = tuple[str, str, list[str]]  # device id, name, tags
+
+
+def parse_device_csv(text: str) -> list[DeviceRow]:
+    """Rows of CSV with the header ``device_id[,name][,tags]`` (tags separated by ``;``); the ids are checked
+    where the rows are stored."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise InvalidInput("bad_csv", f"not CSV: {exc}") from exc
+    if not rows or "device_id" not in rows[0] or set(rows[0]) - {"device_id", "name", "tags"}:
+        raise InvalidInput("bad_csv", "CSV needs a header with device_id (and optionally name, tags) and a row")
+    return [
+        (r["device_id"] or "", r.get("name") or "", [t for t in (r.get("tags") or "").split(";") if t]) for r in rows
+    ]
 
 
 def import_devices(
