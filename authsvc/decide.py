@@ -22,12 +22,18 @@ from cryptography.x509.oid import NameOID
 
 from authsvc.contract import DENY, AclRule, AuthnRequest, AuthnResponse
 from kestrel.db.registry import SERVICE_SECRET_PREFIX
+from kestrel.tokens import CLAIM_PATTERN, CLAIM_PREFIX, secret_digest
 from kestrel.topics import (
+    CLIENT_EVENT_FILTERS,
+    DEVICE_UPLINK_FILTERS,
     MQTT_JWT_AUDIENCE,
+    VERSION,
     TELEMETRY_FILTERS,
     device_publish_topics,
+    PROVISION_CLIENT_PREFIX,
     device_subscribe_filters,
     is_valid_id,
+    provision_topics,
 )
 
 log = logging.getLogger("kestrel.authsvc")
@@ -36,6 +42,10 @@ DEFAULT_AUDIENCE = MQTT_JWT_AUDIENCE
 JWT_LEEWAY_S = 30
 #: Where the Mosquitto plugin takes control commands (kick); only the ``control`` role may publish there.
 CONTROL_TOPIC = "$CONTROL/kestrel/v1"
+#: Lifecycle states whose credentials are honoured (ADR-0013): not suspended, not decommissioned.
+DEVICE_ADMITTED = frozenset({"registered", "provisioned", "active"})
+#: How long a provisioning (claim) connection may live: long enough to submit a CSR and read the answer.
+CLAIM_SESSION = dt.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,16 @@ class ServicePrincipal:
     status: str
 
 
+@dataclass(frozen=True)
+class Claim:
+    tenant: str
+    secret_sha256: str
+    status: str
+    used: int
+    max_uses: int
+    expires_at: dt.datetime
+
+
 class IdentityLookup(Protocol):
     """What the decision needs from storage."""
 
@@ -85,6 +105,9 @@ class IdentityLookup(Protocol):
 
     async def service_principal(self, name: str) -> ServicePrincipal | None:
         """The backend principal with this name, if any."""
+
+    async def claim(self, claim_id: str) -> Claim | None:
+        """The provisioning claim with this id, if any (never cached: its use count changes)."""
 
 
 def device_acl(tenant: str, device: str) -> list[AclRule]:
@@ -108,6 +131,21 @@ def service_acl(role: str) -> list[AclRule]:
         rules = [AclRule(permission="allow", action="subscribe", topic=f, qos=[0, 1]) for f in TELEMETRY_FILTERS]
     elif role == "control":
         rules = [AclRule(permission="allow", action="publish", topic=CONTROL_TOPIC, qos=[0, 1])]
+    elif role == "devices":
+        rules = [
+            AclRule(permission="allow", action="subscribe", topic=f, qos=[0, 1])
+            for f in (*DEVICE_UPLINK_FILTERS, *CLIENT_EVENT_FILTERS)
+        ]
+        rules += [
+            AclRule(permission="allow", action="publish", topic=t, qos=[0, 1])
+            for t in (
+                f"{VERSION}/+/d/+/cmd/+",
+                f"{VERSION}/+/d/+/state/desired",
+                f"{VERSION}/+/d/+/state/desired/+",
+                f"{VERSION}/+/d/+/status",
+                f"{VERSION}/+/provision/+/+/response",
+            )
+        ]
     else:
         rules = []
     return [*rules, _DENY_ALL]
@@ -144,6 +182,8 @@ async def authenticate(
         return await _certificate(request, lookup, now)
     if request.password.startswith(SERVICE_SECRET_PREFIX):
         return await _service(request, lookup, now)
+    if request.password.startswith(CLAIM_PREFIX):
+        return await _claim(request, lookup, now)
     if request.password:
         return await _jwt(request, lookup, now, audience)
     return _deny("no_credentials", request)
@@ -183,7 +223,7 @@ async def _device_refusal(lookup: IdentityLookup, device: str, tenant: str) -> s
     record = await lookup.device(device)
     if record is None or record.tenant != tenant:
         return "device_not_in_credential_tenant"
-    if record.status != "active" or record.tenant_status != "active":
+    if record.status not in DEVICE_ADMITTED or record.tenant_status != "active":
         return "device_or_tenant_not_active"
     return None
 
@@ -248,4 +288,31 @@ async def _service(request: AuthnRequest, lookup: IdentityLookup, now: dt.dateti
         client_attrs={"svc": name, "role": principal.role},
         expire_at=int((now + MAX_SESSION).timestamp()),
         acl=service_acl(principal.role),
+    )
+
+
+async def _claim(request: AuthnRequest, lookup: IdentityLookup, now: dt.datetime) -> AuthnResponse:
+    """A device holding a provisioning claim (ADR-0013): client id ``prov:{device}``, password the claim token.
+    Admitted for a few minutes to exactly its request and response topics; the claim's use is taken only when
+    devicesvc issues the certificate, so connecting alone consumes nothing."""
+    match = CLAIM_PATTERN.match(request.password)
+    device = request.clientid.removeprefix(PROVISION_CLIENT_PREFIX)
+    if match is None or not request.clientid.startswith(PROVISION_CLIENT_PREFIX) or not is_valid_id(device):
+        return _deny("claim_token_or_clientid", request)
+    claim = await lookup.claim(match.group(1))
+    if claim is None or not hmac.compare_digest(secret_digest(match.group(2)), claim.secret_sha256):
+        return _deny("claim_secret", request)
+    if claim.status != "active" or claim.used >= claim.max_uses or claim.expires_at <= now:
+        return _deny("claim_revoked_exhausted_or_expired", request)
+    publish, subscribe = provision_topics(claim.tenant, match.group(1), device)
+    return AuthnResponse(
+        result="allow",
+        is_superuser=False,
+        client_attrs={"tns": claim.tenant, "claim": match.group(1)},
+        expire_at=int(min(claim.expires_at, now + CLAIM_SESSION).timestamp()),
+        acl=[
+            AclRule(permission="allow", action="publish", topic=publish, qos=[0, 1]),
+            AclRule(permission="allow", action="subscribe", topic=subscribe, qos=[0, 1]),
+            _DENY_ALL,
+        ],
     )

@@ -20,7 +20,7 @@ import httpx
 import psycopg
 from cryptography import x509
 
-from authsvc.decide import CONTROL_TOPIC, Authority, DeviceRecord, IdentityLookup, JwtKey, ServicePrincipal
+from authsvc.decide import CONTROL_TOPIC, Authority, Claim, DeviceRecord, IdentityLookup, JwtKey, ServicePrincipal
 from kestrel.mqttlite import MqttError, MqttPublisher
 
 log = logging.getLogger("kestrel.authsvc")
@@ -68,6 +68,9 @@ class CachedIdentity:
 
     async def jwt_key(self, kid: str) -> JwtKey | None:
         return await self._get("jwt_key", kid, lambda: self.inner.jwt_key(kid))
+
+    async def claim(self, claim_id: str) -> Claim | None:
+        return await self.inner.claim(claim_id)  # never cached: its use count changes with every device
 
     async def service_principal(self, name: str) -> ServicePrincipal | None:
         return await self._get("service", name, lambda: self.inner.service_principal(name))
@@ -149,9 +152,13 @@ class EmqxKicker:
 Kicker = Callable[[list[str], list[str]], Awaitable[None]]
 
 
+#: Statuses that do not withdraw access (a device moving along its lifecycle, ADR-0013).
+ADMITTED = frozenset({"active", "registered", "provisioned"})
+
+
 async def _targets(conn: psycopg.AsyncConnection[Any], event: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Client ids and usernames to disconnect for one status change (none when something became active)."""
-    if event.get("status") == "active":
+    """Client ids and usernames to disconnect for one status change (none when access was not withdrawn)."""
+    if event.get("status") in ADMITTED:
         return [], []
     scope = event.get("scope")
     if scope == "device":

@@ -8,13 +8,14 @@ from typing import Any, Final
 from cryptography import x509
 from psycopg_pool import AsyncConnectionPool
 
-from authsvc.decide import Authority, DeviceRecord, JwtKey, ServicePrincipal
+from authsvc.decide import Authority, Claim, DeviceRecord, JwtKey, ServicePrincipal
 
 AUTHORITY: Final = (
     "SELECT tenant_id, cert_pem FROM pki_authorities WHERE kind = 'tenant' AND status = 'active' AND subject = %s"
 )
 CERTIFICATE: Final = "SELECT status FROM pki_certificates WHERE serial = %s AND fingerprint_sha256 = %s"
 JWT_KEY: Final = "SELECT tenant_id, device_id, alg, public_key_pem, status FROM jwt_keys WHERE kid = %s"
+CLAIM: Final = "SELECT tenant_id, secret_sha256, status, used, max_uses, expires_at FROM provisioning_claims WHERE claim_id = %s"
 SERVICE: Final = "SELECT name, role, secret_sha256, status FROM service_principals WHERE name = %s"
 DEVICE: Final = (
     "SELECT d.tenant_id, d.status, t.status FROM devices d JOIN tenants t ON t.tenant_id = d.tenant_id"
@@ -59,3 +60,8 @@ class PostgresIdentity:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(SERVICE, (name,))).fetchone()
         return None if row is None else ServicePrincipal(*row)
+
+    async def claim(self, claim_id: str) -> Claim | None:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(CLAIM, (claim_id,))).fetchone()
+        return None if row is None else Claim(*row)

@@ -35,6 +35,17 @@ TOKEN_PREFIX: Final = "kst_"  # noqa: S105 - a recognisable prefix, not a secret
 TOKEN_PATTERN: Final = re.compile(r"\Akst_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
 
 
+CLAIM_PREFIX: Final = "kpc_"  # noqa: S105 - a recognisable prefix, not a secret
+CLAIM_PATTERN: Final = re.compile(r"\Akpc_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
+
+
+def new_claim_token() -> tuple[str, str, str]:
+    """A just-in-time provisioning claim (ADR-0013): (claim id, token shown once, SHA-256 of its secret)."""
+    claim_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return claim_id, f"{CLAIM_PREFIX}{claim_id}_{secret}", secret_digest(secret)
+
+
 def new_token() -> tuple[str, str, str]:
     """(token id, full token shown once, SHA-256 of its secret)."""
     token_id = secrets.token_hex(8)

@@ -95,6 +95,7 @@ def device_publish_topics(tenant: str, device: str) -> list[str]:
         f"{base}/telemetry/+",
         f"{base}/events/+",
         f"{base}/state/reported",
+        f"{base}/state/reported/+",
         f"{base}/cmd-res/+",
         f"{base}/status",
     ]
@@ -103,4 +104,85 @@ def device_publish_topics(tenant: str, device: str) -> list[str]:
 def device_subscribe_filters(tenant: str, device: str) -> list[str]:
     """Filters a device may subscribe to: its commands and its desired state."""
     base = f"{VERSION}/{require_id('tenant', tenant)}/d/{require_id('device', device)}"
-    return [f"{base}/cmd/+", f"{base}/state/desired"]
+    return [f"{base}/cmd/+", f"{base}/state/desired", f"{base}/state/desired/+"]
+
+
+# ------------------------------------------------------------------ device twin topics (ADR-0013)
+
+#: Shared-subscription group of devicesvc replicas.
+DEVICES_SHARE_GROUP = "devices"
+#: What devicesvc consumes from devices (without the ``$share`` prefix).
+DEVICE_UPLINK_FILTERS = (
+    f"{VERSION}/+/d/+/state/reported",
+    f"{VERSION}/+/d/+/state/reported/+",
+    f"{VERSION}/+/d/+/cmd-res/+",
+    f"{VERSION}/+/d/+/status",
+    f"{VERSION}/+/provision/+/+/request",
+)
+#: Client events: published by EMQX (``sys_event_messages``) and by our Mosquitto plugin, same topics.
+CLIENT_EVENT_FILTERS = ("$SYS/brokers/+/clients/+/connected", "$SYS/brokers/+/clients/+/disconnected")
+#: Client id prefix of a provisioning (claim) connection: no device id contains ``:``.
+PROVISION_CLIENT_PREFIX = "prov:"
+
+
+def device_base(tenant: str, device: str) -> str:
+    return f"{VERSION}/{require_id('tenant', tenant)}/d/{require_id('device', device)}"
+
+
+def desired_topic(tenant: str, device: str, shadow: str = "") -> str:
+    base = f"{device_base(tenant, device)}/state/desired"
+    return f"{base}/{require_id('shadow', shadow)}" if shadow else base
+
+
+def reported_topic(tenant: str, device: str, shadow: str = "") -> str:
+    base = f"{device_base(tenant, device)}/state/reported"
+    return f"{base}/{require_id('shadow', shadow)}" if shadow else base
+
+
+def command_topic(tenant: str, device: str, name: str) -> str:
+    return f"{device_base(tenant, device)}/cmd/{require_id('command', name)}"
+
+
+def command_response_topic(tenant: str, device: str, request_id: str) -> str:
+    return f"{device_base(tenant, device)}/cmd-res/{require_id('request', request_id)}"
+
+
+def status_topic(tenant: str, device: str) -> str:
+    return f"{device_base(tenant, device)}/status"
+
+
+def provision_topics(tenant: str, claim: str, device: str) -> tuple[str, str]:
+    """(request, response) topics of one provisioning connection."""
+    base = f"{VERSION}/{require_id('tenant', tenant)}/provision/{require_id('claim', claim)}/{require_id('device', device)}"
+    return f"{base}/request", f"{base}/response"
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """A parsed message from a device to devicesvc: ``kind`` is reported, cmd-res, status or provision."""
+
+    kind: str
+    tenant: str
+    device: str
+    arg: str = ""  # the shadow name, the request id, or the claim id
+
+
+def parse_uplink(topic: str) -> Uplink:
+    """Parse a device-to-platform twin topic; ``InvalidInput("bad_topic")`` for anything else."""
+    parts = topic.split("/")
+    if len(parts) >= 4 and parts[0] == VERSION and all(is_valid_id(p) for p in parts[1:2] + parts[3:]):
+        tail = parts[4:]
+        if parts[2] == "d" and tail in (["state", "reported"], ["status"]):
+            return Uplink("reported" if tail[0] == "state" else "status", parts[1], parts[3])
+        if parts[2] == "d" and len(tail) == 3 and tail[:2] == ["state", "reported"]:
+            return Uplink("reported", parts[1], parts[3], tail[2])
+        if parts[2] == "d" and len(tail) == 2 and tail[0] == "cmd-res":
+            return Uplink("cmd-res", parts[1], parts[3], tail[1])
+        if parts[2] == "provision" and len(parts) == 6 and parts[5] == "request":
+            return Uplink("provision", parts[1], parts[4], parts[3])
+    raise InvalidInput("bad_topic", "not a device twin topic (ADR-0013)")
+
+
+def twin_event_subject(tenant: str, device: str, kind: str) -> str:
+    """NATS subject of a presence, shadow or command event: ``v1.{tenant}.d.{device}.{kind}``."""
+    return f"{device_base(tenant, device)}/{kind}".replace("/", ".")

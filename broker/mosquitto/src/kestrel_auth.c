@@ -7,7 +7,12 @@
  * `expire_at` has passed; `$CONTROL/kestrel/v1` lets a principal allowed to publish there kick clients.
  *
  * Options (plugin_opt_*): authn_url (required), broker_key_file (required; the x-authsvc-key),
- * timeout_ms (1500), no_match (deny|allow, default deny), will_grace_s (3600).
+ * timeout_ms (1500), no_match (deny|allow, default deny), will_grace_s (3600), node (mosquitto).
+ *
+ * Client events (ADR-0013): every admitted connection and its end are published, QoS 1, on the topics and in
+ * the shape EMQX uses for `sys_event_messages`: `$SYS/brokers/{node}/clients/{clientid}/connected` and
+ * `.../disconnected`, with `connected_at` (ms) identifying the connection in both, so a consumer can tell a
+ * session takeover (new connected, then old disconnected) from a device going away.
  *
  * A session's rules outlive its DISCONNECT event for will_grace_s: Mosquitto fires DISCONNECT before it
  * sends the client's will (and a delayed will even later), and the will is authorized as a publish by that
@@ -44,6 +49,7 @@ struct session {
 	bool kicked;
 	time_t expire_at; /* 0 = none */
 	time_t disconnected_at; /* 0 = connected */
+	long long connected_ms; /* wall clock ms at admission: the connection's identity in client events */
 	struct kacl acl;
 };
 
@@ -54,6 +60,7 @@ static struct {
 	long timeout_ms;
 	bool no_match_allow;
 	long will_grace_s;
+	char *node;
 	CURL *curl;
 	struct curl_slist *headers;
 	struct session *table[1u << TABLE_BITS];
@@ -286,6 +293,40 @@ done:
 	return rc;
 }
 
+static long long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Publish an EMQX-shaped client event; the broker takes ownership of the payload. */
+static void publish_client_event(struct mosquitto *client, const struct session *s, const char *what, int reason)
+{
+	cJSON *ev = cJSON_CreateObject();
+	if(ev == NULL) return;
+	add_str(ev, "clientid", s->clientid);
+	add_str(ev, "username", s->username);
+	add_str(ev, "node", g.node);
+	cJSON_AddNumberToObject(ev, "connected_at", (double)s->connected_ms);
+	cJSON_AddNumberToObject(ev, "ts", (double)now_ms());
+	if(client){
+		add_str(ev, "ipaddress", mosquitto_client_address(client));
+		cJSON_AddNumberToObject(ev, "proto_ver", mosquitto_client_protocol_version(client));
+	}
+	if(reason >= 0) add_str(ev, "reason", reason == MOSQ_ERR_SUCCESS ? "normal" : mosquitto_strerror(reason));
+	char *payload = cJSON_PrintUnformatted(ev);
+	cJSON_Delete(ev);
+	if(payload == NULL) return;
+	char topic[512];
+	int n = snprintf(topic, sizeof(topic), "$SYS/brokers/%s/clients/%s/%s", g.node, s->clientid, what);
+	if(n <= 0 || (size_t)n >= sizeof(topic)
+			|| mosquitto_broker_publish(NULL, topic, (int)strlen(payload), payload, 1, false, NULL) != MOSQ_ERR_SUCCESS){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "kestrel-auth: could not publish the %s event of %s", what, s->clientid);
+		/* mosquitto_broker_publish frees the payload itself on failure after taking it */
+	}
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	(void)event;
@@ -322,7 +363,9 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 		if(s->clientid == NULL || (ed->username && s->username == NULL)) rc = MOSQ_ERR_NOMEM;
 	}
 	if(rc == MOSQ_ERR_SUCCESS){
+		s->connected_ms = now_ms();
 		session_put(s);
+		publish_client_event(ed->client, s, "connected", -1);
 	}else if(s){
 		session_free(s);
 	}
@@ -369,7 +412,10 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 	(void)userdata;
 	struct mosquitto_evt_disconnect *ed = event_data;
 	struct session *s = session_get(ed->client);
-	if(s) s->disconnected_at = time(NULL); /* freed by the TICK sweep after will_grace_s */
+	if(s && !s->disconnected_at){
+		s->disconnected_at = time(NULL); /* freed by the TICK sweep after will_grace_s */
+		publish_client_event(ed->client, s, "disconnected", ed->reason);
+	}
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -523,6 +569,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mos
 		else if(!strcmp(opts[i].key, "timeout_ms")) g.timeout_ms = strtol(opts[i].value, NULL, 10);
 		else if(!strcmp(opts[i].key, "no_match")) g.no_match_allow = !strcmp(opts[i].value, "allow");
 		else if(!strcmp(opts[i].key, "will_grace_s")) g.will_grace_s = strtol(opts[i].value, NULL, 10);
+		else if(!strcmp(opts[i].key, "node")) g.node = strdup(opts[i].value);
 		else {
 			mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: unknown option plugin_opt_%s", opts[i].key);
 			return MOSQ_ERR_INVAL;
@@ -530,6 +577,11 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mos
 	}
 	if(!g.authn_url || !key_file){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: plugin_opt_authn_url and plugin_opt_broker_key_file are required");
+		return MOSQ_ERR_INVAL;
+	}
+	if(g.node == NULL) g.node = strdup("mosquitto");
+	if(g.node == NULL || bad_identifier(g.node)){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: plugin_opt_node must be a plain identifier");
 		return MOSQ_ERR_INVAL;
 	}
 	if(g.timeout_ms <= 0) g.timeout_ms = 1500;
@@ -582,5 +634,6 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *opts, int n)
 		free(g.broker_key);
 	}
 	free(g.authn_url);
+	free(g.node);
 	return MOSQ_ERR_SUCCESS;
 }
