@@ -27,10 +27,11 @@ from kestrel.topics import (
     CLIENT_EVENT_FILTERS,
     DEVICE_UPLINK_FILTERS,
     MQTT_JWT_AUDIENCE,
-    VERSION,
-    TELEMETRY_FILTERS,
-    device_publish_topics,
     PROVISION_CLIENT_PREFIX,
+    PROVISION_REQUEST_FILTER,
+    TELEMETRY_FILTERS,
+    VERSION,
+    device_publish_topics,
     device_subscribe_filters,
     is_valid_id,
     provision_topics,
@@ -143,8 +144,12 @@ def service_acl(role: str) -> list[AclRule]:
                 f"{VERSION}/+/d/+/state/desired",
                 f"{VERSION}/+/d/+/state/desired/+",
                 f"{VERSION}/+/d/+/status",
-                f"{VERSION}/+/provision/+/+/response",
             )
+        ]
+    elif role == "provisioning":
+        rules = [
+            AclRule(permission="allow", action="subscribe", topic=PROVISION_REQUEST_FILTER, qos=[0, 1]),
+            AclRule(permission="allow", action="publish", topic=f"{VERSION}/+/provision/+/+/response", qos=[0, 1]),
         ]
     else:
         rules = []

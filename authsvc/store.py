@@ -15,7 +15,9 @@ AUTHORITY: Final = (
 )
 CERTIFICATE: Final = "SELECT status FROM pki_certificates WHERE serial = %s AND fingerprint_sha256 = %s"
 JWT_KEY: Final = "SELECT tenant_id, device_id, alg, public_key_pem, status FROM jwt_keys WHERE kid = %s"
-CLAIM: Final = "SELECT tenant_id, secret_sha256, status, used, max_uses, expires_at FROM provisioning_claims WHERE claim_id = %s"
+CLAIM: Final = (
+    "SELECT tenant_id, secret_sha256, status, used, max_uses, expires_at FROM provisioning_claims WHERE claim_id = %s"
+)
 SERVICE: Final = "SELECT name, role, secret_sha256, status FROM service_principals WHERE name = %s"
 DEVICE: Final = (
     "SELECT d.tenant_id, d.status, t.status FROM devices d JOIN tenants t ON t.tenant_id = d.tenant_id"

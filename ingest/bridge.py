@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gmqtt
@@ -23,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingest.jetstream import JetStreamPublisher, PubAck, deadletter_message
 from kestrel import streams
+from kestrel.backend import Ack, install_manual_ack
 from kestrel.errors import InvalidInput
 from kestrel.settings import Secret
 from kestrel.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
@@ -87,13 +86,6 @@ class MonotonicMicros:
         return self._last
 
 
-Ack = Callable[[], None]
-
-
-def _noop() -> None:
-    return None
-
-
 class Bridge:
     """The message handler: validate, then hand to JetStream; acknowledge the broker when stored."""
 
@@ -140,41 +132,6 @@ class Bridge:
         self.publisher.submit(normalized.subject, normalized.payload, {streams.HDR_MSG_ID: normalized.msg_id}, stored)
 
 
-_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id: success, valid in MQTT 5 and 3.1.1
-
-
-def install_manual_ack(client: gmqtt.Client, handle: Callable[[str, bytes, Ack], None]) -> None:
-    """Route gmqtt's QoS 1 deliveries to ``handle`` with a PUBACK callback (gmqtt 0.8, pinned).
-
-    gmqtt's own manual mode runs a task per message and writes each PUBACK separately on whatever
-    connection is current when the task ends. Here a PUBACK is a plain callback; PUBACKs completed in
-    one event-loop turn leave in a single write; and a PUBACK is dropped if its connection is gone: after
-    a reconnect the broker redelivers that message (persistent session) and may have reused its packet id.
-    """
-    handler = client._package_handler  # noqa: SLF001 - documented hook point of the pinned version
-    loop = asyncio.get_running_loop()
-    ready: dict[Any, list[int]] = {}
-
-    def flush() -> None:
-        for connection, mids in ready.items():
-            if handler._connection is connection:  # noqa: SLF001
-                connection.send_package(b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]))
-        ready.clear()
-
-    def on_qos1(mid: int, packet: bytes, topic: str, properties: Any) -> None:
-        connection = handler._connection  # noqa: SLF001
-
-        def puback() -> None:
-            if not ready:
-                loop.call_soon(flush)
-            ready.setdefault(connection, []).append(mid)
-
-        handle(topic, packet, puback)
-
-    handler._handle_qos_1_publish_packet = on_qos1  # noqa: SLF001
-    client.on_message = lambda c, topic, payload, qos, properties: handle(topic, payload, _noop)  # QoS 0
-
-
 async def run_bridge(
     settings: BridgeSettings,
     stop: asyncio.Event,
@@ -202,7 +159,7 @@ async def run_bridge(
     client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
     if settings.mqtt_username:
         client.set_auth_credentials(settings.mqtt_username, settings.mqtt_password.reveal() or None)
-    install_manual_ack(client, bridge.handle)
+    install_manual_ack(client, lambda topic, payload, _properties, ack: bridge.handle(topic, payload, ack))
 
     def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
         c.subscribe(subscriptions)

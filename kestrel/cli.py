@@ -222,7 +222,10 @@ def device_resume(device: Annotated[str, typer.Argument(help="Device id")]) -> N
 @service_app.command("create")
 def service_create(
     name: Annotated[str, typer.Argument(help="Principal name: the MQTT username; client ids are svc:NAME:INSTANCE")],
-    role: Annotated[str, typer.Option(help="ingest (subscribes to telemetry) or control (kicks clients)")],
+    role: Annotated[
+        str,
+        typer.Option(help="ingest (telemetry), control (kicks), devices (devicesvc) or provisioning (the provisioner)"),
+    ],
     rotate: Annotated[bool, typer.Option(help="Issue a new secret for an existing principal")] = False,
 ) -> None:
     """Create a backend principal for the broker; prints its secret once (only a digest is stored)."""

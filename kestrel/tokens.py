@@ -35,7 +35,7 @@ TOKEN_PREFIX: Final = "kst_"  # noqa: S105 - a recognisable prefix, not a secret
 TOKEN_PATTERN: Final = re.compile(r"\Akst_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
 
 
-CLAIM_PREFIX: Final = "kpc_"  # noqa: S105 - a recognisable prefix, not a secret
+CLAIM_PREFIX: Final = "kpc_"
 CLAIM_PATTERN: Final = re.compile(r"\Akpc_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
 
 

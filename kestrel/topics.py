@@ -117,8 +117,10 @@ DEVICE_UPLINK_FILTERS = (
     f"{VERSION}/+/d/+/state/reported/+",
     f"{VERSION}/+/d/+/cmd-res/+",
     f"{VERSION}/+/d/+/status",
-    f"{VERSION}/+/provision/+/+/request",
 )
+#: What the PKI's provisioner consumes: CSRs from devices holding a claim.
+PROVISION_REQUEST_FILTER = f"{VERSION}/+/provision/+/+/request"
+PROVISION_SHARE_GROUP = "provisioning"
 #: Client events: published by EMQX (``sys_event_messages``) and by our Mosquitto plugin, same topics.
 CLIENT_EVENT_FILTERS = ("$SYS/brokers/+/clients/+/connected", "$SYS/brokers/+/clients/+/disconnected")
 #: Client id prefix of a provisioning (claim) connection: no device id contains ``:``.
@@ -153,7 +155,8 @@ def status_topic(tenant: str, device: str) -> str:
 
 def provision_topics(tenant: str, claim: str, device: str) -> tuple[str, str]:
     """(request, response) topics of one provisioning connection."""
-    base = f"{VERSION}/{require_id('tenant', tenant)}/provision/{require_id('claim', claim)}/{require_id('device', device)}"
+    claim, device = require_id("claim", claim), require_id("device", device)
+    base = f"{VERSION}/{require_id('tenant', tenant)}/provision/{claim}/{device}"
     return f"{base}/request", f"{base}/response"
 
 

@@ -288,6 +288,71 @@ class DatabaseCA(ABC):
             tenant = self._device_tenant(conn, device)
             return self._issue(conn, request, request.public_key(), tenant, device, days, actor, "certificate_signed")
 
+    def provision(
+        self, claim_id: str, tenant: str, device: str, csr: bytes, days: int, actor: str
+    ) -> IssuedCertificate:
+        """Just-in-time provisioning (ADR-0013): take one use of the claim, register the device (with the claim's
+        group and tags) and sign its CSR, all in one transaction. The claim row is locked, so concurrent devices
+        never get more than ``max_uses`` certificates. A repeated request for the same key (the answer was lost)
+        gets the certificate it already has, without taking another use."""
+        request = px.load_csr(csr)
+        px.check_device_csr(request, device)
+        with self._connect() as conn, conn.transaction():
+            claim = conn.execute(
+                "SELECT tenant_id, status, used, max_uses, expires_at > now(), group_id, tags"
+                " FROM provisioning_claims WHERE claim_id = %s FOR UPDATE",
+                (claim_id,),
+            ).fetchone()
+            if claim is None or claim[0] != tenant:
+                raise NotFound("no such provisioning claim")
+            existing = conn.execute(
+                "SELECT tenant_id, claim_id FROM devices WHERE device_id = %s", (device,)
+            ).fetchone()
+            if existing is not None:
+                again = self._issued_for_key(conn, device, request) if tuple(existing) == (tenant, claim_id) else None
+                if again is not None:
+                    return again
+                raise Conflict(f"device id {device} is already registered")
+            if claim[1] != "active" or not claim[4] or claim[2] >= claim[3]:
+                raise Conflict("the provisioning claim is revoked, expired or used up")
+            quota = conn.execute(
+                "SELECT t.max_devices, (SELECT count(*) FROM devices d WHERE d.tenant_id = t.tenant_id)"
+                " FROM tenants t WHERE t.tenant_id = %s AND t.status = 'active'",
+                (tenant,),
+            ).fetchone()
+            if quota is None or (quota[0] is not None and quota[1] >= quota[0]):
+                raise Conflict("the tenant is suspended or its device quota is reached")
+            conn.execute("UPDATE provisioning_claims SET used = used + 1 WHERE claim_id = %s", (claim_id,))
+            conn.execute(
+                "INSERT INTO devices (device_id, tenant_id, tags, claim_id) VALUES (%s, %s, %s, %s)",
+                (device, tenant, claim[6], claim_id),
+            )
+            if claim[5]:
+                conn.execute(
+                    "INSERT INTO device_group_members (tenant_id, group_id, device_id) SELECT %s, %s, %s"
+                    " WHERE EXISTS (SELECT 1 FROM device_groups WHERE tenant_id = %s AND group_id = %s)",
+                    (tenant, claim[5], device, tenant, claim[5]),
+                )
+            return self._issue(
+                conn, request, request.public_key(), tenant, device, days, actor, "certificate_provisioned",
+                claim=claim_id,
+            )  # fmt: skip
+
+    def _issued_for_key(
+        self, conn: psycopg.Connection[Any], device: str, request: x509.CertificateSigningRequest
+    ) -> IssuedCertificate | None:
+        wanted = px.public_key_der(request.public_key())
+        for serial, tenant, pem, not_after in conn.execute(
+            "SELECT serial, tenant_id, cert_pem, not_after FROM pki_certificates"
+            " WHERE device_id = %s AND status = 'active' ORDER BY created_at DESC",
+            (device,),
+        ).fetchall():
+            if px.public_key_der(px.load_certificate(pem).public_key()) == wanted:
+                ca_pem, _ = self._authority_row(conn, f"tenant:{tenant}")
+                root = conn.execute("SELECT cert_pem FROM pki_authorities WHERE ca_id = 'root'").fetchone()
+                return IssuedCertificate(serial, tenant, device, not_after, pem, ca_pem + (root[0] if root else ""))
+        return None
+
     def renew(self, serial: str, days: int, actor: str, csr: bytes | None = None) -> IssuedCertificate:
         """A new certificate for an active one's device: for the same key, or for a new CSR's key."""
         with self._connect() as conn, conn.transaction():

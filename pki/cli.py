@@ -40,7 +40,7 @@ def _passphrase(generate: bool = False) -> str:
     raise InvalidInput("no_passphrase", "set KESTREL_PKI_PASSPHRASE (or run `kestrel pki init --generate-passphrase`)")
 
 
-def _ca(generate: bool = False) -> DatabaseCA:
+def open_ca(generate: bool = False) -> DatabaseCA:
     """``KESTREL_PKI_BACKEND``: ``builtin`` (default; keys encrypted in PostgreSQL) or ``openbao``
     (``KESTREL_PKI_OPENBAO_ADDR`` and ``KESTREL_PKI_OPENBAO_TOKEN``; Vault works the same)."""
     backend = os.environ.get("KESTREL_PKI_BACKEND", "builtin")
@@ -65,14 +65,14 @@ def init(
     generate_passphrase: Annotated[bool, typer.Option(help="Create .kestrel/pki-passphrase if none is set")] = False,
 ) -> None:
     """Create the root CA (once)."""
-    serial = _ca(generate_passphrase).init_root(_actor())
+    serial = open_ca(generate_passphrase).init_root(_actor())
     typer.echo(f"root CA created (serial {serial})")
 
 
 @app.command("tenant-ca")
 def tenant_ca(tenant: Annotated[str, typer.Argument(help="Tenant id")]) -> None:
     """Create the tenant's intermediate CA."""
-    serial = _ca().create_tenant_ca(tenant, _actor())
+    serial = open_ca().create_tenant_ca(tenant, _actor())
     typer.echo(f"tenant CA for {tenant} created (serial {serial})")
 
 
@@ -108,7 +108,7 @@ def sign(
     out: Annotated[Path | None, typer.Option(help="Write the certificate here (default: stdout)")] = None,
 ) -> None:
     """Sign a device's CSR (the normal enrolment path: the key never leaves the device)."""
-    _emit(_ca().sign_csr(_read_csr(csr_file), device, days, _actor()), out, "signed")
+    _emit(open_ca().sign_csr(_read_csr(csr_file), device, days, _actor()), out, "signed")
 
 
 @app.command()
@@ -129,7 +129,7 @@ def issue(
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
         .sign(key, hashes.SHA256())
     )
-    issued = _ca().sign_csr(csr.public_bytes(serialization.Encoding.PEM), device, days, _actor())
+    issued = open_ca().sign_csr(csr.public_bytes(serialization.Encoding.PEM), device, days, _actor())
     out_dir.mkdir(parents=True, exist_ok=True)
     _write(
         out_dir / f"{device}.key",
@@ -152,7 +152,7 @@ def server_cert(
     days: Annotated[int, typer.Option(min=1, max=px.MAX_DEVICE_DAYS)] = px.DEVICE_DAYS,
 ) -> None:
     """A broker's TLS server certificate, signed by the root (devices verify it with ca.pem)."""
-    ca = _ca()
+    ca = open_ca()
     cert_pem, key_pem = ca.issue_server(host or [], ip or [], days, _actor())
     out_dir.mkdir(parents=True, exist_ok=True)
     _write(out_dir / "server.key", key_pem, 0o600)
@@ -170,7 +170,7 @@ def renew(
 ) -> None:
     """Issue a new certificate for the device of an active one: for the same key, or for a new CSR's key. The
     old certificate stays valid until it expires or is revoked."""
-    _emit(_ca().renew(serial, days, _actor(), _read_csr(csr) if csr else None), out, "renewed")
+    _emit(open_ca().renew(serial, days, _actor(), _read_csr(csr) if csr else None), out, "renewed")
 
 
 @app.command()
@@ -183,7 +183,7 @@ def revoke(
     """Revoke a certificate, a device's certificates, or a tenant CA."""
     if sum(x is not None for x in (serial, device, tenant_ca)) != 1:
         raise InvalidInput("bad_arguments", "give exactly one of SERIAL, --device or --tenant-ca")
-    ca = _ca()
+    ca = open_ca()
     if serial:
         ca.revoke(serial, reason, _actor())
         typer.echo(f"revoked {serial.lower()} ({reason})")
@@ -201,7 +201,7 @@ def crl(
     out: Annotated[Path | None, typer.Option(help="Write the CRL here (default: stdout)")] = None,
 ) -> None:
     """Print the tenant CA's current CRL (PEM)."""
-    data = _ca().crl(tenant)
+    data = open_ca().crl(tenant)
     if out:
         out.write_bytes(data)
     else:
@@ -216,7 +216,7 @@ def list_certificates(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List issued device certificates."""
-    rows = _ca().list(tenant=tenant, device=device, status=status)
+    rows = open_ca().list(tenant=tenant, device=device, status=status)
     if as_json:
         typer.echo(json.dumps(rows, default=str))
         return
@@ -238,7 +238,7 @@ def sign_batch(
     files = sorted(csr_dir.glob("*.csr"))
     if not files:
         raise InvalidInput("no_csrs", f"no *.csr files in {csr_dir}")
-    ca = _ca()
+    ca = open_ca()
     out_dir.mkdir(parents=True, exist_ok=True)
     signed: list[dict[str, str]] = []
     failed: list[dict[str, str]] = []

@@ -323,3 +323,8 @@ def pem(cert: x509.Certificate) -> str:
 
 def load_certificate(text: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(text.encode())
+
+
+def public_key_der(key: CertificatePublicKeyTypes) -> bytes:
+    """The SubjectPublicKeyInfo bytes: equal for equal keys, whatever the key type."""
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

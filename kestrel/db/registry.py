@@ -89,7 +89,7 @@ def add_jwt_key(conninfo: str, tenant: str, public_key_pem: bytes, device: str |
     return kid
 
 
-SERVICE_ROLES = ("ingest", "control")
+SERVICE_ROLES = ("ingest", "control", "devices", "provisioning")
 SERVICE_SECRET_PREFIX = "ksvc_"  # noqa: S105 - a recognisable prefix, not a secret
 
 

@@ -81,7 +81,8 @@ CREATE TABLE device_shadows (
     reported            jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(reported) = 'object'),
     metadata            jsonb NOT NULL DEFAULT '{"desired": {}, "reported": {}}'::jsonb,
     version             bigint NOT NULL DEFAULT 0,
-    published_version   bigint NOT NULL DEFAULT 0,   -- the version last published retained to the device
+    published_version   bigint NOT NULL DEFAULT 0,   -- the last version devicesvc has handled (outbox marker)
+    published           jsonb,                        -- what was last published retained: {desired, delta}
     updated_at          timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (device_id, name)
 );
@@ -136,6 +137,12 @@ CREATE TABLE command_events (
 );
 CREATE INDEX command_events_command ON command_events (command_id, id);
 
+-- How far devicesvc has published command_events to NATS (one row per stream of events).
+CREATE TABLE twin_cursors (
+    name        text PRIMARY KEY,
+    last_id     bigint NOT NULL DEFAULT 0
+);
+
 -- Just-in-time provisioning claims: kpc_<claim_id>_<secret>, secret stored as SHA-256.
 CREATE TABLE provisioning_claims (
     claim_id        text PRIMARY KEY CHECK (claim_id ~ '^[0-9a-f]{16}$'),
@@ -154,7 +161,7 @@ ALTER TABLE devices ADD COLUMN claim_id text REFERENCES provisioning_claims (cla
 
 ALTER TABLE service_principals DROP CONSTRAINT service_principals_role_check;
 ALTER TABLE service_principals ADD CONSTRAINT service_principals_role_check
-    CHECK (role IN ('ingest', 'control', 'devices'));
+    CHECK (role IN ('ingest', 'control', 'devices', 'provisioning'));
 
 -- Wake devicesvc when the API queues work (a lost notification only delays: devicesvc also scans).
 CREATE FUNCTION kestrel_twin_notify() RETURNS trigger LANGUAGE plpgsql AS $$

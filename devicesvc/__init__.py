@@ -1,0 +1,1 @@
+"""devicesvc: device presence, shadows and commands (ADR-0013)."""

@@ -1,0 +1,44 @@
+"""Composition root: ``python -m devicesvc``."""
+
+from __future__ import annotations
+
+import sys
+
+import uvloop
+from prometheus_client import CollectorRegistry, start_http_server
+
+from devicesvc.service import DeviceSettings, run_devicesvc
+from kestrel.backend import connect_nats, stop_event
+from kestrel.db import DatabaseSettings
+from kestrel.errors import InvalidInput
+from kestrel.logs import configure_logging
+from kestrel.settings import from_env
+
+
+async def amain() -> None:
+    settings = from_env(DeviceSettings, "KESTREL_DEVICES")
+    database = from_env(DatabaseSettings, "KESTREL_DATABASE")
+    registry = CollectorRegistry()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+    stop = stop_event()
+    nc = await connect_nats(settings.nats_url, settings.client_id)
+    await run_devicesvc(settings, database.url.reveal(), stop, nc, registry)
+    await nc.drain()
+
+
+def main(argv: list[str]) -> int:
+    if argv:
+        print("usage: python -m devicesvc (settings from KESTREL_DEVICES_* and KESTREL_DATABASE_URL)", file=sys.stderr)
+        return 2
+    configure_logging("devicesvc")
+    try:
+        uvloop.run(amain())
+    except InvalidInput as exc:
+        print(f"kestrel devicesvc: {exc.detail}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

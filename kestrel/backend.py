@@ -1,0 +1,90 @@
+"""Plumbing every backend service shares: MQTT QoS 1 with PUBACK after the work is done, a NATS connection that
+retries, and a stop event for SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import gmqtt
+import nats
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger("kestrel.backend")
+
+Ack = Callable[[], None]
+
+
+def _noop() -> None:
+    return None
+
+
+_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id: success, valid in MQTT 5 and 3.1.1
+
+
+def install_manual_ack(client: gmqtt.Client, handle: Callable[[str, bytes, Any, Ack], None]) -> None:
+    """Route gmqtt's QoS 1 deliveries to ``handle`` with a PUBACK callback (gmqtt 0.8, pinned).
+
+    gmqtt's own manual mode runs a task per message and writes each PUBACK separately on whatever
+    connection is current when the task ends. Here a PUBACK is a plain callback; PUBACKs completed in
+    one event-loop turn leave in a single write; and a PUBACK is dropped if its connection is gone: after
+    a reconnect the broker redelivers that message (persistent session) and may have reused its packet id.
+    """
+    handler = client._package_handler  # noqa: SLF001 - documented hook point of the pinned version
+    loop = asyncio.get_running_loop()
+    ready: dict[Any, list[int]] = {}
+
+    def flush() -> None:
+        for connection, mids in ready.items():
+            if handler._connection is connection:  # noqa: SLF001
+                connection.send_package(b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]))
+        ready.clear()
+
+    def on_qos1(mid: int, packet: bytes, topic: str, properties: Any) -> None:
+        connection = handler._connection  # noqa: SLF001
+
+        def puback() -> None:
+            if not ready:
+                loop.call_soon(flush)
+            ready.setdefault(connection, []).append(mid)
+
+        handle(topic, packet, properties, puback)
+
+    handler._handle_qos_1_publish_packet = on_qos1  # noqa: SLF001
+    client.on_message = lambda c, topic, payload, qos, properties: handle(topic, payload, properties, _noop)  # QoS 0
+
+
+async def connect_nats(url: str, name: str) -> NATS:
+    """Connect, retrying until NATS answers; afterwards nats-py reconnects by itself, forever."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                connect_timeout=2,
+                pending_size=64 * 1024 * 1024,
+                error_cb=on_error,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
+            log.warning("nats not reachable yet: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
