@@ -26,6 +26,7 @@ from api.oauth import MANAGEMENT_ROUTES as OAUTH_MANAGEMENT
 from api.oauth import SigningKeys
 from api.oauth import token as oauth_token
 from api.problems import PROBLEM_JSON, Problem, handle_exception
+from api.twin import ROUTES as TWIN_ROUTES
 from kestrel import __version__
 from kestrel.db.migrate import available_migrations
 from kestrel.errors import InvalidInput, Unavailable
@@ -254,12 +255,13 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
             await pool.close()
 
     prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
-    for handler in [*CONTROL_ROUTES, *OAUTH_MANAGEMENT]:  # every route documents the errors it can answer
+    for handler in [*CONTROL_ROUTES, *TWIN_ROUTES, *OAUTH_MANAGEMENT]:  # every route documents the errors it can answer
         handler.responses = {**API_ERRORS, **(handler.responses or {})}
     api_v1 = Router(
         path="/api/v1",
         route_handlers=[
             *CONTROL_ROUTES,
+            *TWIN_ROUTES,
             *OAUTH_MANAGEMENT,
             oauth_token,
             get_telemetry,

@@ -521,13 +521,19 @@ async def patch_device(
         )
         if data.status is not None and before.status == "decommissioned":
             raise Conflict(f"device {device_id} is decommissioned")
-        row = await _one(
-            conn,
-            f"UPDATE devices SET name = coalesce(%s, name), tags = coalesce(%s, tags), status = coalesce(%s, status),"
-            f" version = version + 1, updated_at = now() WHERE device_id = %s RETURNING {DEVICE_COLUMNS}",
-            (data.name, data.tags, data.status, device_id),
-            f"device {device_id} not found",
-        )
+        try:
+            row = await _one(
+                conn,
+                f"UPDATE devices SET name = coalesce(%s, name), tags = coalesce(%s, tags),"
+                f" status = coalesce(%s, status), version = version + 1, updated_at = now()"
+                f" WHERE device_id = %s RETURNING {DEVICE_COLUMNS}",
+                (data.name, data.tags, data.status, device_id),
+                f"device {device_id} not found",
+            )
+        except psycopg.errors.CheckViolation as exc:
+            if exc.diag.message_hint == "kestrel_lifecycle":  # the lifecycle trigger (ADR-0013)
+                raise Conflict(str(exc.diag.message_primary)) from exc
+            raise
         after = ControlDevice(**row)
         await audit(conn, request, principal, "device.update", f"device:{device_id}", before=before, after=after)
     return Response(after, headers={"ETag": _etag(after.version)})
