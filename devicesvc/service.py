@@ -283,7 +283,12 @@ class DeviceService:
                 )
             ).fetchone()
             connections = int(live[0]) if live else 0
-            clean = what == "disconnected" and body.get("reason") == "normal"
+            # A clean goodbye: EMQX says "normal"; Mosquitto 2.0 gives plugins no reason, so the SDK says "offline"
+            # on its status topic just before its DISCONNECT (same device, same worker: it is handled first).
+            said_goodbye = before["reported_status"] == "offline" and (before["reported_status_at"] or at) >= (
+                before["connected_at"] or at
+            )
+            clean = what == "disconnected" and (body.get("reason") == "normal" or said_goodbye)
             # Online at once on connect; offline at once only when the last connection ended cleanly (a device
             # leaving on purpose sends no will); otherwise after the grace period (see sweep_presence).
             online = connections > 0 or (before["online"] and not clean)
@@ -675,10 +680,13 @@ async def run_devicesvc(
             client.set_auth_credentials(settings.mqtt_username, settings.mqtt_password.reveal() or None)
         service = DeviceService(settings, database_url, pool, nc, client, registry)
         install_manual_ack(client, service.on_message)
+        # Client events are not shared: Mosquitto 2.0 does not deliver $SYS topics to shared subscriptions. Every
+        # replica handles every event; that is idempotent (connection rows are keyed by connected_at, the count is
+        # recomputed, and the NATS event's Nats-Msg-Id is the same, so JetStream drops the repeat).
         subscriptions = [
-            gmqtt.Subscription(shared_filter(settings.share_group, f), qos=1)
-            for f in (*DEVICE_UPLINK_FILTERS, *CLIENT_EVENT_FILTERS)
+            gmqtt.Subscription(shared_filter(settings.share_group, f), qos=1) for f in DEVICE_UPLINK_FILTERS
         ]
+        subscriptions += [gmqtt.Subscription(f, qos=1) for f in CLIENT_EVENT_FILTERS]
 
         def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
             c.subscribe(subscriptions)

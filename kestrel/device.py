@@ -72,10 +72,12 @@ class DeviceClient:
         will_delay_s: int = 30,
         session_expiry_s: int = 3600,
         remembered: int = 1000,
+        auto_reconnect: bool = False,
     ) -> None:
         self.tenant, self.device, self.host, self.port = tenant, device, host, port
         self.ssl, self.jwt, self.protocol = ssl, jwt, protocol
         self.will_delay_s, self.session_expiry_s = will_delay_s, session_expiry_s
+        self.auto_reconnect = auto_reconnect
         self.base = device_base(tenant, device)
         self.desired: dict[str, dict[str, Any]] = {}
         self.executed: OrderedDict[str, dict[str, Any]] = OrderedDict()  # request id -> final answer
@@ -110,7 +112,7 @@ class DeviceClient:
             session_expiry_interval=self.session_expiry_s if self.protocol == 5 else None,
             will_message=will,
         )
-        client.set_config({"reconnect_retries": 0})
+        client.set_config({"reconnect_retries": -1 if self.auto_reconnect else 0, "reconnect_delay": 2})
         if self.jwt:
             client.set_auth_credentials(self.device, self.jwt)
         client.on_message = self._on_message
@@ -132,18 +134,26 @@ class DeviceClient:
         client.publish(status_topic(self.tenant, self.device), b'{"status":"online"}', qos=1, retain=True)
 
     async def disconnect(self) -> None:
-        """Leave on purpose: a clean DISCONNECT, so the broker discards the will."""
+        """Leave on purpose: say ``offline`` on the status topic, then a clean DISCONNECT (the broker discards the
+        will), so the platform shows the device offline at once instead of after its grace period."""
         if self.client is not None:
-            await self.client.disconnect()
+            if self.client.is_connected:
+                self.client.publish(status_topic(self.tenant, self.device), b'{"status":"offline"}', qos=1, retain=True)
+            # The broker may close the TLS session first, right after our DISCONNECT: that is the goodbye done.
+            with contextlib.suppress(ssl.SSLError, OSError):
+                await self.client.disconnect()
         for task in list(self._tasks):
             task.cancel()
 
     def drop(self) -> None:
         """Lose the connection without a DISCONNECT (power cut, radio loss): the broker will send the will."""
         if self.client is not None:
-            transport = self.client._connection._transport  # noqa: SLF001 - simulate a dead link
-            transport.abort()
-            self.client._reconnect = False  # noqa: SLF001
+
+            async def stay_down(*_: Any, **__: Any) -> None:
+                return None
+
+            self.client._package_handler._reconnect_callback = stay_down  # noqa: SLF001 - this link stays dead
+            self.client._connection._transport.abort()  # noqa: SLF001 - simulate a dead link
 
     # ------------------------------------------------------------------------------------ telemetry
 
