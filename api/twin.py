@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
-import psycopg
 from litestar import Request, Response, delete, get, patch, post
 from litestar.params import PathParameter, QueryParameter
 from psycopg import AsyncConnection
@@ -18,7 +17,6 @@ from api.auth import CallerPrincipal, audit, tenant_transaction
 from api.control import (
     _STRICT,
     DEVICE,
-    DEVICE_COLUMNS,
     ControlDevice,
     Id,
     IdempotencyKey,
@@ -331,17 +329,12 @@ async def create_command(
         device = await _device(conn, device_id)
         if device.status in ("suspended", "decommissioned"):
             raise Conflict(f"device {device_id} is {device.status}")
-        command_id = twin.new_command_id()
-        row = await _one(
-            conn,
-            "INSERT INTO commands (command_id, tenant_id, device_id, name, params, timeout_s, expires_at, max_attempts,"  # noqa: S608 - fixed columns
-            f" created_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {twin.COMMAND_COLUMNS}",
-            (command_id, tenant, device_id, data.name, psycopg.types.json.Jsonb(data.params), data.timeout_s,
-             datetime.now(UTC) + timedelta(seconds=data.expires_in_s), data.max_attempts, principal.actor),
-            "device not found",
+        command = await twin.insert_command(
+            conn, tenant, device_id, data.name, data.params, timeout_s=data.timeout_s,
+            expires_at=datetime.now(UTC) + timedelta(seconds=data.expires_in_s), max_attempts=data.max_attempts,
+            actor=principal.actor,
         )  # fmt: skip
-        await twin.command_event(conn, tenant, command_id, "queued")
-        command = twin.Command(**row)
+        command_id = command.command_id
         await audit(conn, request, principal, "command.create", f"device:{device_id}/command:{command_id}", after=data)
         await _remember(conn, tenant, idempotency_key, f"command:{device_id}", data, command)
     return command
@@ -425,31 +418,8 @@ async def decommission_device(
             raise PreconditionFailed(f"device {device_id} changed since it was read")
         if before.status == "decommissioned":
             raise Conflict(f"device {device_id} is already decommissioned")
-        await conn.execute(
-            "UPDATE pki_certificates SET status = 'revoked', revoked_at = now(),"
-            " revocation_reason = 'cessationOfOperation'"
-            " WHERE device_id = %s AND status = 'active'",
-            (device_id,),
-        )
-        await conn.execute(
-            "UPDATE jwt_keys SET status = 'revoked' WHERE device_id = %s AND status = 'active'", (device_id,)
-        )
-        open_commands = await _fetch(
-            conn,
-            "SELECT command_id FROM commands WHERE device_id = %s AND status = ANY(%s)",
-            (device_id, list(twin.OPEN)),
-        )
-        for row in open_commands:
-            await twin.transition(conn, row["command_id"], "cancelled", detail={"by": "decommission"})
-        after = ControlDevice(
-            **await _one(
-                conn,
-                f"UPDATE devices SET status = 'decommissioned', version = version + 1, updated_at = now()"  # noqa: S608 - fixed columns
-                f" WHERE device_id = %s RETURNING {DEVICE_COLUMNS}",
-                (device_id,),
-                "device not found",
-            )
-        )
+        await conn.execute("SELECT kestrel_decommission_device(%s)", (device_id,))
+        after = await _device(conn, device_id)
         await audit(conn, request, principal, "device.decommission", f"device:{device_id}", before=before, after=after)
     return after
 

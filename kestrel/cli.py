@@ -30,6 +30,10 @@ app.add_typer(user_app, name="user")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (tenant-scoped).")
 app.add_typer(token_app, name="token")
 service_app = typer.Typer(no_args_is_help=True, help="Backend principals (services that connect to the broker).")
+command_app = typer.Typer(no_args_is_help=True, help="Commands to devices.")
+app.add_typer(command_app, name="command")
+claim_app = typer.Typer(no_args_is_help=True, help="Just-in-time provisioning claims.")
+app.add_typer(claim_app, name="claim")
 app.add_typer(service_app, name="service")
 
 
@@ -217,6 +221,90 @@ def device_suspend(device: Annotated[str, typer.Argument(help="Device id")]) -> 
 def device_resume(device: Annotated[str, typer.Argument(help="Device id")]) -> None:
     """Re-activate a suspended device."""
     _set_status(device, "active")
+
+
+@device_app.command("decommission")
+def device_decommission(device: Annotated[str, typer.Argument(help="Device id")]) -> None:
+    """Retire a device for good: credentials revoked, session ended, open commands cancelled, history kept."""
+    from kestrel.db import registry  # noqa: PLC0415
+
+    registry.decommission_device(database_url(), device)
+    typer.echo(f"{device}: decommissioned")
+
+
+@device_app.command("presence")
+def device_presence(
+    tenant: Annotated[str, typer.Option(help="Tenant id")],
+    online: Annotated[bool | None, typer.Option("--online/--offline", help="Only online or offline devices")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Who is online: presence and last-seen of a tenant's devices."""
+    from kestrel.db import twin_ops  # noqa: PLC0415
+
+    rows = twin_ops.presence(database_url(), tenant, online)
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    for r in rows:
+        state = "online " if r["online"] else "offline"
+        typer.echo(f"{r['device_id']:<40} {state}  last seen {r['last_seen'] or '-'}")
+
+
+@device_app.command("shadow")
+def device_shadow(
+    device: Annotated[str, typer.Argument(help="Device id")],
+    set_desired: Annotated[str | None, typer.Option("--set", help="Merge patch of desired state (JSON)")] = None,
+    name: Annotated[str, typer.Option(help="Named shadow (default: the classic one)")] = "",
+) -> None:
+    """Show a device's shadow (desired, reported, delta), or change its desired state with --set."""
+    from kestrel.db import twin_ops  # noqa: PLC0415
+
+    typer.echo(json.dumps(twin_ops.shadow(database_url(), device, name, set_desired), default=str, indent=2))
+
+
+@command_app.command("send")
+def command_send(
+    device: Annotated[str, typer.Argument(help="Device id")],
+    name: Annotated[str, typer.Argument(help="Command name")],
+    params: Annotated[str, typer.Option(help="Parameters (a JSON object)")] = "{}",
+    timeout_s: Annotated[int, typer.Option("--timeout", help="Seconds the device may take once sent")] = 30,
+    expires_in_s: Annotated[int, typer.Option("--expires-in", help="Seconds it may wait for an offline device")] = 3600,
+    wait: Annotated[bool, typer.Option(help="Wait for the end and print it")] = False,
+) -> None:
+    """Send a command to a device (it waits for an offline device until it expires)."""
+    from kestrel.db import twin_ops  # noqa: PLC0415
+
+    url = database_url()
+    command_id = twin_ops.send_command(url, device, name, params, timeout_s, expires_in_s)
+    if not wait:
+        typer.echo(command_id)
+        return
+    detail = twin_ops.wait_command(url, command_id, timeout_s + expires_in_s)
+    typer.echo(json.dumps(detail, default=str, indent=2))
+    if detail["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@command_app.command("show")
+def command_show(command_id: Annotated[str, typer.Argument(help="Command id")]) -> None:
+    """A command and every state it went through."""
+    from kestrel.db import twin_ops  # noqa: PLC0415
+
+    typer.echo(json.dumps(twin_ops.command(database_url(), command_id), default=str, indent=2))
+
+
+@claim_app.command("create")
+def claim_create(
+    tenant: Annotated[str, typer.Option(help="Tenant id")],
+    max_uses: Annotated[int, typer.Option(help="How many devices may provision with it")] = 1,
+    expires_in_s: Annotated[int, typer.Option("--expires-in", help="Seconds until it expires")] = 86400,
+    group: Annotated[str | None, typer.Option(help="Put provisioned devices in this group")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Tag for provisioned devices (repeatable)")] = None,
+) -> None:
+    """A just-in-time provisioning claim; its token is printed once."""
+    from kestrel.db import twin_ops  # noqa: PLC0415
+
+    typer.echo(twin_ops.create_claim(database_url(), tenant, max_uses, expires_in_s, group, tag or []))
 
 
 @service_app.command("create")

@@ -138,8 +138,22 @@ def set_device_status(conninfo: str, device: str, status: str) -> str:
             raise NotFound(f"device {device} does not exist")
         if row[0] == "decommissioned":
             raise Conflict(f"device {device} is decommissioned")
-        conn.execute("UPDATE devices SET status = %s WHERE device_id = %s", (status, device))
+        try:
+            conn.execute("UPDATE devices SET status = %s WHERE device_id = %s", (status, device))
+        except psycopg.errors.CheckViolation as exc:  # the lifecycle trigger (ADR-0013)
+            raise Conflict(str(exc.diag.message_primary)) from exc
         return str(row[0])
+
+
+def decommission_device(conninfo: str, device: str) -> None:
+    """Revoke the device's credentials, cancel its open commands and retire it for good (ADR-0013)."""
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        row = conn.execute("SELECT status FROM devices WHERE device_id = %s FOR UPDATE", (device,)).fetchone()
+        if row is None:
+            raise NotFound(f"device {device} does not exist")
+        if row[0] == "decommissioned":
+            raise Conflict(f"device {device} is already decommissioned")
+        conn.execute("SELECT kestrel_decommission_device(%s)", (device,))
 
 
 def create_api_token(

@@ -144,6 +144,33 @@ async def update_shadow(
     return _shadow(row), True
 
 
+async def insert_command(
+    conn: AsyncConnection[Any],
+    tenant: str,
+    device: str,
+    name: str,
+    params: dict[str, Any],
+    *,
+    timeout_s: int,
+    expires_at: datetime,
+    max_attempts: int,
+    actor: str,
+) -> Command:
+    """Queue a command (devicesvc is woken by the insert's notification) and record its first event."""
+    command_id = new_command_id()
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (
+        await cur.execute(
+            "INSERT INTO commands (command_id, tenant_id, device_id, name, params, timeout_s, expires_at, max_attempts,"  # noqa: S608 - fixed columns
+            f" created_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {COMMAND_COLUMNS}",
+            (command_id, tenant, device, name, Jsonb(params), timeout_s, expires_at, max_attempts, actor),
+        )
+    ).fetchone()
+    assert row is not None
+    await command_event(conn, tenant, command_id, "queued")
+    return Command(**row)
+
+
 async def command_event(
     conn: AsyncConnection[Any], tenant: str, command_id: str, event: str, detail: dict[str, Any] | None = None
 ) -> None:

@@ -94,7 +94,7 @@ def test_list_devices_by_tenant_with_cursor(client: TestClient, auth: dict[str, 
 def test_get_device_and_404(client: TestClient, auth: dict[str, str], fleet: Tenant) -> None:  # type: ignore[type-arg]
     body = client.get(f"/api/v1/devices/{fleet.devices[1]}", headers=auth).json()
     assert body["device_id"] == fleet.devices[1]
-    assert body["status"] == "active"
+    assert body["status"] == "registered"  # no credential yet (ADR-0013 lifecycle)
     assert_problem(client.get("/api/v1/devices/nope-nope", headers=auth), 404, "not_found")
     assert_problem(client.get("/api/v1/devices/nope-nope/telemetry", headers=auth), 404, "not_found")
 

@@ -176,6 +176,23 @@ CREATE TRIGGER device_shadows_notify AFTER INSERT OR UPDATE OF version ON device
 CREATE TRIGGER devices_twin_notify AFTER UPDATE OF status ON devices
     FOR EACH ROW WHEN (NEW.status = 'decommissioned') EXECUTE FUNCTION kestrel_twin_notify();
 
+-- Decommissioning, for the API (as kestrel_api: RLS keeps it to the caller's tenant) and the operator CLI alike:
+-- credentials revoked (the identity triggers then end the live session), open commands cancelled, the device
+-- row kept for ever (history, and its id can never be registered again).
+CREATE FUNCTION kestrel_decommission_device(p_device text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE pki_certificates SET status = 'revoked', revoked_at = now(), revocation_reason = 'cessationOfOperation'
+     WHERE device_id = p_device AND status = 'active';
+    UPDATE jwt_keys SET status = 'revoked' WHERE device_id = p_device AND status = 'active';
+    WITH cancelled AS (
+        UPDATE commands SET status = 'cancelled', completed_at = now(), updated_at = now()
+         WHERE device_id = p_device AND status IN ('queued', 'sent', 'delivered')
+        RETURNING tenant_id, command_id)
+    INSERT INTO command_events (tenant_id, command_id, event, detail)
+    SELECT tenant_id, command_id, 'cancelled', '{"by": "decommission"}'::jsonb FROM cancelled;
+    UPDATE devices SET status = 'decommissioned', version = version + 1, updated_at = now() WHERE device_id = p_device;
+END $$;
+
 DO $$
 DECLARE
     t text;
@@ -195,3 +212,4 @@ GRANT SELECT ON device_presence, device_connections TO kestrel_api;
 GRANT SELECT, INSERT, UPDATE ON device_shadows, commands, provisioning_claims TO kestrel_api;
 GRANT SELECT, INSERT ON shadow_history, command_events TO kestrel_api;
 GRANT UPDATE ON pki_certificates, jwt_keys TO kestrel_api;  -- decommissioning revokes them (RLS: own tenant)
+GRANT EXECUTE ON FUNCTION kestrel_decommission_device(text) TO kestrel_api;
