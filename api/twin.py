@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
-from litestar.params import PathParameter, QueryParameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 from psycopg import AsyncConnection
 
 from api.auth import CallerPrincipal, audit, tenant_transaction
@@ -92,7 +92,7 @@ class CommandCreate(msgspec.Struct, **_STRICT):
 
 class CommandEvent(msgspec.Struct, frozen=True, kw_only=True):
     event: str
-    detail: Any | None
+    detail: Any
     at: datetime
 
 
@@ -271,7 +271,7 @@ async def patch_shadow(
     request: Request[Any, Any, Any],
     principal: CallerPrincipal,
     device_id: Id,
-    data: DesiredUpdate,
+    data: JSONBody[DesiredUpdate],
     if_match: IfMatch = None,
 ) -> Response[twin.Shadow]:
     return await _write_desired(request, principal, device_id, "", data, if_match)
@@ -283,7 +283,7 @@ async def patch_named_shadow(
     principal: CallerPrincipal,
     device_id: Id,
     name: ShadowName,
-    data: DesiredUpdate,
+    data: JSONBody[DesiredUpdate],
     if_match: IfMatch = None,
 ) -> Response[twin.Shadow]:
     return await _write_desired(request, principal, device_id, name, data, if_match)
@@ -319,7 +319,7 @@ async def create_command(
     request: Request[Any, Any, Any],
     principal: CallerPrincipal,
     device_id: Id,
-    data: CommandCreate,
+    data: JSONBody[CommandCreate],
     idempotency_key: IdempotencyKey = None,
 ) -> twin.Command:
     tenant = principal.need("commands:write")
@@ -435,7 +435,9 @@ CLAIM_COLUMNS = ", ".join(Claim.__struct_fields__)
     tags=["provisioning"],
     status_code=201,
 )
-async def create_claim(request: Request[Any, Any, Any], principal: CallerPrincipal, data: ClaimCreate) -> ClaimCreated:
+async def create_claim(
+    request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[ClaimCreate]
+) -> ClaimCreated:
     tenant = principal.need("devices:write")
     claim_id, token, digest = new_claim_token()
     async with tenant_transaction(request, tenant) as conn:

@@ -78,6 +78,7 @@ class DeviceClient:
         self.ssl, self.jwt, self.protocol = ssl, jwt, protocol
         self.will_delay_s, self.session_expiry_s = will_delay_s, session_expiry_s
         self.auto_reconnect = auto_reconnect
+        self.seq = 0
         self.base = device_base(tenant, device)
         self.desired: dict[str, dict[str, Any]] = {}
         self.executed: OrderedDict[str, dict[str, Any]] = OrderedDict()  # request id -> final answer
@@ -157,9 +158,11 @@ class DeviceClient:
 
     # ------------------------------------------------------------------------------------ telemetry
 
-    async def send_telemetry(self, values: dict[str, Any], *, ts: int | None = None, stream: str = "") -> None:
+    async def send_telemetry(self, metrics: dict[str, Any], *, ts: int | None = None, stream: str = "") -> None:
+        """One reading (ADR-0005): the device's time and a sequence number, so it is stored exactly once."""
         assert self.client is not None
-        body = {"ts": ts if ts is not None else time.time_ns() // 1_000_000, "values": values}
+        self.seq += 1
+        body = {"ts": ts if ts is not None else time.time_ns() // 1_000_000, "seq": self.seq, "metrics": metrics}
         self.client.publish(telemetry_topic(self.tenant, self.device, stream).mqtt, msgspec.json.encode(body), qos=1)
 
     # --------------------------------------------------------------------------------------- shadow

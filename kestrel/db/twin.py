@@ -54,7 +54,7 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: datetime
     attempts: int
     max_attempts: int
-    result: Any | None
+    result: Any
     error: str | None
     created_by: str
     created_at: datetime

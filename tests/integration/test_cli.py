@@ -155,7 +155,7 @@ def test_device_suspend_resume_and_service_principals(database_url: str) -> None
     assert kestrel("device", "create", "--tenant", tenant, f"{tenant}-d", database_url=database_url).returncode == 0
     suspended = kestrel("device", "suspend", f"{tenant}-d", database_url=database_url)
     assert suspended.returncode == 0, suspended.stderr
-    assert suspended.stdout.strip() == f"device {tenant}-d: active -> suspended"
+    assert suspended.stdout.strip() == f"device {tenant}-d: registered -> suspended"  # no credential yet
     assert kestrel("device", "resume", f"{tenant}-d", database_url=database_url).returncode == 0
     missing = kestrel("device", "suspend", "no-such-device", database_url=database_url)
     assert missing.returncode == 1
@@ -217,3 +217,47 @@ def test_operator_commands_for_users_tokens_and_devices(database_url: str, tmp_p
     (tmp_path / "bad.csv").write_text("id,name\nx,y\n")
     no_header = kestrel("device", "import", str(tmp_path / "bad.csv"), "--tenant", tenant, database_url=database_url)
     assert no_header.returncode == 2 and "needs a header with device_id" in one_line(no_header.stderr)
+
+
+def test_twin_operator_commands(database_url: str) -> None:
+    """decommission (and its one-line refusals), shadow, command, claim, presence: what the README shows."""
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    device = f"{tenant}-pump"
+    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    assert kestrel("device", "create", "--tenant", tenant, device, database_url=database_url).returncode == 0
+
+    changed = kestrel(
+        "device", "shadow", device, "--set", '{"interval": 2, "led": {"on": true}}', database_url=database_url
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["desired"] == {"interval": 2, "led": {"on": True}}
+    shown = json.loads(kestrel("device", "shadow", device, database_url=database_url).stdout)
+    assert shown["version"] == 1 and shown["delta"] == {"interval": 2, "led": {"on": True}}
+    bad = kestrel("device", "shadow", device, "--set", "[1]", database_url=database_url)
+    assert bad.returncode == 2 and "JSON object" in one_line(bad.stderr)
+
+    sent = kestrel("command", "send", device, "reboot", "--params", '{"delay": 1}', database_url=database_url)
+    assert sent.returncode == 0, sent.stderr
+    command_id = sent.stdout.strip()
+    detail = json.loads(kestrel("command", "show", command_id, database_url=database_url).stdout)
+    assert detail["status"] == "queued" and detail["params"] == {"delay": 1}
+    assert [e["event"] for e in detail["events"]] == ["queued"]
+    assert kestrel("command", "send", device, "bad name", database_url=database_url).returncode == 2
+
+    token = kestrel("claim", "create", "--tenant", tenant, "--max-uses", "3", database_url=database_url)
+    assert token.returncode == 0 and token.stdout.startswith("kpc_")
+    assert kestrel("claim", "create", "--tenant", tenant, "--max-uses", "0", database_url=database_url).returncode == 2
+
+    listed = json.loads(kestrel("device", "presence", "--tenant", tenant, "--json", database_url=database_url).stdout)
+    assert [(p["device_id"], p["online"]) for p in listed] == [(device, False)]
+
+    retired = kestrel("device", "decommission", device, database_url=database_url)
+    assert retired.returncode == 0, retired.stderr
+    detail = json.loads(kestrel("command", "show", command_id, database_url=database_url).stdout)
+    assert detail["status"] == "cancelled"  # its open commands end with it
+    again = kestrel("device", "resume", device, database_url=database_url)
+    assert again.returncode == 1 and "decommissioned" in one_line(again.stderr)
+    twice = kestrel("device", "decommission", device, database_url=database_url)
+    assert twice.returncode == 1 and "already decommissioned" in one_line(twice.stderr)
+    refused = kestrel("command", "send", device, "ping", database_url=database_url)
+    assert refused.returncode == 1 and "decommissioned" in one_line(refused.stderr)

@@ -205,6 +205,11 @@ def _snapshot(database_url: str, tenant: str) -> dict[str, Any]:
                 "users",
                 "api_tokens",
                 "oauth_clients",
+                "device_shadows",
+                "shadow_history",
+                "commands",
+                "command_events",
+                "provisioning_claims",
             )
         }
 
@@ -226,6 +231,10 @@ BODIES: dict[str, Any] = {
     "/api/v1/users/{user_id}": {"role": "viewer"},
     "/api/v1/tokens": {"scopes": ["devices:read"]},
     "/api/v1/oauth-clients": {"scopes": ["devices:read"]},
+    "/api/v1/devices/{device_id}/shadow": {"desired": {"pwned": True}},
+    "/api/v1/devices/{device_id}/shadows/{name}": {"desired": {"pwned": True}},
+    "/api/v1/devices/{device_id}/commands": {"name": "unlock"},
+    "/api/v1/provisioning-claims": {"max_uses": 5},
 }
 
 
@@ -239,6 +248,12 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
     b_user = client.post("/api/v1/users", json={"email": "b@example.com", "role": "admin"}, headers=auth_b).json()
     b_token = client.post("/api/v1/tokens", json={"scopes": ["devices:read"]}, headers=auth_b).json()
     b_client = client.post("/api/v1/oauth-clients", json={"scopes": ["devices:read"]}, headers=auth_b).json()
+    for path in ("shadow", "shadows/config"):
+        client.patch(
+            f"/api/v1/devices/{b_devices[0]}/{path}", json={"desired": {"a": 1}}, headers=auth_b
+        ).raise_for_status()
+    b_command = client.post(f"/api/v1/devices/{b_devices[0]}/commands", json={"name": "x"}, headers=auth_b).json()
+    b_claim = client.post("/api/v1/provisioning-claims", json={}, headers=auth_b).json()["claim"]
     ids = {
         "tenant_id": b,
         "device_id": b_devices[0],
@@ -246,6 +261,9 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
         "user_id": b_user["user_id"],
         "token_id": b_token["token_id"],
         "client_id": b_client["client_id"],
+        "command_id": b_command["command_id"],
+        "claim_id": b_claim["claim_id"],
+        "name": "config",
     }
     before = _snapshot(database_url, b)
     doc = json.loads(openapi_document())
