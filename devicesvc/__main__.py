@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
 
 import uvloop
@@ -24,7 +26,8 @@ async def amain() -> None:
     stop = stop_event()
     nc = await connect_nats(settings.nats_url, settings.client_id)
     await run_devicesvc(settings, database.url.reveal(), stop, nc, registry)
-    await nc.drain()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(nc.drain(), 5)
 
 
 def main(argv: list[str]) -> int:

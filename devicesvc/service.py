@@ -709,7 +709,8 @@ async def run_devicesvc(
         deadline = time.monotonic() + 10
         while any(q.qsize() for q in service.queues) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await client.disconnect()
+        with contextlib.suppress(TimeoutError):  # a broker that is gone gets no goodbye
+            await asyncio.wait_for(client.disconnect(), 5)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

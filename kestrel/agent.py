@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gmqtt
+
 from kestrel.device import DeviceClient, new_device_key, provision
 
 log = logging.getLogger("kestrel.agent")
@@ -35,7 +37,7 @@ async def _sleep(params: dict[str, Any]) -> dict[str, Any]:
     return {"slept": seconds}
 
 
-async def provision_files(  # noqa: PLR0913 - where to reach the platform and who to become
+async def provision_files(
     tenant: str, device: str, claim: str, host: str, port: int, ca_file: Path, out_dir: Path
 ) -> tuple[Path, Path]:
     """JIT provisioning: the key stays in ``out_dir``; returns (certificate chain, key) paths."""
@@ -64,7 +66,7 @@ async def run_agent(
     telemetry_every_s: float = 5.0,
     stop: asyncio.Event | None = None,
 ) -> None:
-    client = DeviceClient(tenant, device, host, port, ssl=context, auto_reconnect=True)
+    client = DeviceClient(tenant, device, host, port, ssl=context)
     state: dict[str, Any] = {"fw": "1.0.0", "interval": telemetry_every_s}
     reports: set[asyncio.Task[None]] = set()
 
@@ -89,6 +91,8 @@ async def run_agent(
         temp += random.uniform(-0.2, 0.2)  # noqa: S311 - simulation
         if client.client is not None and client.client.is_connected:
             await client.send_telemetry({"temp": round(temp, 2)})
+        else:
+            await _reconnect(client, device)
         try:
             interval = float(state.get("interval", telemetry_every_s))
         except (TypeError, ValueError):
@@ -96,3 +100,26 @@ async def run_agent(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), max(0.5, interval))
     await client.disconnect()
+
+
+#: CONNACK codes that retrying cannot fix: the broker (authsvc) refuses this device's credentials.
+REFUSED = frozenset({4, 5, 0x86, 0x87, 0x8C})
+
+
+class DeviceRefused(Exception):
+    """The broker refuses the device: suspended, decommissioned or its credentials revoked."""
+
+
+async def _reconnect(client: DeviceClient, device: str) -> None:
+    try:
+        await client.connect()
+    except gmqtt.MQTTConnectError as exc:
+        if exc._code in REFUSED:  # noqa: SLF001 - gmqtt keeps the CONNACK code there
+            raise DeviceRefused(
+                f"{device}: the broker refuses this device ({exc}); suspended or decommissioned?"
+            ) from exc
+        log.warning("reconnect failed: %s", exc)
+    except (OSError, TimeoutError) as exc:
+        log.warning("reconnect failed: %s", exc)
+    else:
+        print(f"{device}: reconnected", flush=True)

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from kestrel.errors import InvalidInput, KestrelError
+from kestrel.errors import Conflict, InvalidInput, KestrelError, Unavailable
 from kestrel.topics import ID_PATTERN
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kestrel IoT platform.")
@@ -329,6 +329,51 @@ def service_revoke(name: Annotated[str, typer.Argument(help="Principal name")]) 
 
     registry.revoke_service_principal(database_url(), name)
     typer.echo(f"revoked service principal {name}")
+
+
+@app.command()
+def agent(
+    tenant: Annotated[str, typer.Option(help="Tenant id")],
+    device: Annotated[str, typer.Option(help="Device id")],
+    claim: Annotated[str | None, typer.Option(help="Provision first with this claim token (JIT)")] = None,
+    cert: Annotated[Path | None, typer.Option(help="Certificate chain (default: <state>/devices/<device>.crt)")] = None,
+    key: Annotated[Path | None, typer.Option(help="Private key (default: <state>/devices/<device>.key)")] = None,
+    ca: Annotated[Path | None, typer.Option(help="Root CA the broker's certificate chains to")] = None,
+    host: Annotated[str, typer.Option(help="Broker host")] = "localhost",
+    port: Annotated[int, typer.Option(help="mTLS port")] = 18883,
+    claim_port: Annotated[int, typer.Option(help="TLS port for provisioning with a claim")] = 18884,
+) -> None:
+    """Run a device built on the SDK: provisions itself with a claim if asked, then reports state, converges to
+    desired state and answers the commands ping, echo and sleep."""
+    import asyncio  # noqa: PLC0415
+    import ssl  # noqa: PLC0415
+
+    from kestrel.agent import DeviceRefused, provision_files, run_agent  # noqa: PLC0415
+    from kestrel.device import ProvisioningRefused  # noqa: PLC0415
+
+    devices = state_dir() / "devices"
+    ca_file = ca or state_dir() / "tls" / "ca.pem"
+    cert_file, key_file = cert or devices / f"{device}.crt", key or devices / f"{device}.key"
+
+    async def main() -> None:
+        nonlocal cert_file, key_file
+        if claim is not None:
+            cert_file, key_file = await provision_files(tenant, device, claim, host, claim_port, ca_file, devices)
+            typer.echo(f"{device}: provisioned; certificate {cert_file}, key {key_file} (never left this machine)")
+        context = ssl.create_default_context(cafile=str(ca_file))
+        context.load_cert_chain(str(cert_file), str(key_file))
+        await run_agent(tenant, device, host, port, context)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    except ProvisioningRefused as exc:
+        raise Conflict(f"provisioning refused: {exc.error}: {exc.detail}") from exc
+    except DeviceRefused as exc:
+        raise Conflict(str(exc)) from exc
+    except (OSError, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach the broker at {host}: {exc}") from exc
 
 
 @app.command()

@@ -152,6 +152,16 @@ class EmbeddedStack:
                 "KESTREL_AUTHSVC_KICK_MQTT_PORT": str(self.ports.mqtt),
                 "KESTREL_AUTHSVC_KICK_USERNAME": "authsvc",
                 "KESTREL_AUTHSVC_KICK_PASSWORD": self.secrets["authsvc"],
+                "KESTREL_DEVICES_MQTT_PORT": str(self.ports.mqtt),
+                "KESTREL_DEVICES_CLIENT_ID": "svc:devicesvc:1",
+                "KESTREL_DEVICES_MQTT_USERNAME": "devicesvc",
+                "KESTREL_DEVICES_MQTT_PASSWORD": self.secrets["devicesvc"],
+                "KESTREL_DEVICES_NATS_URL": self.nats.url,
+                "KESTREL_DEVICES_METRICS_PORT": "0",
+                "KESTREL_PROVISIONER_MQTT_PORT": str(self.ports.mqtt),
+                "KESTREL_PROVISIONER_CLIENT_ID": "svc:provisioner:1",
+                "KESTREL_PROVISIONER_MQTT_USERNAME": "provisioner",
+                "KESTREL_PROVISIONER_MQTT_PASSWORD": self.secrets["provisioner"],
             }
         )
         return env
@@ -210,6 +220,10 @@ class EmbeddedStack:
         self.secrets = {
             "ingest": registry.create_service_principal(self.postgres.url, "ingest", "ingest", rotate=True),
             "authsvc": registry.create_service_principal(self.postgres.url, "authsvc", "control", rotate=True),
+            "devicesvc": registry.create_service_principal(self.postgres.url, "devicesvc", "devices", rotate=True),
+            "provisioner": registry.create_service_principal(
+                self.postgres.url, "provisioner", "provisioning", rotate=True
+            ),
             "broker-key": "bk_" + secrets.token_urlsafe(32),
         }
         self.mosquitto.auth = BrokerAuth(
@@ -271,6 +285,8 @@ class EmbeddedStack:
         self._service("writer", [py, "-m", "ingest", "writer"], env)
         self._service("bridge", [py, "-m", "ingest", "bridge"], env)
         self._service("api", [py, "-m", "api"], env)
+        self._service("devicesvc", [py, "-m", "devicesvc"], env)
+        self._service("provisioner", [py, "-m", "pki", "provisioner"], env)
         if self.simulator and self.devices:
             sim = [py, "-m", "kestrel", "simulate", "--port", str(self.ports.mqtt), "--tenant", DEMO_TENANT]
             sim += ["--devices", str(self.devices), "--rate", str(self.rate)]
@@ -316,6 +332,8 @@ class EmbeddedStack:
                 f"  authsvc         http://{LOOPBACK}:{p.authsvc}/mqtt/authn",
                 f"  Metrics         http://{LOOPBACK}:{p.api}/metrics  :{p.bridge_metrics} (bridge)  "
                 f":{p.writer_metrics} (writer)",
+                "  Devices         devicesvc (presence, shadows, commands), provisioner (JIT claims);"
+                " try `kestrel agent` (README: Operate a fleet)",
                 f"  Logs            {self.state}/logs/",
                 f"  Simulator       {self.devices} devices, {self.rate:g} msg/s in tenant '{DEMO_TENANT}' (JWT)"
                 if self.simulator and self.devices

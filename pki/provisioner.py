@@ -11,6 +11,7 @@ the answer was handed to the broker; a redelivered request for the same key gets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -122,5 +123,6 @@ async def run_provisioner(
     deadline = time.monotonic() + 10
     while queue.qsize() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    await client.disconnect()
+    with contextlib.suppress(TimeoutError):  # a broker that is gone gets no goodbye
+        await asyncio.wait_for(client.disconnect(), 5)
     worker.cancel()

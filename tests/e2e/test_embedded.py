@@ -135,6 +135,7 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         assert _telemetry(ports["api"], token, "my-sensor")[0]["value"] == {"temp": 21.5}
         assert wait_until(lambda: len(_telemetry(ports["api"], token, "sim-0001")) > 2, 20), "simulator data"
         _enrol_connect_revoke(state, ports, tmp_path)
+        _operate_a_fleet(state, ports, token)
     finally:
         out = _stop(proc)
     assert "stopped; data kept" in out
@@ -194,6 +195,64 @@ def _enrol_connect_revoke(state: Path, ports: dict[str, int], work: Path) -> Non
     )  # fmt: skip
     assert again.returncode != 0
     assert "not authorized" in (again.stdout + again.stderr).lower()
+
+
+def _api(port: int, token: str, method: str, path: str, body: object = None) -> object:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read() or b"null")
+
+
+def _operate_a_fleet(state: Path, ports: dict[str, int], token: str) -> None:
+    """The README's 'Operate a fleet' walk-through: a JIT-provisioned SDK agent, presence, desired state and
+    commands through the CLI and the API, then decommissioning."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")} | {"KESTREL_STATE_DIR": str(state)}
+
+    def kestrel(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "kestrel", *args], env=env, capture_output=True, text=True, check=False, timeout=120
+        )
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        return done
+
+    claim = kestrel("claim", "create", "--tenant", "demo", "--max-uses", "10", "--expires-in", "3600").stdout.strip()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "kestrel", "agent", "--tenant", "demo", "--device", "pump-1", "--claim", claim,
+         "--port", str(ports["mqtt-tls"]), "--claim-port", str(ports["mqtt-jwt"])],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _read_until(agent, "pump-1: connected", 60)
+        assert wait_until(
+            lambda: "pump-1" in {p["device_id"] for p in json.loads(
+                kestrel("device", "presence", "--tenant", "demo", "--online", "--json").stdout)}, 20
+        ), "pump-1 never showed online"  # fmt: skip
+        kestrel("device", "shadow", "pump-1", "--set", '{"interval": 2}')
+        assert wait_until(lambda: json.loads(kestrel("device", "shadow", "pump-1").stdout)["delta"] == {}, 20)
+        assert json.loads(kestrel("device", "shadow", "pump-1").stdout)["reported"]["interval"] == 2
+        pinged = json.loads(kestrel("command", "send", "pump-1", "ping", "--wait").stdout)
+        assert pinged["status"] == "succeeded" and "pong" in pinged["result"]
+        assert [e["event"] for e in pinged["events"]] == ["queued", "sent", "delivered", "succeeded"]
+        slow = kestrel("command", "send", "pump-1", "sleep", "--params", '{"seconds": 60}', "--timeout", "2", "--wait",
+                       ok=False)  # fmt: skip
+        assert json.loads(slow.stdout)["status"] == "timed_out"
+        online = _api(ports["api"], token, "GET", "/presence?online=true")
+        assert "pump-1" in {p["device_id"] for p in online}  # type: ignore[union-attr]
+        echo = _api(ports["api"], token, "POST", "/devices/pump-1/commands", {"name": "echo", "params": {"x": 1}})
+        command_id = echo["command_id"]  # type: ignore[index]
+        assert wait_until(
+            lambda: _api(ports["api"], token, "GET", f"/commands/{command_id}")["command"]["status"] == "succeeded",
+            20,  # type: ignore[index]
+        )
+        _api(ports["api"], token, "POST", "/devices/pump-1/decommission")
+        agent.wait(30)  # its session is ended and it cannot come back
+    finally:
+        agent.kill()
 
 
 def test_run_fails_with_one_clear_line_when_a_port_is_taken(tmp_path: Path) -> None:
