@@ -26,6 +26,7 @@ bench: install
 	$(PY) bench/run.py
 	$(PY) bench/identity_bench.py
 	$(PY) bench/api_bench.py
+	$(PY) bench/twin_bench.py
 
 openapi: install
 	$(PY) -m api openapi > api/openapi.json

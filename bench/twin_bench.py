@@ -127,13 +127,16 @@ async def platform_round_trips(api: str, headers: dict[str, str], devices: list[
             started = time.perf_counter()
             response = await http.post(f"/devices/{devices[i % len(devices)]}/commands", json={"name": "ping"})
             command_id = response.json()["command_id"]
-            while True:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
                 body = (await http.get(f"/commands/{command_id}")).json()
                 if body["command"]["status"] == "succeeded":
                     break
                 if body["command"]["status"] in ("failed", "timed_out", "expired"):
                     raise RuntimeError(body)
                 await asyncio.sleep(0.005)
+            else:
+                raise RuntimeError(f"command {command_id} did not succeed within 30 s")
             samples.append(time.perf_counter() - started)
 
         await _paced(one)
@@ -181,8 +184,11 @@ async def platform_report_rate(url: str, devices: list[DeviceClient]) -> float:
     total = len(devices) * REPORTS_PER_DEVICE
     started = time.perf_counter()
     await _report_all(devices, "bench")
+    deadline = time.monotonic() + 120
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError("reports were not all committed within 120 s")
             row = await (
                 await conn.execute(
                     "SELECT count(*) FROM device_shadows WHERE name = 'bench' AND (reported->>'n')::int = %s",

@@ -75,6 +75,8 @@ class DeviceSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: First retry of an unacknowledged command after this long; doubles with each attempt.
     retry_base_s: float = 1.0
     workers: int = 8
+    #: Most messages one worker takes at once; reported states among them share one transaction.
+    batch: int = 200
     max_payload_bytes: int = 64 * 1024
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9103
@@ -120,6 +122,11 @@ def _json(payload: bytes) -> Any:
         raise InvalidInput("bad_json", "payload is not JSON") from exc
 
 
+def _is_report(topic: str) -> bool:
+    parts = topic.split("/")
+    return len(parts) in (6, 7) and parts[0] == "v1" and parts[4:6] == ["state", "reported"]
+
+
 def _first(properties: Any, name: str) -> Any:
     value = (properties or {}).get(name)
     return value[0] if isinstance(value, list) and value else value
@@ -162,20 +169,36 @@ class DeviceService:
         self.queues[bucket].put_nowait((topic, payload, properties, ack))
 
     async def worker(self, queue: asyncio.Queue[tuple[str, bytes, Any, Ack]]) -> None:
+        """Take what is queued (up to ``batch``); runs of reported-state messages share one transaction."""
         while True:
-            topic, payload, properties, ack = await queue.get()
+            batch = [await queue.get()]
+            while len(batch) < self.settings.batch and not queue.empty():
+                batch.append(queue.get_nowait())
             started = time.perf_counter()
-            try:
-                await self.handle(topic, payload, properties)
-            except InvalidInput as exc:
-                if not await self.deadletter(topic, payload, exc):
-                    continue  # not stored anywhere: no PUBACK, the broker redelivers after a reconnect
-            except (psycopg.Error, OSError):
-                log.exception("could not handle a device message; it stays unacknowledged", extra={"topic": topic})
-                continue
-            self.handled += 1
+            index = 0
+            while index < len(batch):
+                end = index
+                while end < len(batch) and _is_report(batch[end][0]):
+                    end += 1
+                if end > index:
+                    await self.reported_batch(batch[index:end])
+                    index = end
+                else:
+                    await self.handle_one(*batch[index])
+                    index += 1
             self.metrics.handle_seconds.observe(time.perf_counter() - started)
-            ack()
+
+    async def handle_one(self, topic: str, payload: bytes, properties: Any, ack: Ack) -> None:
+        try:
+            await self.handle(topic, payload, properties)
+        except InvalidInput as exc:
+            if not await self.deadletter(topic, payload, exc):
+                return  # not stored anywhere: no PUBACK, the broker redelivers after a reconnect
+        except (psycopg.Error, OSError):
+            log.exception("could not handle a device message; it stays unacknowledged", extra={"topic": topic})
+            return
+        self.handled += 1
+        ack()
 
     async def handle(self, topic: str, payload: bytes, properties: Any) -> None:
         if len(payload) > self.settings.max_payload_bytes:
@@ -186,9 +209,7 @@ class DeviceService:
             return
         uplink = parse_uplink(topic)
         self.metrics.messages.labels(uplink.kind).inc()
-        if uplink.kind == "reported":
-            await self.reported(uplink, payload)
-        elif uplink.kind == "cmd-res":
+        if uplink.kind == "cmd-res":
             await self.command_response(uplink, payload, properties)
         elif uplink.kind == "status":
             await self.device_status(uplink, payload)
@@ -327,21 +348,29 @@ class DeviceService:
                 return
             before = await self._presence_locked(conn, uplink.tenant, uplink.device)
             went_offline = value == "offline" and before["online"] and before["connections"] == 0
+            # A device saying "online" is online, even when its connect event was never seen (devicesvc deployed
+            # after the devices connected): its retained status arrives when devicesvc subscribes.
+            came_online = value == "online" and not before["online"]
             await conn.execute(
                 "UPDATE device_presence SET reported_status = %s, reported_status_at = now(),"
                 " last_seen = CASE WHEN %s = 'online' THEN now() ELSE last_seen END,"
-                " online = CASE WHEN %s THEN false ELSE online END,"
-                " changed_at = CASE WHEN %s THEN now() ELSE changed_at END WHERE device_id = %s",
-                (value, value, went_offline, went_offline, uplink.device),
+                " online = CASE WHEN %s THEN false WHEN %s THEN true ELSE online END,"
+                " changed_at = CASE WHEN %s OR %s THEN now() ELSE changed_at END WHERE device_id = %s",
+                (value, value, went_offline, came_online, went_offline, came_online, uplink.device),
             )
         if value == "online":
             self.wake.set()  # it has subscribed by now: send what waits for it
-        if went_offline:
+        if went_offline or came_online:
             await self.event(
                 uplink.tenant,
                 uplink.device,
                 "presence",
-                {"event": "will", "online": False, "connections": 0, "at": twin.now_ms()},
+                {
+                    "event": f"status_{value}",
+                    "online": came_online,
+                    "connections": before["connections"],
+                    "at": twin.now_ms(),
+                },
                 f"presence:{uplink.device}:will:{twin.now_ms()}",
             )
 
@@ -376,24 +405,74 @@ class DeviceService:
 
     # --------------------------------------------------------------------------------------- shadows
 
-    async def reported(self, uplink: Uplink, payload: bytes) -> None:
+    def _report(self, topic: str, payload: bytes) -> twin.Patch:
+        """Validate one reported-state message (no I/O): the patch it asks for, or ``InvalidInput``."""
+        if len(payload) > self.settings.max_payload_bytes:
+            raise InvalidInput("payload_too_large", f"payloads are limited to {self.settings.max_payload_bytes} bytes")
+        uplink = parse_uplink(topic)
         try:
             report = msgspec.json.decode(payload, type=ReportedState)
         except msgspec.ValidationError as exc:
             raise InvalidInput("bad_report", f"reported state: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise InvalidInput("bad_json", "payload is not JSON") from exc
+        shadow.check_patch(report.state)
         now = twin.now_ms()
         # A device clock far in the future would freeze fields; bound it by the receive time.
         ts = min(report.ts, now + 5_000) if report.ts is not None else now
-        async with self.pool.connection() as conn, conn.transaction():
-            if not await self._owned(conn, uplink):
-                raise InvalidInput("unknown_device", "no such device in this tenant")
-            await twin.update_shadow(
-                conn, uplink.tenant, uplink.device, uplink.arg, "reported", report.state, ts_ms=ts,
-                actor=f"device:{uplink.device}",
-            )  # fmt: skip
-            await conn.execute("UPDATE device_presence SET last_seen = now() WHERE device_id = %s", (uplink.device,))
+        return twin.Patch(
+            uplink.tenant, uplink.device, uplink.arg, "reported", report.state, ts, f"device:{uplink.device}"
+        )
+
+    async def reported_batch(self, items: list[tuple[str, bytes, Any, Ack]]) -> None:
+        """Reported state of many devices in one transaction (in arrival order per device), then the PUBACKs."""
+        self.metrics.messages.labels("reported").inc(len(items))
+        rejected: list[tuple[str, bytes, Ack, InvalidInput]] = []
+        accepted: list[tuple[twin.Patch, str, bytes, Ack]] = []
+        for topic, payload, _properties, ack in items:
+            try:
+                accepted.append((self._report(topic, payload), topic, payload, ack))
+            except InvalidInput as exc:
+                rejected.append((topic, payload, ack, exc))
+        done: list[Ack] = []
+        if accepted:
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    owners = dict(
+                        await (
+                            await conn.execute(
+                                "SELECT device_id, tenant_id FROM devices WHERE device_id = ANY(%s)"
+                                " AND status <> 'decommissioned'",
+                                (list({p.device for p, *_ in accepted}),),
+                            )
+                        ).fetchall()
+                    )
+                    known = []
+                    for patch, topic, payload, ack in accepted:
+                        if owners.get(patch.device) == patch.tenant:
+                            known.append((patch, topic, payload, ack))
+                        else:
+                            rejected.append((topic, payload, ack, InvalidInput("unknown_device", "no such device")))
+                    if known:
+                        results = await twin.apply_patches(conn, [p for p, *_ in known])
+                        for (_, topic, payload, ack), result in zip(known, results, strict=True):
+                            if isinstance(result, InvalidInput):
+                                rejected.append((topic, payload, ack, result))
+                            else:
+                                done.append(ack)
+                        await conn.execute(
+                            "UPDATE device_presence SET last_seen = now() WHERE device_id = ANY(%s)",
+                            (list({p.device for p, *_ in known}),),
+                        )
+            except (psycopg.Error, OSError):
+                log.exception("could not store reported state; the messages stay unacknowledged")
+                return
+        for ack in done:
+            ack()
+        self.handled += len(done)
+        for topic, payload, ack, refusal in rejected:
+            if await self.deadletter(topic, payload, refusal):
+                ack()
 
     async def publish_shadows(self) -> int:
         """The outbox: publish desired state and delta (retained) for shadows that changed, and a NATS event."""
@@ -486,7 +565,7 @@ class DeviceService:
                 await cur.execute(
                     "SELECT c.command_id, c.tenant_id, c.device_id, c.name, c.params, c.status, c.attempts,"
                     " c.expires_at FROM commands c JOIN device_presence p ON p.device_id = c.device_id"
-                    " WHERE p.connections > 0 AND c.expires_at > now() AND (c.status = 'queued' OR"
+                    " WHERE p.online AND c.expires_at > now() AND (c.status = 'queued' OR"
                     " (c.status = 'sent' AND c.next_attempt_at <= now() AND c.attempts < c.max_attempts))"
                     " ORDER BY c.created_at LIMIT 500 FOR UPDATE OF c SKIP LOCKED"
                 )
@@ -652,10 +731,11 @@ async def ensure_events_stream(nc: NATS) -> None:
         duplicate_window=streams.DUPLICATE_WINDOW_S,
         num_replicas=1,
     )
-    try:
-        await js.add_stream(config)
-    except BadRequestError:
-        await js.update_stream(config)
+    for stream in (config, streams.deadletter_config()):
+        try:
+            await js.add_stream(stream)
+        except BadRequestError:
+            await js.update_stream(stream)
 
 
 async def run_devicesvc(

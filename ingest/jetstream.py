@@ -63,15 +63,7 @@ async def ensure_streams(nc: NATS, *, dlq_max_age_s: int = 14 * 86400) -> None:
             duplicate_window=streams.DUPLICATE_WINDOW_S,
             num_replicas=1,
         ),
-        StreamConfig(
-            name=streams.DEADLETTER_STREAM,
-            subjects=list(streams.DEADLETTER_SUBJECTS),
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=dlq_max_age_s,
-            duplicate_window=streams.DUPLICATE_WINDOW_S,
-            num_replicas=1,
-        ),
+        streams.deadletter_config(dlq_max_age_s),
     ]
     for config in configs:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -17,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from kestrel import shadow
-from kestrel.errors import Conflict
+from kestrel.errors import Conflict, InvalidInput
 
 TERMINAL: Final = frozenset({"succeeded", "failed", "timed_out", "expired", "cancelled"})
 OPEN: Final = ("queued", "sent", "delivered")
@@ -99,6 +100,84 @@ async def read_shadow(conn: AsyncConnection[Any], device: str, name: str, *, loc
     return None if row is None else _shadow(row)
 
 
+@dataclass(frozen=True)
+class Patch:
+    """One merge patch to one side of one shadow."""
+
+    tenant: str
+    device: str
+    name: str
+    side: str  # "desired" or "reported"
+    patch: dict[str, Any]
+    ts_ms: int
+    actor: str
+    expected_version: int | None = None
+
+
+async def apply_patches(conn: AsyncConnection[Any], patches: list[Patch]) -> list[tuple[Shadow, bool] | InvalidInput]:
+    """Apply patches in order, many shadows at once: rows locked in one statement (in key order, so concurrent
+    callers never deadlock), written back in one pipeline with one history row per change. Desired: last writer
+    wins, optionally versioned (``Conflict``); reported: guarded by the device's timestamps. Returns, per patch,
+    the shadow after it and whether it changed anything, or the ``InvalidInput`` (too large, too deep) that
+    refused it alone."""
+    keys = sorted({(p.device, p.name, p.tenant) for p in patches})
+    await conn.execute(
+        "INSERT INTO device_shadows (device_id, name, tenant_id) SELECT * FROM unnest(%s::text[], %s::text[],"
+        " %s::text[]) ON CONFLICT DO NOTHING",
+        ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
+    )
+    cur = conn.cursor(row_factory=dict_row)
+    rows = await (
+        await cur.execute(
+            f"SELECT {SHADOW_COLUMNS} FROM device_shadows WHERE (device_id, name) IN"  # noqa: S608 - fixed columns
+            " (SELECT * FROM unnest(%s::text[], %s::text[])) ORDER BY device_id, name FOR UPDATE",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        )
+    ).fetchall()
+    current = {(r["device_id"], r["name"]): r for r in rows}
+    results: list[tuple[Shadow, bool] | InvalidInput] = []
+    history: list[tuple[Any, ...]] = []
+    dirty: set[tuple[str, str]] = set()
+    for p in patches:
+        row = current[(p.device, p.name)]
+        if p.expected_version is not None and p.expected_version != row["version"]:
+            raise Conflict(f"shadow of {p.device} is at version {row['version']}, not {p.expected_version}")
+        try:
+            doc, meta, changed = shadow.merge(
+                row[p.side], row["metadata"].get(p.side, {}), p.patch, p.ts_ms, guard=p.side == "reported"
+            )
+        except InvalidInput as exc:
+            results.append(exc)
+            continue
+        if changed:
+            row = current[(p.device, p.name)] = {
+                **row,
+                p.side: doc,
+                "metadata": {**row["metadata"], p.side: meta},
+                "version": row["version"] + 1,
+            }
+            history.append((p.tenant, p.device, p.name, row["version"], p.side, Jsonb(p.patch), p.actor))
+            dirty.add((p.device, p.name))
+        results.append((_shadow(row), changed))
+    if dirty:
+        async with conn.cursor() as write:
+            await write.executemany(
+                "UPDATE device_shadows SET desired = %s, reported = %s, metadata = %s, version = %s,"
+                " updated_at = now() WHERE device_id = %s AND name = %s",
+                [
+                    (Jsonb(r["desired"]), Jsonb(r["reported"]), Jsonb(r["metadata"]), r["version"], *key)
+                    for key in sorted(dirty)
+                    for r in (current[key],)
+                ],
+            )
+            await write.executemany(
+                "INSERT INTO shadow_history (tenant_id, device_id, name, version, side, patch, actor)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                history,
+            )
+    return results
+
+
 async def update_shadow(
     conn: AsyncConnection[Any],
     tenant: str,
@@ -111,37 +190,11 @@ async def update_shadow(
     actor: str,
     expected_version: int | None = None,
 ) -> tuple[Shadow, bool]:
-    """Merge ``patch`` into one side (desired: last writer wins, optionally versioned; reported: guarded by the
-    device's timestamps). Returns the new shadow and whether anything changed."""
-    await conn.execute(
-        "INSERT INTO device_shadows (tenant_id, device_id, name) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-        (tenant, device, name),
-    )
-    current = await read_shadow(conn, device, name, lock=True)
-    assert current is not None
-    if expected_version is not None and expected_version != current.version:
-        raise Conflict(f"shadow of {device} is at version {current.version}, not {expected_version}")
-    doc, meta, changed = shadow.merge(
-        getattr(current, side), current.metadata.get(side, {}), patch, ts_ms, guard=side == "reported"
-    )
-    if not changed:
-        return current, False
-    metadata = {**current.metadata, side: meta}
-    cur = conn.cursor(row_factory=dict_row)
-    row = await (
-        await cur.execute(
-            f"UPDATE device_shadows SET {side} = %s, metadata = %s, version = version + 1, updated_at = now()"  # noqa: S608
-            f" WHERE device_id = %s AND name = %s RETURNING {SHADOW_COLUMNS}",
-            (Jsonb(doc), Jsonb(metadata), device, name),
-        )
-    ).fetchone()
-    assert row is not None
-    await conn.execute(
-        "INSERT INTO shadow_history (tenant_id, device_id, name, version, side, patch, actor)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (tenant, device, name, row["version"], side, Jsonb(patch), actor),
-    )
-    return _shadow(row), True
+    """One patch (the API's and the CLI's desired state): the shadow after it, and whether it changed."""
+    (result,) = await apply_patches(conn, [Patch(tenant, device, name, side, patch, ts_ms, actor, expected_version)])
+    if isinstance(result, InvalidInput):
+        raise result
+    return result
 
 
 async def insert_command(

@@ -700,3 +700,46 @@ async def attempt_with(stack: Stack, tenant: str, token: str, device: str, conte
     except Exception as exc:  # noqa: BLE001 - every connect failure is the expected outcome here
         return f"refused at connect: {exc!r}"
     return "issued"
+
+
+@pytest.mark.asyncio
+async def test_bad_device_messages_are_dead_lettered_with_a_reason_and_nothing_else_is_lost(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    tenant, headers = stack.tenant()
+    device = new_id()
+    await register(http, headers, device)
+    raw = stack.raw(device, stack.enrol(device))
+    await raw.connect()
+    base = f"v1/{tenant}/d/{device}"
+    bad = {
+        "bad_json": (f"{base}/state/reported", b"not json"),
+        "bad_report": (f"{base}/state/reported", b'{"state": [1]}'),
+        "shadow_too_large": (f"{base}/state/reported", json.dumps({"state": {"blob": "x" * 20_000}}).encode()),
+        "unknown_command": (f"{base}/cmd-res/c{'0' * 24}", b'{"status": "succeeded"}'),
+        "bad_command_response": (f"{base}/cmd-res/c{'1' * 24}", b'{"status": "done"}'),
+        "bad_status": (f"{base}/status", b'"sleeping"'),
+    }
+    for topic, payload in bad.values():
+        await raw.publish(topic, payload)
+    await raw.publish(f"{base}/state/reported", b'{"state": {"ok": 1}}')  # good input after bad input still applies
+
+    async def applied() -> bool:
+        return bool((await get_json(http, f"/devices/{device}/shadow", headers))["reported"] == {"ok": 1})
+
+    await eventually(applied, what="the good report after the bad ones")
+    await raw.close()
+    nc = await nats.connect(stack.nats_url)
+    js = nc.jetstream()
+    subscription = await js.subscribe("dlq.twin.>", ordered_consumer=True)
+    reasons: dict[str, str] = {}
+    deadline = time.monotonic() + 15
+    while len(reasons) < len(bad) and time.monotonic() < deadline:
+        try:
+            message = await subscription.next_msg(timeout=1)
+        except nats.errors.TimeoutError:
+            continue
+        if (message.headers or {}).get("Kestrel-Topic", "").startswith(base):
+            reasons[message.headers["Kestrel-Reason"]] = message.subject  # type: ignore[index]
+    await nc.close()
+    assert reasons == {reason: f"dlq.twin.{reason}" for reason in bad}
