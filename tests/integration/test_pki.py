@@ -242,3 +242,48 @@ def openssl_verify_full_chain(root: Path, full_chain: Path) -> subprocess.Comple
     # openssl_verify takes the tenant CA followed by the root
     chain = certs[1].lstrip() + "-----END CERTIFICATE-----\n" + root.read_text()
     return openssl_verify(chain, leaf, full_chain.parent)
+
+
+def test_concurrent_provisioning_never_exceeds_the_claim(database_url: str, tenant_with_ca: Tenant) -> None:
+    """Several provisioner replicas at once: the claim row lock lets exactly max_uses through (ADR-0013)."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from kestrel.device import new_device_key  # noqa: PLC0415
+    from kestrel.errors import Conflict  # noqa: PLC0415
+    from kestrel.tokens import new_claim_token  # noqa: PLC0415
+    from pki.builtin import BuiltinCA  # noqa: PLC0415
+
+    claim_id, _, digest = new_claim_token()
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO provisioning_claims (claim_id, tenant_id, secret_sha256, max_uses, expires_at, tags)"
+            " VALUES (%s, %s, %s, 3, now() + interval '1 hour', '{jit}')",
+            (claim_id, tenant_with_ca.id, digest),
+        )
+    devices = [f"jit-{uuid.uuid4().hex[:8]}" for _ in range(8)]
+    csrs = {d: new_device_key(d)[1] for d in devices}
+
+    def attempt(device: str) -> str:
+        try:
+            BuiltinCA(database_url, PASSPHRASE).provision(claim_id, tenant_with_ca.id, device, csrs[device], 30, "t")
+        except Conflict as exc:
+            return exc.detail
+        return "issued"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(attempt, devices))
+    assert outcomes.count("issued") == 3, outcomes
+    assert all("used up" in o for o in outcomes if o != "issued")
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT used FROM provisioning_claims WHERE claim_id = %s", (claim_id,)).fetchone() == (3,)
+        issued = conn.execute(
+            "SELECT count(*) FROM pki_certificates c JOIN devices d USING (device_id) WHERE d.claim_id = %s",
+            (claim_id,),
+        ).fetchone()
+        assert issued == (3,)
+    # The same device asking again with the same key (its answer was lost) gets its certificate, no new use.
+    first = next(d for d, o in zip(devices, outcomes, strict=True) if o == "issued")
+    again = BuiltinCA(database_url, PASSPHRASE).provision(claim_id, tenant_with_ca.id, first, csrs[first], 30, "t")
+    assert again.device == first
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT used FROM provisioning_claims WHERE claim_id = %s", (claim_id,)).fetchone() == (3,)
