@@ -96,6 +96,10 @@ class DeviceCreate(msgspec.Struct, **_STRICT):
     device_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
     name: Annotated[str, msgspec.Meta(max_length=200)] = ""
     tags: Annotated[list[Tag], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
+    #: Existing groups of the tenant to put the device in.
+    groups: Annotated[list[Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]], msgspec.Meta(max_length=64)] = (
+        msgspec.field(default_factory=list)
+    )
 
 
 class DevicePatch(msgspec.Struct, **_STRICT):
@@ -415,8 +419,14 @@ async def _insert_devices(conn: AsyncConnection[Any], tenant: str, devices: list
                 "INSERT INTO devices (device_id, tenant_id, name, tags) VALUES (%s, %s, %s, %s)",
                 [(d.device_id, tenant, d.name, d.tags) for d in devices],
             )
+            await cur.executemany(
+                "INSERT INTO device_group_members (tenant_id, group_id, device_id) VALUES (%s, %s, %s)",
+                [(tenant, g, d.device_id) for d in devices for g in set(d.groups)],
+            )
     except psycopg.errors.UniqueViolation as exc:
         raise Conflict("a device id in the request is already registered") from exc
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise InvalidInput("unknown_group", "a group in the request does not exist in this tenant") from exc
 
 
 @post("/devices", summary="Register a device", tags=["devices"])
@@ -445,7 +455,9 @@ def _parse_csv(raw: bytes) -> list[DeviceCreate]:
     """CSV as ``kestrel device import`` reads it, validated like a JSON bulk body."""
     try:
         rows = registry.parse_device_csv(raw.decode())
-        return msgspec.convert([{"device_id": d, "name": n, "tags": t} for d, n, t in rows], list[DeviceCreate])
+        return msgspec.convert(
+            [{"device_id": d, "name": n, "tags": t, "groups": g} for d, n, t, g in rows], list[DeviceCreate]
+        )
     except UnicodeDecodeError as exc:
         raise InvalidInput("bad_csv", "not UTF-8 CSV") from exc
     except msgspec.ValidationError as exc:

@@ -143,11 +143,15 @@ def device_list(
 
 @device_app.command("import")
 def device_import(
-    file: Annotated[Path, typer.Argument(help="CSV with header device_id[,name][,tags] (tags split by ;)")],
+    file: Annotated[Path, typer.Argument(help="CSV with header device_id[,name][,tags][,groups] (split by ;)")],
     tenant: Annotated[str, typer.Option(help="Owning tenant")],
+    jwt_keys: Annotated[
+        Path | None, typer.Option(help="Directory of <device_id>.pem public keys: each becomes that device's JWT key")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Register many devices from CSV, all or none, with a progress bar on stderr."""
+    """Register many devices from CSV, all or none, with a progress bar on stderr; for certificates, then run
+    `kestrel pki sign-batch` on their CSRs."""
     from rich.progress import Progress  # noqa: PLC0415
 
     from kestrel.db import registry  # noqa: PLC0415
@@ -157,9 +161,17 @@ def device_import(
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput("bad_file", f"cannot read {file} as UTF-8") from exc
     devices = registry.parse_device_csv(text)
+    keys: dict[str, bytes] = {}
+    if jwt_keys is not None:
+        try:
+            keys = {d: (jwt_keys / f"{d}.pem").read_bytes() for d, *_ in devices if (jwt_keys / f"{d}.pem").is_file()}
+        except OSError as exc:
+            raise InvalidInput("bad_file", f"cannot read the keys in {jwt_keys}: {exc}") from exc
     with Progress(transient=as_json) as progress:
         task = progress.add_task("importing", total=len(devices))
-        created = registry.import_devices(database_url(), tenant, devices, lambda n: progress.advance(task, n))
+        created = registry.import_devices(
+            database_url(), tenant, devices, lambda n: progress.advance(task, n), jwt_keys=keys
+        )
     typer.echo(json.dumps({"tenant": tenant, "created": created}) if as_json else f"imported {created} device(s)")
 
 

@@ -57,24 +57,30 @@ def create_devices(conninfo: str, tenant: str, devices: Iterable[str], *, exist_
         return len([d for d in ids if d not in existing])
 
 
-def add_jwt_key(conninfo: str, tenant: str, public_key_pem: bytes, device: str | None = None) -> str:
-    """Register a public key that verifies device JWTs; return its ``kid``. The algorithm follows the key."""
+def _jwt_key_row(device: str | None, public_key_pem: bytes) -> tuple[str, str, str]:
+    """(kid, alg, normalised PEM) for a device JWT public key; the algorithm follows the key."""
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: PLC0415
 
-    require_id("tenant", tenant)
+    whose = f" of {device}" if device else ""
     try:
         key = serialization.load_pem_public_key(public_key_pem)
     except ValueError as exc:
-        raise InvalidInput("bad_key", "not a PEM public key") from exc
+        raise InvalidInput("bad_key", f"not a PEM public key{whose}") from exc
     if isinstance(key, ed25519.Ed25519PublicKey):
         alg = "EdDSA"
     elif isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
         alg = "ES256"
     else:
-        raise InvalidInput("bad_key", "JWT keys must be Ed25519 (EdDSA) or EC P-256 (ES256)")
+        raise InvalidInput("bad_key", f"JWT keys must be Ed25519 (EdDSA) or EC P-256 (ES256){whose}")
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    kid = "k" + secrets.token_hex(8)
+    return "k" + secrets.token_hex(8), alg, pem
+
+
+def add_jwt_key(conninfo: str, tenant: str, public_key_pem: bytes, device: str | None = None) -> str:
+    """Register a public key that verifies device JWTs; return its ``kid``. The algorithm follows the key."""
+    require_id("tenant", tenant)
+    kid, alg, pem = _jwt_key_row(device, public_key_pem)
     with psycopg.connect(conninfo) as conn, conn.transaction():
         if conn.execute("SELECT 1 FROM tenants WHERE tenant_id = %s", (tenant,)).fetchone() is None:
             raise NotFound(f"tenant {tenant} does not exist")
@@ -225,39 +231,46 @@ def create_user(conninfo: str, tenant: str, email: str, role: str) -> str:
     return user_id
 
 
-DeviceRow = tuple[str, str, list[str]]  # device id, name, tags
+DeviceRow = tuple[str, str, list[str], list[str]]  # device id, name, tags, groups
 
 
 def parse_device_csv(text: str) -> list[DeviceRow]:
-    """Rows of CSV with the header ``device_id[,name][,tags]`` (tags separated by ``;``); the ids are checked
-    where the rows are stored."""
+    """Rows of CSV with the header ``device_id[,name][,tags][,groups]`` (tags and groups separated by ``;``); the
+    ids are checked where the rows are stored."""
     try:
         rows = list(csv.DictReader(io.StringIO(text)))
     except csv.Error as exc:
         raise InvalidInput("bad_csv", f"not CSV: {exc}") from exc
-    if not rows or "device_id" not in rows[0] or set(rows[0]) - {"device_id", "name", "tags"}:
-        raise InvalidInput("bad_csv", "CSV needs a header with device_id (and optionally name, tags) and a row")
-    return [
-        (r["device_id"] or "", r.get("name") or "", [t for t in (r.get("tags") or "").split(";") if t]) for r in rows
-    ]
+    if not rows or "device_id" not in rows[0] or set(rows[0]) - {"device_id", "name", "tags", "groups"}:
+        raise InvalidInput("bad_csv", "CSV needs a header with device_id (and optionally name, tags, groups) and a row")
+    return [(r["device_id"] or "", r.get("name") or "", _split(r.get("tags")), _split(r.get("groups"))) for r in rows]
+
+
+def _split(cell: str | None) -> list[str]:
+    return [t for t in (cell or "").split(";") if t]
 
 
 def import_devices(
     conninfo: str,
     tenant: str,
-    devices: list[tuple[str, str, list[str]]],
+    devices: list[DeviceRow],
     progress: Callable[[int], None] | None = None,
     chunk: int = 500,
+    jwt_keys: dict[str, bytes] | None = None,
 ) -> int:
-    """Register ``(device_id, name, tags)`` rows in one transaction (all or none), respecting the tenant's
-    device quota; ``progress`` is told how many rows each chunk wrote."""
+    """Register ``(device_id, name, tags, groups)`` rows in one transaction (all or none), respecting the tenant's
+    device quota, each in its (existing) groups and, when ``jwt_keys`` has its public key (PEM), with a
+    device-bound ES256/EdDSA JWT key (it is then provisioned); ``progress`` is told how many rows each chunk wrote."""
     require_id("tenant", tenant)
-    for device_id, _, tags in devices:
+    for device_id, _, tags, groups in devices:
         require_id("device", device_id)
+        for group in groups:
+            require_id("group", group)
         if len(tags) > 64:
             raise InvalidInput("bad_tags", f"device {device_id} has more than 64 tags")
-    if len({d for d, _, _ in devices}) != len(devices):
+    if len({d[0] for d in devices}) != len(devices):
         raise InvalidInput("bad_csv", "a device id appears twice")
+    keys = {d: _jwt_key_row(d, pem) for d, pem in (jwt_keys or {}).items()}
     with psycopg.connect(conninfo) as conn, conn.transaction():
         row = conn.execute(
             "SELECT max_devices, (SELECT count(*) FROM devices WHERE tenant_id = %s) FROM tenants WHERE tenant_id = %s",
@@ -273,10 +286,21 @@ def import_devices(
                     part = devices[start : start + chunk]
                     cur.executemany(
                         "INSERT INTO devices (device_id, tenant_id, name, tags) VALUES (%s, %s, %s, %s)",
-                        [(d, tenant, n, t) for d, n, t in part],
+                        [(d, tenant, n, t) for d, n, t, _ in part],
+                    )
+                    cur.executemany(
+                        "INSERT INTO device_group_members (tenant_id, group_id, device_id) VALUES (%s, %s, %s)",
+                        [(tenant, g, d) for d, _, _, groups in part for g in set(groups)],
+                    )
+                    cur.executemany(
+                        "INSERT INTO jwt_keys (kid, tenant_id, device_id, alg, public_key_pem)"
+                        " VALUES (%s, %s, %s, %s, %s)",
+                        [(kid, tenant, d, alg, pem) for d, *_ in part if d in keys for kid, alg, pem in (keys[d],)],
                     )
                     if progress:
                         progress(len(part))
         except psycopg.errors.UniqueViolation as exc:
             raise Conflict("a device id in the file is already registered") from exc
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise InvalidInput("unknown_group", "a group in the file does not exist in this tenant") from exc
     return len(devices)

@@ -219,6 +219,46 @@ def test_operator_commands_for_users_tokens_and_devices(database_url: str, tmp_p
     assert no_header.returncode == 2 and "needs a header with device_id" in one_line(no_header.stderr)
 
 
+def test_bulk_import_with_groups_and_jwt_keys(database_url: str, tmp_path: Path) -> None:
+    """Thousands of devices in one go: ids, names, tags, groups and device-bound JWT keys, all or none."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
+
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    assert kestrel("tenant", "create", tenant, database_url=database_url).returncode == 0
+    with psycopg.connect(database_url) as conn:
+        for group in ("north", "pumps"):
+            conn.execute("INSERT INTO device_groups (tenant_id, group_id) VALUES (%s, %s)", (tenant, group))
+    ids = [f"{tenant}-{i:04d}" for i in range(2000)]
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for device in ids[:10]:
+        public = ed25519.Ed25519PrivateKey.generate().public_key()
+        (keys / f"{device}.pem").write_bytes(
+            public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text("device_id,tags,groups\n" + "".join(f"{d},site:n,north;pumps\n" for d in ids))
+    done = kestrel("device", "import", str(fleet), "--tenant", tenant, "--jwt-keys", str(keys), "--json",
+                   database_url=database_url)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["created"] == 2000
+    with psycopg.connect(database_url) as conn:
+        members = conn.execute(
+            "SELECT group_id, count(*) FROM device_group_members WHERE tenant_id = %s GROUP BY 1 ORDER BY 1", (tenant,)
+        ).fetchall()
+        assert members == [("north", 2000), ("pumps", 2000)]
+        statuses = dict(conn.execute(
+            "SELECT status, count(*) FROM devices WHERE tenant_id = %s GROUP BY 1", (tenant,)).fetchall())  # fmt: skip
+        assert statuses == {"provisioned": 10, "registered": 1990}  # a JWT key is a credential
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text(f"device_id,groups\n{tenant}-x,nowhere\n")
+    refused = kestrel("device", "import", str(unknown), "--tenant", tenant, database_url=database_url)
+    assert refused.returncode == 2 and "does not exist in this tenant" in one_line(refused.stderr)
+    with psycopg.connect(database_url) as conn:  # all or none
+        assert conn.execute("SELECT 1 FROM devices WHERE device_id = %s", (f"{tenant}-x",)).fetchone() is None
+
+
 def test_twin_operator_commands(database_url: str) -> None:
     """decommission (and its one-line refusals), shadow, command, claim, presence: what the README shows."""
     tenant = f"cli-{uuid.uuid4().hex[:8]}"
