@@ -20,6 +20,7 @@ from strawberry.types import Info
 from api import queries
 from api.auth import Principal, provide_principal, tenant_transaction
 from api.control import DEVICE, DEVICES_PAGE, GROUPS
+from kestrel.db import twin
 from kestrel.errors import InvalidInput
 from kestrel.topics import is_valid_id
 
@@ -27,6 +28,13 @@ MAX_DEPTH = 6
 MAX_ALIASES = 15
 MAX_TOKENS = 2000
 MAX_PAGE = 1000
+PRESENCE = (
+    "SELECT online, connections, last_seen, reported_status, changed_at FROM device_presence WHERE device_id = %s"
+)
+COMMANDS = (
+    "SELECT command_id, name, params, status, result, error, attempts, created_at, completed_at FROM commands"
+    " WHERE device_id = %s AND (%s::text IS NULL OR status = %s) ORDER BY created_at DESC LIMIT %s"
+)
 
 
 @strawberry.type
@@ -34,6 +42,38 @@ class Bucket:
     bucket: datetime
     value: JSON | None
     samples: int
+
+
+@strawberry.type
+class Presence:
+    online: bool
+    connections: int
+    last_seen: datetime | None
+    reported_status: str | None
+    changed_at: datetime | None
+
+
+@strawberry.type
+class Shadow:
+    name: str
+    version: int
+    desired: JSON
+    reported: JSON
+    delta: JSON
+    updated_at: datetime | None
+
+
+@strawberry.type
+class Command:
+    command_id: str
+    name: str
+    params: JSON
+    status: str
+    result: JSON | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    completed_at: datetime | None
 
 
 @strawberry.type
@@ -65,6 +105,43 @@ class Device:
                 bucket=queries.parse_bucket(bucket), start=start, end=end,
             )  # fmt: skip
         return [Bucket(**r) for r in rows]
+
+    @strawberry.field(description="Online or not, and when last seen (devices:read)")
+    async def presence(self, info: Info[Any, Any]) -> Presence:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("devices:read")
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = await (await cur.execute(PRESENCE, (self.device_id,))).fetchone()
+        if row is None:
+            return Presence(online=False, connections=0, last_seen=None, reported_status=None, changed_at=None)
+        return Presence(**row)
+
+    @strawberry.field(description="The device's shadow, or null when it has none (devices:read)")
+    async def shadow(self, info: Info[Any, Any], name: str = "") -> Shadow | None:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("devices:read")
+        if name and not is_valid_id(name):
+            raise InvalidInput("bad_id", "shadow names match [A-Za-z0-9_-]{1,64}")
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            found = await twin.read_shadow(conn, self.device_id, name)
+        if found is None:
+            return None
+        return Shadow(
+            name=found.name, version=found.version, desired=JSON(found.desired), reported=JSON(found.reported),
+            delta=JSON(found.delta), updated_at=found.updated_at,
+        )  # fmt: skip
+
+    @strawberry.field(description="The device's most recent commands, newest first (devices:read)")
+    async def commands(self, info: Info[Any, Any], first: int = 20, status: str | None = None) -> list[Command]:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("devices:read")
+        if not 1 <= first <= MAX_PAGE:
+            raise InvalidInput("bad_page", f"first must be 1 to {MAX_PAGE}")
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (await cur.execute(COMMANDS, (self.device_id, status, status, first))).fetchall()
+        return [Command(**r) for r in rows]
 
 
 @strawberry.type

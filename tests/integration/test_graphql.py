@@ -79,3 +79,27 @@ def test_scopes_tokens_and_abuse_limits(client: TestClient, database_url: str) -
     assert introspection.get("data") is None and introspection["errors"]
     assert "errors" in gql(client, auth, "{ devices(first: 100000) { items { deviceId } } }")
     assert "errors" in gql(client, auth, "mutation { x }")
+
+
+def test_presence_shadow_and_commands_of_a_device(client: TestClient, database_url: str) -> None:  # type: ignore[type-arg]
+    a, a_devices = _tenant(database_url)
+    auth_a = tenant_token(database_url, a)
+    device = a_devices[0]
+    patched = client.patch(f"/api/v1/devices/{device}/shadow", json={"desired": {"rate": 5}}, headers=auth_a)
+    assert patched.status_code == 200, patched.text
+    sent = client.post(f"/api/v1/devices/{device}/commands", json={"name": "reboot"}, headers=auth_a)
+    assert sent.status_code == 201, sent.text
+    q = """query($id: String!) { device(deviceId: $id) {
+        presence { online connections lastSeen }
+        shadow { version desired reported delta }
+        named: shadow(name: "none") { version }
+        commands(first: 5) { commandId name status attempts } } }"""
+    body = gql(client, auth_a, q, id=device)["data"]["device"]
+    assert body["presence"] == {"online": False, "connections": 0, "lastSeen": None}
+    assert body["shadow"] == {"version": 1, "desired": {"rate": 5}, "reported": {}, "delta": {"rate": 5}}
+    assert body["named"] is None
+    assert [(c["name"], c["status"]) for c in body["commands"]] == [("reboot", "queued")]
+    assert body["commands"][0]["commandId"] == sent.json()["command_id"]
+    # The same device seen from another tenant: nothing.
+    b, _ = _tenant(database_url)
+    assert gql(client, tenant_token(database_url, b), q, id=device)["data"]["device"] is None
