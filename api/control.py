@@ -198,16 +198,18 @@ class AuditPage(msgspec.Struct, frozen=True, kw_only=True):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _etag(version: int) -> str:
-    return f'"v{version}"'
+def _etag(version: int, kind: str = "v") -> str:
+    """``"v{version}"`` for objects, ``"s{version}"`` for shadows (ADR-0013): one cannot stand for the other."""
+    return f'"{kind}{version}"'
 
 
-def _expected_version(if_match: str | None) -> int | None:
+def _expected_version(if_match: str | None, kind: str = "v") -> int | None:
+    """The version an ``If-Match`` names; None for ``*`` or no header; 412 for anything else."""
     if if_match is None or if_match.strip() == "*":
         return None
     value = if_match.strip().removeprefix("W/")
-    if not (value.startswith('"v') and value.endswith('"') and value[2:-1].isdigit()):
-        raise PreconditionFailed("If-Match must be an ETag this API returned")
+    if not (value.startswith(f'"{kind}') and value.endswith('"') and value[2:-1].isdigit()):
+        raise PreconditionFailed("If-Match must be an ETag this API returned for this object")
     return int(value[2:-1])
 
 

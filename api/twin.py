@@ -23,6 +23,7 @@ from api.control import (
     IfMatch,
     Limit,
     Tag,
+    _etag,
     _expected_version,
     _fetch,
     _one,
@@ -134,20 +135,6 @@ async def _device(conn: AsyncConnection[Any], device_id: str, *, lock: bool = Fa
     return ControlDevice(**row)
 
 
-def _shadow_etag(version: int) -> str:
-    return f'"s{version}"'
-
-
-def _shadow_expected(if_match: str | None) -> int | None:
-    """Shadow ETags are ``"s{version}"``; ``*`` or none means no precondition."""
-    if if_match is None or if_match.strip() == "*":
-        return None
-    value = if_match.strip().removeprefix("W/")
-    if not (value.startswith('"s') and value.endswith('"') and value[2:-1].isdigit()):
-        raise PreconditionFailed("If-Match must be a shadow ETag this API returned")
-    return int(value[2:-1])
-
-
 # ----------------------------------------------------------------------------------------------- presence
 
 PRESENCE_COLUMNS = ", ".join(Presence.__struct_fields__)
@@ -217,7 +204,7 @@ async def _read_shadow(
         await _device(conn, device_id)
         found = await twin.read_shadow(conn, device_id, name)
     shadow = found or twin.empty_shadow(device_id, name)
-    return Response(shadow, headers={"ETag": _shadow_etag(shadow.version)})
+    return Response(shadow, headers={"ETag": _etag(shadow.version, "s")})
 
 
 async def _write_desired(
@@ -230,7 +217,7 @@ async def _write_desired(
 ) -> Response[twin.Shadow]:
     tenant = principal.need("devices:write")
     check_patch(data.desired)
-    precondition = _shadow_expected(if_match)
+    precondition = _expected_version(if_match, "s")
     async with tenant_transaction(request, tenant) as conn:
         device = await _device(conn, device_id)
         if device.status == "decommissioned":
@@ -245,7 +232,7 @@ async def _write_desired(
         )  # fmt: skip
         if changed:
             await audit(conn, request, principal, "shadow.desired", f"device:{device_id}/shadow:{name}", after=data)
-    return Response(updated, headers={"ETag": _shadow_etag(updated.version)})
+    return Response(updated, headers={"ETag": _etag(updated.version, "s")})
 
 
 @get("/devices/{device_id:str}/shadow", summary="A device's shadow (desired, reported, delta)", tags=["shadows"])

@@ -6,14 +6,11 @@ import asyncio
 import contextlib
 import sys
 
-import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
 
 from devicesvc.service import DeviceSettings, run_devicesvc
-from kestrel.backend import connect_nats, stop_event
+from kestrel.backend import connect_nats, run_service, stop_event
 from kestrel.db import DatabaseSettings
-from kestrel.errors import InvalidInput
-from kestrel.logs import configure_logging
 from kestrel.settings import from_env
 
 
@@ -34,13 +31,7 @@ def main(argv: list[str]) -> int:
     if argv:
         print("usage: python -m devicesvc (settings from KESTREL_DEVICES_* and KESTREL_DATABASE_URL)", file=sys.stderr)
         return 2
-    configure_logging("devicesvc")
-    try:
-        uvloop.run(amain())
-    except InvalidInput as exc:
-        print(f"kestrel devicesvc: {exc.detail}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("devicesvc", amain)
 
 
 if __name__ == "__main__":

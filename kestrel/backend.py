@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import gmqtt
@@ -88,3 +88,21 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def run_service(name: str, amain: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """A service's process: JSON logs, uvloop, and one clear line (exit 2) for a bad setting."""
+    import sys  # noqa: PLC0415
+
+    import uvloop  # noqa: PLC0415
+
+    from kestrel.errors import InvalidInput  # noqa: PLC0415
+    from kestrel.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(name)
+    try:
+        uvloop.run(amain())
+    except InvalidInput as exc:
+        print(f"kestrel {name}: {exc.detail}", file=sys.stderr)
+        return 2
+    return 0

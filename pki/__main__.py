@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import sys
 
-import uvloop
-
-from kestrel.backend import stop_event
-from kestrel.errors import InvalidInput
-from kestrel.logs import configure_logging
+from kestrel.backend import run_service, stop_event
 from kestrel.settings import from_env
 from pki.cli import open_ca
 from pki.provisioner import ProvisionerSettings, run_provisioner
@@ -23,13 +19,7 @@ def main(argv: list[str]) -> int:
     if argv != ["provisioner"]:
         print("usage: python -m pki provisioner", file=sys.stderr)
         return 2
-    configure_logging("pki-provisioner")
-    try:
-        uvloop.run(amain())
-    except InvalidInput as exc:
-        print(f"kestrel pki provisioner: {exc.detail}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("pki-provisioner", amain)
 
 
 if __name__ == "__main__":
