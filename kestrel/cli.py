@@ -358,11 +358,14 @@ def agent(
     """Run a device built on the SDK: provisions itself with a claim if asked, then reports state, converges to
     desired state and answers the commands ping, echo and sleep."""
     import asyncio  # noqa: PLC0415
+    import logging  # noqa: PLC0415
     import ssl  # noqa: PLC0415
 
     from kestrel.agent import DeviceRefused, provision_files, run_agent  # noqa: PLC0415
     from kestrel.device import ProvisioningRefused  # noqa: PLC0415
 
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("gmqtt").setLevel(logging.CRITICAL)  # the agent reports connection trouble itself
     devices = state_dir() / "devices"
     ca_file = ca or state_dir() / "tls" / "ca.pem"
     cert_file, key_file = cert or devices / f"{device}.crt", key or devices / f"{device}.key"

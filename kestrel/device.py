@@ -45,6 +45,10 @@ from kestrel.topics import (
 
 log = logging.getLogger("kestrel.device")
 
+#: gmqtt reconnects while ``failed_connections <= reconnect_retries`` (so 0 still allows one attempt); -1 is
+#: unlimited. Below -1 means never: the caller decides when to connect again.
+NO_RECONNECT = -2
+
 CommandHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 DesiredHandler = Callable[[str, dict[str, Any]], Any]
 
@@ -113,7 +117,7 @@ class DeviceClient:
             session_expiry_interval=self.session_expiry_s if self.protocol == 5 else None,
             will_message=will,
         )
-        client.set_config({"reconnect_retries": -1 if self.auto_reconnect else 0, "reconnect_delay": 2})
+        client.set_config({"reconnect_retries": -1 if self.auto_reconnect else NO_RECONNECT, "reconnect_delay": 2})
         if self.jwt:
             client.set_auth_credentials(self.device, self.jwt)
         client.on_message = self._on_message
@@ -288,7 +292,7 @@ async def provision(
     answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     subscribed = asyncio.Event()
     client = gmqtt.Client(f"{PROVISION_CLIENT_PREFIX}{device}", clean_session=True)
-    client.set_config({"reconnect_retries": 0})
+    client.set_config({"reconnect_retries": NO_RECONNECT})
     client.set_auth_credentials("claim", claim_token)
 
     def on_message(c: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
