@@ -739,3 +739,34 @@ async def test_bad_device_messages_are_dead_lettered_with_a_reason_and_nothing_e
             reasons[message.headers["Kestrel-Reason"]] = message.subject  # type: ignore[index]
     await nc.close()
     assert reasons == {reason: f"dlq.twin.{reason}" for reason in bad}
+
+
+@pytest.mark.asyncio
+async def test_devicesvc_killed_mid_stream_loses_no_report(stack: Stack, http: httpx.AsyncClient) -> None:
+    """SIGKILL devicesvc while a device reports: its persistent session keeps what was not acknowledged, the
+    restarted service stores every report once (a redelivered one changes nothing), and the state is the last."""
+    tenant, headers, device, context = await enrolled_device(stack, http)
+    client = stack.device(tenant, device, context)
+    await client.connect()
+    count = 600
+    for n in range(count):
+        await client.report({"n": n}, shadow="stream")
+        if n == count // 3:
+            stack.processes["devicesvc"].kill()
+        if n % 50 == 49:
+            await asyncio.sleep(0.05)
+    stack.processes["devicesvc"].start()
+    assert wait_until(lambda: _log(stack.root, "devicesvc").count("devicesvc connected") >= 2, 30)
+
+    async def stored() -> bool:
+        shadow = await get_json(http, f"/devices/{device}/shadows/stream", headers)
+        return bool(shadow["reported"].get("n") == count - 1)
+
+    await eventually(stored, timeout=60, what="the last report after the restart")
+    with psycopg.connect(stack.url) as conn:
+        rows = conn.execute(
+            "SELECT count(*), count(DISTINCT patch->>'n') FROM shadow_history WHERE device_id = %s AND name = 'stream'",
+            (device,),
+        ).fetchone()
+    assert rows == (count, count)  # every report once: none lost, none stored twice
+    await client.disconnect()
