@@ -52,6 +52,18 @@ from kestrel.topics import (
 
 log = logging.getLogger("kestrel.devicesvc")
 
+#: Retention statements: (days, chunk). Command events go before their commands (foreign key).
+PRUNE = (
+    "DELETE FROM shadow_history WHERE id IN (SELECT id FROM shadow_history"
+    " WHERE at < now() - make_interval(days => %s) LIMIT %s)",
+    "DELETE FROM device_connections WHERE ctid IN (SELECT ctid FROM device_connections"
+    " WHERE disconnected_at < now() - make_interval(days => %s) LIMIT %s)",
+    "DELETE FROM command_events WHERE id IN (SELECT e.id FROM command_events e JOIN commands c USING (command_id)"
+    " WHERE c.completed_at < now() - make_interval(days => %s) LIMIT %s)",
+    "DELETE FROM commands WHERE command_id IN (SELECT command_id FROM commands c WHERE completed_at < now()"
+    " - make_interval(days => %s) AND NOT EXISTS (SELECT 1 FROM command_events e WHERE e.command_id = c.command_id)"
+    " LIMIT %s)",
+)
 EVENTS_STREAM = "DEVICE_EVENTS"
 EVENTS_SUBJECTS = ("v1.*.d.*.presence", "v1.*.d.*.shadow", "v1.*.d.*.command")
 NOTIFY_CHANNEL = "kestrel_twin"
@@ -71,6 +83,10 @@ class DeviceSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     #: A device that disconnected without a clean DISCONNECT shows offline after this long, unless it returns.
     presence_grace_s: float = 30.0
+    #: Shadow changes, ended connections and finished commands (with their events) older than this are deleted.
+    history_days: int = 30
+    #: How often the history is pruned (also once at start).
+    prune_interval_s: float = 3600.0
     scan_interval_s: float = 0.5
     #: First retry of an unacknowledged command after this long; doubles with each attempt.
     retry_base_s: float = 1.0
@@ -157,6 +173,7 @@ class DeviceService:
             asyncio.Queue() for _ in range(max(1, settings.workers))
         ]
         self.handled = 0
+        self.next_prune = 0.0
 
     # ---------------------------------------------------------------------------------------- intake
 
@@ -707,6 +724,24 @@ class DeviceService:
         await self.expire_commands()
         await self.sweep_presence()
         await self.publish_command_events()
+        if time.monotonic() >= self.next_prune:
+            self.next_prune = time.monotonic() + self.settings.prune_interval_s
+            await self.prune_history()
+
+    async def prune_history(self, chunk: int = 10_000) -> int:
+        """Retention: delete history older than ``history_days``, in chunks so no transaction grows large. The
+        current state (shadows, presence, open commands) is never pruned."""
+        deleted = 0
+        for statement in PRUNE:
+            while True:
+                async with self.pool.connection() as conn, conn.transaction():
+                    cur = await conn.execute(statement, (self.settings.history_days, chunk))
+                    deleted += cur.rowcount
+                if cur.rowcount < chunk:
+                    break
+        if deleted:
+            log.info("history pruned", extra={"rows": deleted, "older_than_days": self.settings.history_days})
+        return deleted
 
     async def scan_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

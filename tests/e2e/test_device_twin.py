@@ -744,7 +744,8 @@ async def test_bad_device_messages_are_dead_lettered_with_a_reason_and_nothing_e
 @pytest.mark.asyncio
 async def test_devicesvc_killed_mid_stream_loses_no_report(stack: Stack, http: httpx.AsyncClient) -> None:
     """SIGKILL devicesvc while a device reports: its persistent session keeps what was not acknowledged, the
-    restarted service stores every report once (a redelivered one changes nothing), and the state is the last."""
+    restarted service stores every report once (a redelivered one changes nothing), and the state is the last.
+    On its way up it prunes history past retention, and only that."""
     tenant, headers, device, context = await enrolled_device(stack, http)
     client = stack.device(tenant, device, context)
     await client.connect()
@@ -755,8 +756,36 @@ async def test_devicesvc_killed_mid_stream_loses_no_report(stack: Stack, http: h
             stack.processes["devicesvc"].kill()
         if n % 50 == 49:
             await asyncio.sleep(0.05)
+    old_command = f"c{uuid.uuid4().hex[:24]}"
+    with psycopg.connect(stack.url) as conn:  # history past retention (30 days), pruned when devicesvc starts
+        conn.execute(
+            "INSERT INTO shadow_history (tenant_id, device_id, name, version, side, patch, actor, at)"
+            " VALUES (%s, %s, 'stream', 0, 'reported', '{}', 'old', now() - interval '40 days')",
+            (tenant, device),
+        )
+        conn.execute(
+            "INSERT INTO device_connections (tenant_id, device_id, node, connected_ms, connected_at, disconnected_at)"
+            " VALUES (%s, %s, 'old', 1, now() - interval '41 days', now() - interval '40 days')",
+            (tenant, device),
+        )
+        conn.execute(
+            "INSERT INTO commands (command_id, tenant_id, device_id, name, status, timeout_s, expires_at,"
+            " completed_at) VALUES (%s, %s, %s, 'old', 'succeeded', 30, now(), now() - interval '40 days')",
+            (old_command, tenant, device),
+        )
+        conn.execute(
+            "INSERT INTO command_events (tenant_id, command_id, event) VALUES (%s, %s, 'succeeded')",
+            (tenant, old_command),
+        )
     stack.processes["devicesvc"].start()
     assert wait_until(lambda: _log(stack.root, "devicesvc").count("devicesvc connected") >= 2, 30)
+    assert wait_until(lambda: "history pruned" in _log(stack.root, "devicesvc"), 30)
+    with psycopg.connect(stack.url) as conn:
+        assert conn.execute("SELECT count(*) FROM shadow_history WHERE actor = 'old'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM device_connections WHERE node = 'old'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM commands WHERE command_id = %s", (old_command,)).fetchone() == (0,)
+        recent = conn.execute("SELECT count(*) FROM device_connections WHERE device_id = %s", (device,)).fetchone()
+        assert recent is not None and recent[0] >= 1  # the current connection's row is kept
 
     async def stored() -> bool:
         shadow = await get_json(http, f"/devices/{device}/shadows/stream", headers)

@@ -71,6 +71,7 @@ CREATE TABLE device_connections (
     PRIMARY KEY (device_id, node, connected_ms)
 );
 CREATE INDEX device_connections_recent ON device_connections (tenant_id, device_id, connected_at DESC);
+CREATE INDEX device_connections_ended ON device_connections (disconnected_at) WHERE disconnected_at IS NOT NULL;
 
 -- Shadows: classic (name '') and named. Documents are JSON objects changed by merge patches.
 CREATE TABLE device_shadows (
@@ -100,6 +101,7 @@ CREATE TABLE shadow_history (
     at          timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX shadow_history_device ON shadow_history (tenant_id, device_id, name, id DESC);
+CREATE INDEX shadow_history_at ON shadow_history (at);  -- retention
 
 -- Commands and their transitions.
 CREATE TABLE commands (
@@ -125,6 +127,7 @@ CREATE TABLE commands (
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX commands_device ON commands (tenant_id, device_id, created_at DESC);
+CREATE INDEX commands_completed ON commands (completed_at) WHERE completed_at IS NOT NULL;  -- retention
 CREATE INDEX commands_open ON commands (device_id, created_at) WHERE status IN ('queued', 'sent', 'delivered');
 
 CREATE TABLE command_events (
