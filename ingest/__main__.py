@@ -5,16 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
-import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ingest.bridge import BridgeSettings, run_bridge
 from ingest.jetstream import ensure_streams
 from ingest.writer import WriterSettings, run_writer
-from kestrel.backend import connect_nats, stop_event
+from kestrel.backend import connect_nats, run_service, stop_event
 from kestrel.db import DatabaseSettings
-from kestrel.errors import InvalidInput
-from kestrel.logs import configure_logging
 from kestrel.settings import from_env
 
 log = logging.getLogger("kestrel.ingest")
@@ -49,13 +46,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in ("bridge", "writer"):
         print("usage: python -m ingest {bridge|writer}", file=sys.stderr)
         return 2
-    configure_logging(f"ingest-{argv[0]}")
-    try:
-        uvloop.run(bridge_main() if argv[0] == "bridge" else writer_main())
-    except InvalidInput as exc:
-        print(f"kestrel ingest {argv[0]}: {exc.detail}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service(f"ingest-{argv[0]}", bridge_main if argv[0] == "bridge" else writer_main)
 
 
 if __name__ == "__main__":
