@@ -32,7 +32,6 @@ from api.control import (
 )
 from kestrel.db import twin
 from kestrel.errors import Conflict, PreconditionFailed
-from kestrel.shadow import check_patch
 from kestrel.tokens import new_claim_token
 from kestrel.topics import ID_PATTERN
 
@@ -216,19 +215,14 @@ async def _write_desired(
     if_match: str | None,
 ) -> Response[twin.Shadow]:
     tenant = principal.need("devices:write")
-    check_patch(data.desired)
-    precondition = _expected_version(if_match, "s")
+    if_match_version = _expected_version(if_match, "s")
     async with tenant_transaction(request, tenant) as conn:
         device = await _device(conn, device_id)
         if device.status == "decommissioned":
             raise Conflict(f"device {device_id} is decommissioned")
-        current = await twin.read_shadow(conn, device_id, name, lock=True)
-        version = current.version if current else 0
-        if precondition is not None and precondition != version:
-            raise PreconditionFailed(f"shadow of {device_id} changed since it was read (now version {version})")
         updated, changed = await twin.update_shadow(
             conn, tenant, device_id, name, "desired", data.desired, ts_ms=twin.now_ms(), actor=principal.actor,
-            expected_version=data.version,
+            expected_version=data.version, if_match=if_match_version,
         )  # fmt: skip
         if changed:
             await audit(conn, request, principal, "shadow.desired", f"device:{device_id}/shadow:{name}", after=data)

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import gmqtt
 import msgspec
@@ -51,6 +51,7 @@ from kestrel.topics import (
 )
 
 log = logging.getLogger("kestrel.devicesvc")
+T = TypeVar("T")
 
 #: Retention statements: (days, chunk). Command events go before their commands (foreign key).
 PRUNE = (
@@ -125,22 +126,27 @@ class Metrics:
         )
         self.handle_seconds = Histogram(
             "kestrel_devicesvc_handle_seconds",
-            "Receive to commit",
+            "Time to handle what one worker took at once",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=registry,
         )
 
 
-def _json(payload: bytes) -> Any:
+def _decode(payload: bytes, kind: type[T], reason: str) -> T:
+    """A device payload as ``kind``: ``bad_json`` if it is not JSON, ``reason`` if it is not that shape."""
     try:
-        return msgspec.json.decode(payload)
+        return msgspec.json.decode(payload, type=kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(reason, f"{reason.replace('_', ' ')}: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise InvalidInput("bad_json", "payload is not JSON") from exc
 
 
 def _is_report(topic: str) -> bool:
-    parts = topic.split("/")
-    return len(parts) in (6, 7) and parts[0] == "v1" and parts[4:6] == ["state", "reported"]
+    try:
+        return parse_uplink(topic).kind == "reported"
+    except InvalidInput:
+        return False
 
 
 def _first(properties: Any, name: str) -> Any:
@@ -218,8 +224,7 @@ class DeviceService:
         ack()
 
     async def handle(self, topic: str, payload: bytes, properties: Any) -> None:
-        if len(payload) > self.settings.max_payload_bytes:
-            raise InvalidInput("payload_too_large", f"payloads are limited to {self.settings.max_payload_bytes} bytes")
+        self._check_size(payload)
         if topic.startswith("$SYS/brokers/"):
             self.metrics.messages.labels("client_event").inc()
             await self.client_event(topic, payload)
@@ -280,7 +285,7 @@ class DeviceService:
         node, clientid, what = parts[2], parts[4], parts[5]
         if not is_valid_id(clientid):
             return  # backend principals and provisioning connections are not devices
-        body = _json(payload)
+        body = _decode(payload, Any, "bad_client_event")
         if not isinstance(body, dict) or not isinstance(body.get("connected_at"), int):
             raise InvalidInput("bad_client_event", "client events carry connected_at (ms)")
         connected_ms = body["connected_at"]
@@ -356,7 +361,7 @@ class DeviceService:
         """The device's own retained status (``online``/``offline``; the offline one is usually its will)."""
         if not payload:
             return  # a retained status being cleared
-        body = _json(payload)
+        body = _decode(payload, Any, "bad_status")
         value = body.get("status") if isinstance(body, dict) else body
         if value not in ("online", "offline"):
             raise InvalidInput("bad_status", 'status must be {"status": "online"|"offline"}')
@@ -422,18 +427,15 @@ class DeviceService:
 
     # --------------------------------------------------------------------------------------- shadows
 
-    def _report(self, topic: str, payload: bytes) -> twin.Patch:
-        """Validate one reported-state message (no I/O): the patch it asks for, or ``InvalidInput``."""
+    def _check_size(self, payload: bytes) -> None:
         if len(payload) > self.settings.max_payload_bytes:
             raise InvalidInput("payload_too_large", f"payloads are limited to {self.settings.max_payload_bytes} bytes")
+
+    def _report(self, topic: str, payload: bytes) -> twin.Patch:
+        """Validate one reported-state message (no I/O): the patch it asks for, or ``InvalidInput``."""
+        self._check_size(payload)
         uplink = parse_uplink(topic)
-        try:
-            report = msgspec.json.decode(payload, type=ReportedState)
-        except msgspec.ValidationError as exc:
-            raise InvalidInput("bad_report", f"reported state: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise InvalidInput("bad_json", "payload is not JSON") from exc
-        shadow.check_patch(report.state)
+        report = _decode(payload, ReportedState, "bad_report")
         now = twin.now_ms()
         # A device clock far in the future would freeze fields; bound it by the receive time.
         ts = min(report.ts, now + 5_000) if report.ts is not None else now
@@ -495,7 +497,6 @@ class DeviceService:
         """The outbox: publish desired state and delta (retained) for shadows that changed, and a NATS event."""
         if not self.client.is_connected:
             return 0
-        done = 0
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             rows = await (
@@ -504,10 +505,9 @@ class DeviceService:
                     " WHERE version > published_version ORDER BY updated_at LIMIT 500 FOR UPDATE SKIP LOCKED"
                 )
             ).fetchall()
-            for row in rows:
-                delta = shadow.delta(row["desired"], row["reported"])
-                document = {"desired": row["desired"], "delta": delta}
-                if document != row["published"]:
+            documents = [{"desired": r["desired"], "delta": shadow.delta(r["desired"], r["reported"])} for r in rows]
+            for row, document in zip(rows, documents, strict=True):
+                if document != row["published"]:  # a reported change that leaves the delta alone: nothing to send
                     body = {"version": row["version"], **document, "ts": twin.now_ms()}
                     self.client.publish(
                         desired_topic(row["tenant_id"], row["device_id"], row["name"]),
@@ -516,22 +516,21 @@ class DeviceService:
                         retain=True,
                     )
                     self.metrics.published.labels("desired").inc()
-                await conn.execute(
+            async with conn.cursor() as write:
+                await write.executemany(
                     "UPDATE device_shadows SET published_version = %s, published = %s"
                     " WHERE device_id = %s AND name = %s",
-                    (row["version"], Jsonb(document), row["device_id"], row["name"]),
+                    [(r["version"], Jsonb(d), r["device_id"], r["name"]) for r, d in zip(rows, documents, strict=True)],
                 )
-                done += 1
-        for row in rows:
+        for row, document in zip(rows, documents, strict=True):
             await self.event(
                 row["tenant_id"],
                 row["device_id"],
                 "shadow",
-                {"name": row["name"], "version": row["version"], "desired": row["desired"],
-                 "reported": row["reported"], "delta": shadow.delta(row["desired"], row["reported"])},
+                {"name": row["name"], "version": row["version"], "reported": row["reported"], **document},
                 f"shadow:{row['device_id']}:{row['name']}:{row['version']}",
-            )  # fmt: skip
-        return done
+            )
+        return len(rows)
 
     # -------------------------------------------------------------------------------------- commands
 
@@ -540,12 +539,7 @@ class DeviceService:
         correlation = _first(properties, "correlation_data")
         if correlation is not None and bytes(correlation) != request_id.encode():
             raise InvalidInput("correlation_mismatch", "correlation data does not match the request id")
-        try:
-            response = msgspec.json.decode(payload, type=CommandResponse)
-        except msgspec.ValidationError as exc:
-            raise InvalidInput("bad_command_response", f"command response: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise InvalidInput("bad_json", "payload is not JSON") from exc
+        response = _decode(payload, CommandResponse, "bad_command_response")
         if response.error is not None and len(response.error) > 2000:
             raise InvalidInput("bad_command_response", "error is limited to 2000 characters")
         async with self.pool.connection() as conn, conn.transaction():
@@ -628,20 +622,17 @@ class DeviceService:
     async def expire_commands(self) -> None:
         """Commands past their expiry before delivery, and commands past their timeout once sent."""
         async with self.pool.connection() as conn, conn.transaction():
-            for status, condition in (
-                ("expired", "status IN ('queued', 'sent') AND expires_at <= now()"),
-                (
-                    "timed_out",
-                    "status IN ('sent', 'delivered') AND sent_at + make_interval(secs => timeout_s) <= now()",
-                ),
+            for status, deadline in (
+                ("expired", "expires_at"),
+                ("timed_out", "sent_at + make_interval(secs => timeout_s)"),
             ):
                 rows = await (
                     await conn.execute(
-                        f"WITH moved AS (UPDATE commands SET status = %s, completed_at = now(), updated_at = now()"  # noqa: S608 - fixed conditions
-                        f" WHERE {condition} RETURNING tenant_id, command_id)"
+                        f"WITH moved AS (UPDATE commands SET status = %s, completed_at = now(), updated_at = now()"  # noqa: S608 - fixed deadlines
+                        f" WHERE status = ANY(%s) AND {deadline} <= now() RETURNING tenant_id, command_id)"
                         f" INSERT INTO command_events (tenant_id, command_id, event)"
                         f" SELECT tenant_id, command_id, %s FROM moved RETURNING command_id",
-                        (status, status),
+                        (status, list(twin.PREDECESSORS[status]), status),
                     )
                 ).fetchall()
                 if rows:
@@ -718,9 +709,13 @@ class DeviceService:
                 log.warning("devicesvc lost its notification connection", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
 
-    async def scan(self) -> None:
+    async def scan(self, periodic: bool) -> None:
+        """Notifications (desired state, commands, connects) need the outbox and the dispatcher; deadlines,
+        presence grace, command events and retention run on the scan interval."""
         await self.publish_shadows()
         await self.dispatch_commands()
+        if not periodic:
+            return
         await self.expire_commands()
         await self.sweep_presence()
         await self.publish_command_events()
@@ -744,14 +739,18 @@ class DeviceService:
         return deleted
 
     async def scan_loop(self, stop: asyncio.Event) -> None:
+        next_periodic = 0.0
         while not stop.is_set():
             self.wake.clear()
+            periodic = time.monotonic() >= next_periodic
+            if periodic:
+                next_periodic = time.monotonic() + self.settings.scan_interval_s
             try:
-                await self.scan()
+                await self.scan(periodic)
             except (psycopg.Error, OSError):
                 log.exception("devicesvc scan failed; retrying")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.settings.scan_interval_s)
+                await asyncio.wait_for(self.wake.wait(), max(0.0, next_periodic - time.monotonic()))
 
 
 async def ensure_events_stream(nc: NATS) -> None:

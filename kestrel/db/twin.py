@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from kestrel import shadow
-from kestrel.errors import Conflict, InvalidInput
+from kestrel.errors import Conflict, InvalidInput, PreconditionFailed
 
 TERMINAL: Final = frozenset({"succeeded", "failed", "timed_out", "expired", "cancelled"})
 OPEN: Final = ("queued", "sent", "delivered")
@@ -93,10 +93,10 @@ def empty_shadow(device: str, name: str) -> Shadow:
     )
 
 
-async def read_shadow(conn: AsyncConnection[Any], device: str, name: str, *, lock: bool = False) -> Shadow | None:
+async def read_shadow(conn: AsyncConnection[Any], device: str, name: str) -> Shadow | None:
     query = f"SELECT {SHADOW_COLUMNS} FROM device_shadows WHERE device_id = %s AND name = %s"  # noqa: S608 - fixed
     cur = conn.cursor(row_factory=dict_row)
-    row = await (await cur.execute(query + (" FOR UPDATE" if lock else ""), (device, name))).fetchone()
+    row = await (await cur.execute(query, (device, name))).fetchone()
     return None if row is None else _shadow(row)
 
 
@@ -111,7 +111,10 @@ class Patch:
     patch: dict[str, Any]
     ts_ms: int
     actor: str
+    #: The version the caller computed this from: ``Conflict`` (409) if the shadow moved on.
     expected_version: int | None = None
+    #: The version an ``If-Match`` named: ``PreconditionFailed`` (412) if the shadow moved on.
+    if_match: int | None = None
 
 
 async def apply_patches(conn: AsyncConnection[Any], patches: list[Patch]) -> list[tuple[Shadow, bool] | InvalidInput]:
@@ -140,6 +143,8 @@ async def apply_patches(conn: AsyncConnection[Any], patches: list[Patch]) -> lis
     dirty: set[tuple[str, str]] = set()
     for p in patches:
         row = current[(p.device, p.name)]
+        if p.if_match is not None and p.if_match != row["version"]:
+            raise PreconditionFailed(f"shadow of {p.device} changed since it was read (now version {row['version']})")
         if p.expected_version is not None and p.expected_version != row["version"]:
             raise Conflict(f"shadow of {p.device} is at version {row['version']}, not {p.expected_version}")
         try:
@@ -189,9 +194,11 @@ async def update_shadow(
     ts_ms: int,
     actor: str,
     expected_version: int | None = None,
+    if_match: int | None = None,
 ) -> tuple[Shadow, bool]:
     """One patch (the API's and the CLI's desired state): the shadow after it, and whether it changed."""
-    (result,) = await apply_patches(conn, [Patch(tenant, device, name, side, patch, ts_ms, actor, expected_version)])
+    change = Patch(tenant, device, name, side, patch, ts_ms, actor, expected_version, if_match)
+    (result,) = await apply_patches(conn, [change])
     if isinstance(result, InvalidInput):
         raise result
     return result
