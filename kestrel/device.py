@@ -46,7 +46,8 @@ from kestrel.topics import (
 log = logging.getLogger("kestrel.device")
 
 #: gmqtt reconnects while ``failed_connections <= reconnect_retries`` (so 0 still allows one attempt); -1 is
-#: unlimited. Below -1 means never: the caller decides when to connect again.
+#: unlimited. Below -1 means never: the caller decides when to connect again (``kestrel agent`` does, and stops
+#: when the broker refuses the device for good).
 NO_RECONNECT = -2
 
 CommandHandler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -76,12 +77,10 @@ class DeviceClient:
         will_delay_s: int = 30,
         session_expiry_s: int = 3600,
         remembered: int = 1000,
-        auto_reconnect: bool = False,
     ) -> None:
         self.tenant, self.device, self.host, self.port = tenant, device, host, port
         self.ssl, self.jwt, self.protocol = ssl, jwt, protocol
         self.will_delay_s, self.session_expiry_s = will_delay_s, session_expiry_s
-        self.auto_reconnect = auto_reconnect
         self.seq = 0
         self.base = device_base(tenant, device)
         self.desired: dict[str, dict[str, Any]] = {}
@@ -117,7 +116,7 @@ class DeviceClient:
             session_expiry_interval=self.session_expiry_s if self.protocol == 5 else None,
             will_message=will,
         )
-        client.set_config({"reconnect_retries": -1 if self.auto_reconnect else NO_RECONNECT, "reconnect_delay": 2})
+        client.set_config({"reconnect_retries": NO_RECONNECT})  # the caller decides when to connect again
         if self.jwt:
             client.set_auth_credentials(self.device, self.jwt)
         client.on_message = self._on_message
