@@ -8,6 +8,7 @@ import msgspec
 import psycopg
 import uvicorn
 
+from api import openapi
 from api.app import PRIVILEGED_DETAIL, PRIVILEGED_ROLE, ApiSettings, create_app
 from api.graphql import build_schema
 from kestrel.errors import InvalidInput
@@ -17,7 +18,7 @@ from kestrel.settings import from_env
 
 def openapi_document() -> str:
     app = create_app(ApiSettings(), "", open_pool=False)
-    encoded = msgspec.json.encode(app.openapi_schema.to_schema(), order="sorted")
+    encoded = msgspec.json.encode(openapi.document(app), order="sorted")
     return msgspec.json.format(encoded, indent=2).decode() + "\n"
 
 

@@ -25,6 +25,7 @@ from api.graphql import graphql_controller
 from api.oauth import MANAGEMENT_ROUTES as OAUTH_MANAGEMENT
 from api.oauth import SigningKeys
 from api.oauth import token as oauth_token
+from api.openapi import RefinedJson
 from api.problems import PROBLEM_JSON, Problem, handle_exception
 from api.twin import ROUTES as TWIN_ROUTES
 from kestrel import __version__
@@ -298,6 +299,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
             ),
             path="/schema",
             create_examples=False,
+            render_plugins=[RefinedJson()],
         ),
     )
 

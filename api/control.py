@@ -8,7 +8,7 @@ in its own transaction.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,32 +18,31 @@ import msgspec
 import psycopg
 from litestar import Request, Response, delete, get, patch, post, put
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
-from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter, RawBody
+from litestar.params import JSONBody, PathParameter, QueryParameter, RawBody
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from api import queries
 from api.auth import CallerPrincipal, Principal, audit, pool, request_id, tenant_transaction
+from api.preconditions import IdempotencyKey, IfMatch, etag, expected_version, remember, replay
 from kestrel.db import registry
 from kestrel.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
-from kestrel.tokens import SCOPES, new_token
+from kestrel.jsondoc import PRINTABLE_PATTERN
+from kestrel.tokens import SCOPES, Scope, new_token
 from kestrel.topics import ID_PATTERN
 
 Id = Annotated[str, PathParameter(pattern=f"^{ID_PATTERN}$")]
 TokenId = Annotated[str, PathParameter(pattern="^[0-9a-f]{16}$")]
 UserId = Annotated[str, PathParameter(pattern="^u[0-9a-f]{16}$")]
 Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="Page size")]
-IfMatch = Annotated[str | None, HeaderParameter(name="If-Match", description="ETag from a read; 412 if stale")]
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(name="Idempotency-Key", description="Replays the first answer for the same body", max_length=200),
-]
-DEVICE_STATUSES = ("registered", "provisioned", "active", "suspended", "decommissioned")
+DeviceStatus = Literal["registered", "provisioned", "active", "suspended", "decommissioned"]
 _STRICT = {"forbid_unknown_fields": True, "frozen": True, "kw_only": True}
 
 # ------------------------------------------------------------------------------------------------ schemas
 
 
+#: A display name or label: up to 200 characters, none of them a control character (text cannot hold U+0000).
+Label = Annotated[str, msgspec.Meta(max_length=200, pattern=PRINTABLE_PATTERN)]
 Limit32 = Annotated[int, msgspec.Meta(ge=1, le=2_000_000_000)]  # PostgreSQL integer columns
 
 
@@ -60,14 +59,14 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
 
 class TenantCreate(msgspec.Struct, **_STRICT):
     tenant_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
-    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    name: Label = ""
     max_devices: Limit32 | None = None
     api_requests_per_s: Limit32 | None = None
     ingest_messages_per_s: Limit32 | None = None
 
 
 class TenantPatch(msgspec.Struct, **_STRICT):
-    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    name: Label | None = None
     status: Literal["active", "suspended"] | None = None
     max_devices: Limit32 | None = None
     api_requests_per_s: Limit32 | None = None
@@ -94,7 +93,7 @@ class ControlDevicePage(msgspec.Struct, frozen=True, kw_only=True):
 
 class DeviceCreate(msgspec.Struct, **_STRICT):
     device_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
-    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    name: Label = ""
     tags: Annotated[list[Tag], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
     #: Existing groups of the tenant to put the device in.
     groups: Annotated[list[Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]], msgspec.Meta(max_length=64)] = (
@@ -103,7 +102,7 @@ class DeviceCreate(msgspec.Struct, **_STRICT):
 
 
 class DevicePatch(msgspec.Struct, **_STRICT):
-    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    name: Label | None = None
     tags: Annotated[list[Tag], msgspec.Meta(max_length=64)] | None = None
     status: Literal["active", "suspended"] | None = None
 
@@ -122,7 +121,7 @@ class Group(msgspec.Struct, frozen=True, kw_only=True):
 
 class GroupCreate(msgspec.Struct, **_STRICT):
     group_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
-    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    name: Label = ""
 
 
 class User(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,7 +134,7 @@ class User(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class UserCreate(msgspec.Struct, **_STRICT):
-    email: Annotated[str, msgspec.Meta(pattern=r"^[^@\s]{1,64}@[^@\s]{1,255}$")]
+    email: Annotated[str, msgspec.Meta(pattern=r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}$")]
     role: Literal["admin", "operator", "viewer"]
 
 
@@ -155,8 +154,8 @@ class Token(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TokenCreate(msgspec.Struct, **_STRICT):
-    scopes: Annotated[list[str], msgspec.Meta(min_length=1, max_length=len(SCOPES))]
-    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=len(SCOPES))]
+    name: Label = ""
     user_id: Annotated[str, msgspec.Meta(pattern="^u[0-9a-f]{16}$")] | None = None
     expires_in_days: Annotated[int, msgspec.Meta(ge=1, le=365)] = 90
 
@@ -198,21 +197,6 @@ class AuditPage(msgspec.Struct, frozen=True, kw_only=True):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _etag(version: int, kind: str = "v") -> str:
-    """``"v{version}"`` for objects, ``"s{version}"`` for shadows (ADR-0013): one cannot stand for the other."""
-    return f'"{kind}{version}"'
-
-
-def _expected_version(if_match: str | None, kind: str = "v") -> int | None:
-    """The version an ``If-Match`` names; None for ``*`` or no header; 412 for anything else."""
-    if if_match is None or if_match.strip() == "*":
-        return None
-    value = if_match.strip().removeprefix("W/")
-    if not (value.startswith(f'"{kind}') and value.endswith('"') and value[2:-1].isdigit()):
-        raise PreconditionFailed("If-Match must be an ETag this API returned for this object")
-    return int(value[2:-1])
-
-
 async def _fetch(conn: AsyncConnection[Any], query: str, params: Any) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
     return await (await cur.execute(query, params)).fetchall()
@@ -230,39 +214,10 @@ async def _lock_current(
 ) -> dict[str, Any]:
     """The row to update, locked; 404 when the tenant has none, 412 when ``If-Match`` names an older version."""
     row = await _one(conn, query, (object_id,), f"{kind} {object_id} not found")
-    expected = _expected_version(if_match)
+    expected = expected_version(if_match)
     if expected is not None and expected != row["version"]:
         raise PreconditionFailed(f"{kind} {object_id} changed since it was read")
     return row
-
-
-def _digest(kind: str, body: object) -> str:
-    """The request's identity for Idempotency-Key: what is created, and from which body."""
-    return hashlib.sha256(msgspec.json.encode([kind, body])).hexdigest()
-
-
-async def _replay(conn: AsyncConnection[Any], tenant: str, key: str | None, kind: str, body: object) -> Any | None:
-    """The stored answer of an earlier create with this Idempotency-Key (409 if the body differs)."""
-    if key is None:
-        return None
-    rows = await _fetch(
-        conn, "SELECT request_sha256, body FROM idempotency_keys WHERE tenant_id = %s AND key = %s", (tenant, key)
-    )
-    if not rows:
-        return None
-    if rows[0]["request_sha256"] != _digest(kind, body):
-        raise Conflict("this Idempotency-Key was used with a different request")
-    return rows[0]["body"]
-
-
-async def _remember(
-    conn: AsyncConnection[Any], tenant: str, key: str | None, kind: str, body: object, answer: object
-) -> None:
-    if key is not None:
-        await conn.execute(
-            "INSERT INTO idempotency_keys (tenant_id, key, request_sha256, status, body) VALUES (%s, %s, %s, 201, %s)",
-            (tenant, key, _digest(kind, body), msgspec.json.encode(answer).decode()),
-        )
 
 
 # ------------------------------------------------------------------------------------------------ tenants
@@ -315,7 +270,7 @@ async def get_tenant(request: Request[Any, Any, Any], principal: CallerPrincipal
             rows = await _fetch(conn, f"SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = %s", (tenant_id,))
     if not rows:
         raise NotFound(f"tenant {tenant_id} not found")
-    return Response(Tenant(**rows[0]), headers={"ETag": _etag(rows[0]["version"])})
+    return Response(Tenant(**rows[0]), headers={"ETag": etag(rows[0]["version"])})
 
 
 @patch("/tenants/{tenant_id:str}", summary="Change a tenant (platform administrator)", tags=["tenants"])
@@ -335,7 +290,7 @@ async def patch_tenant(
                 f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_update_tenant(%s, %s, %s, %s, %s)",
                 (
                     tenant_id,
-                    _expected_version(if_match),
+                    expected_version(if_match),
                     msgspec.json.encode(changes).decode(),
                     principal.actor,
                     request_id(request),
@@ -347,7 +302,7 @@ async def patch_tenant(
         raise
     if not rows:
         raise NotFound(f"tenant {tenant_id} not found")
-    return Response(Tenant(**rows[0]), headers={"ETag": _etag(rows[0]["version"])})
+    return Response(Tenant(**rows[0]), headers={"ETag": etag(rows[0]["version"])})
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -370,15 +325,13 @@ ORDER BY d.device_id LIMIT %(limit)s
 async def list_devices(
     request: Request[Any, Any, Any],
     principal: CallerPrincipal,
-    status: Annotated[str | None, QueryParameter(description="Lifecycle state")] = None,
+    status: Annotated[DeviceStatus | None, QueryParameter(description="Lifecycle state")] = None,
     group: Annotated[str | None, QueryParameter(pattern=f"^{ID_PATTERN}$", description="Only this group")] = None,
     tag: Annotated[str | None, QueryParameter(pattern=r"^[A-Za-z0-9_.:=-]{1,64}$", description="Only this tag")] = None,
     limit: Limit = 100,
     cursor: Annotated[str | None, QueryParameter(pattern=f"^{ID_PATTERN}$", description="next_cursor")] = None,
 ) -> ControlDevicePage:
     tenant = principal.need("devices:read")
-    if status is not None and status not in DEVICE_STATUSES:
-        raise InvalidInput("bad_status", f"status must be one of {', '.join(DEVICE_STATUSES)}")
     params = {"tenant": tenant, "status": status, "tag": tag, "group": group, "after": cursor, "limit": limit + 1}
     async with tenant_transaction(request, tenant) as conn:
         rows = await _fetch(conn, DEVICES_PAGE, params)
@@ -398,7 +351,7 @@ async def get_device(
             (device_id,),
             f"device {device_id} not found",
         )
-    return Response(ControlDevice(**row), headers={"ETag": _etag(row["version"])})
+    return Response(ControlDevice(**row), headers={"ETag": etag(row["version"])})
 
 
 async def _check_quota(conn: AsyncConnection[Any], tenant: str, adding: int) -> None:
@@ -440,13 +393,13 @@ async def create_device(
 ) -> ControlDevice:
     tenant = principal.need("devices:write")
     async with tenant_transaction(request, tenant) as conn:
-        if (stored := await _replay(conn, tenant, idempotency_key, "device", data)) is not None:
+        if (stored := await replay(conn, tenant, idempotency_key, "device", data)) is not None:
             return msgspec.convert(stored, ControlDevice)
         await _insert_devices(conn, tenant, [data])
         row = await _one(conn, DEVICE, (data.device_id,), "")
         created = ControlDevice(**row)
         await audit(conn, request, principal, "device.create", f"device:{data.device_id}", after=created)
-        await _remember(conn, tenant, idempotency_key, "device", data, created)
+        await remember(conn, tenant, idempotency_key, "device", data, created)
     return created
 
 
@@ -470,8 +423,10 @@ async def _bulk(request: Request[Any, Any, Any], principal: Principal, devices: 
     tenant = principal.need("devices:write")
     if not 1 <= len(devices) <= MAX_BULK:
         raise InvalidInput("bad_body", f"send 1 to {MAX_BULK} devices")
+    # A bulk request is a set: an identical repeat is the same device.
+    devices = list({msgspec.json.encode(d): d for d in devices}.values())
     if len({d.device_id for d in devices}) != len(devices):
-        raise InvalidInput("bad_body", "a device id appears twice")
+        raise InvalidInput("bad_body", "a device id appears twice with different fields")
     async with tenant_transaction(request, tenant) as conn:
         await _insert_devices(conn, tenant, devices)
         await audit(
@@ -487,9 +442,36 @@ async def _bulk(request: Request[Any, Any, Any], principal: Principal, devices: 
 
 @post("/devices/bulk", summary="Register many devices (JSON array), all or none", tags=["devices"])
 async def bulk_create_devices(
-    request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[list[DeviceCreate]]
+    request: Request[Any, Any, Any],
+    principal: CallerPrincipal,
+    data: JSONBody[
+        Annotated[
+            list[DeviceCreate],
+            msgspec.Meta(min_length=1, max_length=MAX_BULK),
+        ]
+    ],
 ) -> BulkResult:
     return await _bulk(request, principal, data)
+
+
+def _csv_pattern() -> str:
+    """The CSV grammar as one regular expression (columns in the documented order)."""
+    id_, tag = ID_PATTERN, r"[A-Za-z0-9_.:=-]{1,64}"
+    cells = {
+        "name": r"[^,;\"\x00-\x1f\x7f]{0,200}",
+        "tags": rf"({tag}(;{tag}){{0,63}})?",
+        "groups": rf"({id_}(;{id_}){{0,63}})?",
+    }
+    forms = []
+    for size in range(4):
+        for columns in itertools.combinations(cells, size):
+            header = ",".join(("device_id", *columns))
+            row = ",".join((id_, *(cells[c] for c in columns)))
+            forms.append(rf"{header}\r?\n({row}\r?\n)*{row}(\r?\n)?")
+    return "^(" + "|".join(forms) + ")$"
+
+
+CSV_PATTERN = _csv_pattern()
 
 
 @dataclass
@@ -498,9 +480,10 @@ class _CsvBody(Operation):
 
     def __post_init__(self) -> None:
         self.request_body = RequestBody(
-            content={"text/csv": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))},
+            content={"text/csv": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, pattern=CSV_PATTERN))},
             required=True,
-            description="Header device_id,name,tags (name and tags optional); tags separated by ;",
+            description="UTF-8 CSV: a header device_id[,name][,tags][,groups] and 1 to 10,000 rows; tags and groups"
+            " separated by ; (the groups must exist); device ids unique and not yet registered",
         )
 
 
@@ -550,7 +533,7 @@ async def patch_device(
             raise
         after = ControlDevice(**row)
         await audit(conn, request, principal, "device.update", f"device:{device_id}", before=before, after=after)
-    return Response(after, headers={"ETag": _etag(after.version)})
+    return Response(after, headers={"ETag": etag(after.version)})
 
 
 # ------------------------------------------------------------------------------------------------ groups
@@ -580,7 +563,7 @@ async def create_group(
 ) -> Group:
     tenant = principal.need("groups:write")
     async with tenant_transaction(request, tenant) as conn:
-        if (stored := await _replay(conn, tenant, idempotency_key, "group", data)) is not None:
+        if (stored := await replay(conn, tenant, idempotency_key, "group", data)) is not None:
             return msgspec.convert(stored, Group)
         try:
             await conn.execute(
@@ -591,7 +574,7 @@ async def create_group(
             raise Conflict(f"group {data.group_id} already exists") from exc
         group = Group(**(await _fetch(conn, GROUPS, {"tenant": tenant, "group": data.group_id}))[0])
         await audit(conn, request, principal, "group.create", f"group:{data.group_id}", after=group)
-        await _remember(conn, tenant, idempotency_key, "group", data, group)
+        await remember(conn, tenant, idempotency_key, "group", data, group)
     return group
 
 
@@ -765,7 +748,7 @@ async def create_user(
 ) -> User:
     tenant = principal.need("users:write")
     async with tenant_transaction(request, tenant) as conn:
-        if (stored := await _replay(conn, tenant, idempotency_key, "user", data)) is not None:
+        if (stored := await replay(conn, tenant, idempotency_key, "user", data)) is not None:
             return msgspec.convert(stored, User)
         try:
             row = await _one(
@@ -778,7 +761,7 @@ async def create_user(
             raise Conflict(f"a user with email {data.email} exists") from exc
         user = User(**row)
         await audit(conn, request, principal, "user.create", f"user:{user.user_id}", after=user)
-        await _remember(conn, tenant, idempotency_key, "user", data, user)
+        await remember(conn, tenant, idempotency_key, "user", data, user)
     return user
 
 
@@ -806,7 +789,7 @@ async def patch_user(
         )
         after = User(**row)
         await audit(conn, request, principal, "user.update", f"user:{user_id}", before=before, after=after)
-    return Response(after, headers={"ETag": _etag(after.version)})
+    return Response(after, headers={"ETag": etag(after.version)})
 
 
 # ------------------------------------------------------------------------------------------------ tokens
@@ -828,9 +811,6 @@ async def create_token(
     request: Request[Any, Any, Any], principal: CallerPrincipal, data: JSONBody[TokenCreate]
 ) -> TokenCreated:
     tenant = principal.need("tokens:write")
-    unknown = set(data.scopes) - set(SCOPES)
-    if unknown:
-        raise InvalidInput("bad_scope", f"unknown scope(s): {', '.join(sorted(unknown))}")
     if not set(data.scopes) <= principal.scopes:
         raise Forbidden("a token cannot grant scopes its creator does not have")
     token_id, token, digest = new_token()
@@ -854,16 +834,22 @@ _REVOCABLE = {"token": ("api_tokens", "token_id"), "oauth_client": ("oauth_clien
 
 
 async def revoke_credential(request: Request[Any, Any, Any], principal: Principal, kind: str, key: str) -> None:
-    """Revoke an API token or OAuth client of the caller's tenant (404 if it has no such active one), audited."""
+    """Revoke an API token or OAuth client of the caller's tenant (404 if it has none by that id), audited once;
+    revoking a revoked one again succeeds and changes nothing."""
     tenant = principal.need("tokens:write")
     table, column = _REVOCABLE[kind]  # constants, never input
     async with tenant_transaction(request, tenant) as conn:
-        cur = await conn.execute(
-            f"UPDATE {table} SET revoked_at = now() WHERE {column} = %s AND revoked_at IS NULL", (key,)
-        )
-        if cur.rowcount == 0:
-            raise NotFound(f"no active {kind.replace('_', ' ')} {key}")
-        await audit(conn, request, principal, f"{kind}.revoke", f"{kind}:{key}")
+        row = await (
+            await conn.execute(
+                f"UPDATE {table} SET revoked_at = coalesce(revoked_at, now()) WHERE {column} = %s"
+                " RETURNING revoked_at = now()",
+                (key,),
+            )
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no {kind.replace('_', ' ')} {key}")
+        if row[0]:  # revoked by this request; revoking again changes nothing (DELETE is idempotent)
+            await audit(conn, request, principal, f"{kind}.revoke", f"{kind}:{key}")
 
 
 @delete("/tokens/{token_id:str}", summary="Revoke an API token", tags=["tokens"], status_code=204)

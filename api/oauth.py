@@ -30,14 +30,15 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Requ
 from litestar.params import Body, PathParameter, RawBody
 
 from api.auth import CallerPrincipal, Principal, audit, pool, tenant_transaction
-from api.control import revoke_credential
+from api.control import Label, revoke_credential
 from kestrel.errors import Forbidden, InvalidInput, Unauthenticated
-from kestrel.tokens import SCOPES, secret_digest
+from kestrel.tokens import SCOPES, Scope, secret_digest
 
 AUDIENCE: Final = "kestrel-api"
 ISSUER: Final = "kestrel"
 ACCESS_TOKEN_S: Final = 900
-ClientId = Annotated[str, PathParameter(pattern="^kcl_[0-9a-f]{16}$")]
+CLIENT_ID_PATTERN: Final = "^kcl_[0-9a-f]{16}$"
+ClientId = Annotated[str, PathParameter(pattern=CLIENT_ID_PATTERN)]
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,14 @@ class _FormBody(Operation):
                         type=OpenAPIType.OBJECT,
                         required=["grant_type"],
                         properties={
-                            name: Schema(type=OpenAPIType.STRING)
-                            for name in ("grant_type", "client_id", "client_secret", "scope")
+                            "grant_type": Schema(type=OpenAPIType.STRING, enum=["client_credentials"]),
+                            "client_id": Schema(type=OpenAPIType.STRING, pattern=CLIENT_ID_PATTERN),
+                            "client_secret": Schema(type=OpenAPIType.STRING, max_length=200),
+                            "scope": Schema(
+                                type=OpenAPIType.STRING,
+                                description="Space-separated scopes (default: all of the client's)",
+                                pattern=rf"^({'|'.join(SCOPES)})( ({'|'.join(SCOPES)}))*$",
+                            ),
                         },
                     )
                 )
@@ -253,8 +260,8 @@ class OAuthClient(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class OAuthClientCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    scopes: Annotated[list[str], msgspec.Meta(min_length=1, max_length=len(SCOPES))]
-    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=len(SCOPES))]
+    name: Label = ""
 
 
 class OAuthClientCreated(msgspec.Struct, frozen=True, kw_only=True):
@@ -280,9 +287,7 @@ async def create_client(
     request: Request[Any, Any, Any], principal: CallerPrincipal, data: Annotated[OAuthClientCreate, Body()]
 ) -> OAuthClientCreated:
     tenant = principal.need("tokens:write")
-    scopes = sorted(set(data.scopes))
-    if unknown := set(scopes) - set(SCOPES):
-        raise InvalidInput("bad_scope", f"unknown scope(s): {', '.join(sorted(unknown))}")
+    scopes: list[str] = sorted(set(data.scopes))  # each is a Scope: the schema has the enum
     if not set(scopes) <= principal.scopes:
         raise Forbidden("a client cannot get scopes its creator does not have")
     client_id, secret = "kcl_" + secrets.token_hex(8), "kcs_" + secrets.token_urlsafe(32)

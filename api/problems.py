@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from kestrel.errors import (
     Conflict,
+    ContentTooLarge,
     Forbidden,
     InvalidInput,
     KestrelError,
@@ -26,6 +27,7 @@ log = logging.getLogger("kestrel.api")
 PROBLEM_JSON = "application/problem+json"
 
 _STATUS: dict[type[KestrelError], int] = {
+    ContentTooLarge: 413,
     InvalidInput: 400,
     Unauthenticated: 401,
     Forbidden: 403,
@@ -44,6 +46,7 @@ _TITLES = {
     409: "Conflict",
     412: "Precondition Failed",
     413: "Content Too Large",
+    415: "Unsupported Media Type",
     429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -55,6 +58,8 @@ _KINDS = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    413: "content_too_large",
+    415: "unsupported_media_type",
     429: "rate_limited",
     500: "internal",
     503: "unavailable",
@@ -100,11 +105,20 @@ def problem_response(
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-def _invalid_params(exc: ValidationException) -> list[InvalidParam]:
+def _wire_name(request: Request[Any, Any, Any], key: str) -> str:
+    """The name a client used for a parameter: a header's own name, not the handler's argument name."""
+    parameter = request.route_handler.parsed_fn_signature.parameters.get(key)
+    definition = getattr(parameter, "kwarg_definition", None)
+    name = getattr(definition, "header", None) or getattr(definition, "name", None)
+    return name if isinstance(name, str) and name else key
+
+
+def _invalid_params(request: Request[Any, Any, Any], exc: ValidationException) -> list[InvalidParam]:
     out = []
     for item in exc.extra if isinstance(exc.extra, list) else []:
         if isinstance(item, dict):
-            out.append(InvalidParam(str(item.get("key") or item.get("source") or "body"), str(item.get("message", ""))))
+            name = _wire_name(request, str(item["key"])) if item.get("key") else str(item.get("source") or "body")
+            out.append(InvalidParam(name, str(item.get("message", ""))))
     return out
 
 
@@ -119,7 +133,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         return problem_response(request, status, exc.detail, kind, headers=headers)
     if isinstance(exc, ValidationException):
         return problem_response(
-            request, 400, "the request has invalid parameters", "invalid_input", _invalid_params(exc)
+            request, 400, "the request has invalid parameters", "invalid_input", _invalid_params(request, exc)
         )
     if isinstance(exc, HTTPException):
         headers = dict(exc.headers or {})

@@ -19,17 +19,13 @@ from api.control import (
     DEVICE,
     ControlDevice,
     Id,
-    IdempotencyKey,
-    IfMatch,
+    Label,
     Limit,
     Tag,
-    _etag,
-    _expected_version,
     _fetch,
     _one,
-    _remember,
-    _replay,
 )
+from api.preconditions import IdempotencyKey, IfMatch, etag, expected_version, remember, replay
 from kestrel.db import twin
 from kestrel.errors import Conflict, PreconditionFailed
 from kestrel.tokens import new_claim_token
@@ -102,7 +98,7 @@ class CommandDetail(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ClaimCreate(msgspec.Struct, **_STRICT):
-    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    name: Label = ""
     max_uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
     expires_in_s: Annotated[int, msgspec.Meta(ge=60, le=365 * 86400)] = 86400
     group_id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")] | None = None
@@ -203,7 +199,7 @@ async def _read_shadow(
         await _device(conn, device_id)
         found = await twin.read_shadow(conn, device_id, name)
     shadow = found or twin.empty_shadow(device_id, name)
-    return Response(shadow, headers={"ETag": _etag(shadow.version, "s")})
+    return Response(shadow, headers={"ETag": etag(shadow.version, "s")})
 
 
 async def _write_desired(
@@ -215,7 +211,7 @@ async def _write_desired(
     if_match: str | None,
 ) -> Response[twin.Shadow]:
     tenant = principal.need("devices:write")
-    if_match_version = _expected_version(if_match, "s")
+    if_match_version = expected_version(if_match, "s")
     async with tenant_transaction(request, tenant) as conn:
         device = await _device(conn, device_id)
         if device.status == "decommissioned":
@@ -226,7 +222,7 @@ async def _write_desired(
         )  # fmt: skip
         if changed:
             await audit(conn, request, principal, "shadow.desired", f"device:{device_id}/shadow:{name}", after=data)
-    return Response(updated, headers={"ETag": _etag(updated.version, "s")})
+    return Response(updated, headers={"ETag": etag(updated.version, "s")})
 
 
 @get("/devices/{device_id:str}/shadow", summary="A device's shadow (desired, reported, delta)", tags=["shadows"])
@@ -305,7 +301,7 @@ async def create_command(
 ) -> twin.Command:
     tenant = principal.need("commands:write")
     async with tenant_transaction(request, tenant) as conn:
-        if (replayed := await _replay(conn, tenant, idempotency_key, f"command:{device_id}", data)) is not None:
+        if (replayed := await replay(conn, tenant, idempotency_key, f"command:{device_id}", data)) is not None:
             return msgspec.convert(replayed, twin.Command, strict=False)
         device = await _device(conn, device_id)
         if device.status in ("suspended", "decommissioned"):
@@ -317,7 +313,7 @@ async def create_command(
         )  # fmt: skip
         command_id = command.command_id
         await audit(conn, request, principal, "command.create", f"device:{device_id}/command:{command_id}", after=data)
-        await _remember(conn, tenant, idempotency_key, f"command:{device_id}", data, command)
+        await remember(conn, tenant, idempotency_key, f"command:{device_id}", data, command)
     return command
 
 
@@ -384,7 +380,7 @@ async def cancel_command(
 
 @post(
     "/devices/{device_id:str}/decommission",
-    summary="Decommission a device: credentials revoked, session ended, history kept, id never reused",
+    summary="Decommission a device (idempotent): credentials revoked, session ended, history kept, id never reused",
     tags=["devices"],
     status_code=200,
 )
@@ -394,11 +390,11 @@ async def decommission_device(
     tenant = principal.need("devices:write")
     async with tenant_transaction(request, tenant) as conn:
         before = await _device(conn, device_id, lock=True)
-        expected = _expected_version(if_match)
+        expected = expected_version(if_match)
         if expected is not None and expected != before.version:
             raise PreconditionFailed(f"device {device_id} changed since it was read")
         if before.status == "decommissioned":
-            raise Conflict(f"device {device_id} is already decommissioned")
+            return before  # decommissioning is idempotent: a retry after a lost answer gets the same result
         await conn.execute("SELECT kestrel_decommission_device(%s)", (device_id,))
         after = await _device(conn, device_id)
         await audit(conn, request, principal, "device.decommission", f"device:{device_id}", before=before, after=after)

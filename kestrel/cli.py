@@ -240,8 +240,8 @@ def device_decommission(device: Annotated[str, typer.Argument(help="Device id")]
     """Retire a device for good: credentials revoked, session ended, open commands cancelled, history kept."""
     from kestrel.db import registry  # noqa: PLC0415
 
-    registry.decommission_device(database_url(), device)
-    typer.echo(f"{device}: decommissioned")
+    done = registry.decommission_device(database_url(), device)
+    typer.echo(f"{device}: decommissioned" if done else f"{device}: already decommissioned")
 
 
 @device_app.command("presence")

@@ -28,6 +28,10 @@ class InvalidInput(KestrelError):
         self.reason = reason
 
 
+class ContentTooLarge(InvalidInput):
+    """Input over its size limit (HTTP 413); everywhere else it is handled as the ``InvalidInput`` it is."""
+
+
 class Unauthenticated(KestrelError):
     kind = "unauthenticated"
 

@@ -12,7 +12,8 @@ from typing import Any, Final
 
 import msgspec
 
-from kestrel.errors import InvalidInput
+from kestrel.errors import ContentTooLarge, InvalidInput
+from kestrel.jsondoc import check_document
 
 #: Largest encoded document (desired or reported) and deepest nesting.
 MAX_DOCUMENT_BYTES: Final = 16 * 1024
@@ -33,20 +34,13 @@ def _newest(meta: object) -> int:
     return 0
 
 
-def _depth(value: object) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
-
-
 def check_patch(patch: object) -> Json:
-    """A merge patch must be a JSON object no deeper than ``MAX_DEPTH``."""
+    """A merge patch must be a JSON object jsonb can store, no deeper than ``MAX_DEPTH``, no larger than a document."""
     if not isinstance(patch, dict):
         raise InvalidInput("shadow_not_object", "a shadow update must be a JSON object")
-    if _depth(patch) > MAX_DEPTH:
-        raise InvalidInput("shadow_too_deep", f"shadow documents nest at most {MAX_DEPTH} levels")
+    check_document(
+        patch, what="a shadow update", max_depth=MAX_DEPTH, max_bytes=MAX_DOCUMENT_BYTES, reason_prefix="shadow_"
+    )
     return patch
 
 
@@ -89,9 +83,7 @@ def merge(doc: Json, meta: Json, patch: Json, ts: int, *, guard: bool = False) -
     new_doc, new_meta = copy.deepcopy(doc), copy.deepcopy(meta)
     changed = _apply(new_doc, new_meta, patch, ts, guard)
     if len(msgspec.json.encode(new_doc)) > MAX_DOCUMENT_BYTES:
-        raise InvalidInput("shadow_too_large", f"a shadow document may hold at most {MAX_DOCUMENT_BYTES} bytes")
-    if _depth(new_doc) > MAX_DEPTH:
-        raise InvalidInput("shadow_too_deep", f"shadow documents nest at most {MAX_DEPTH} levels")
+        raise ContentTooLarge("shadow_too_large", f"a shadow document may hold at most {MAX_DOCUMENT_BYTES} bytes")
     return new_doc, new_meta, changed
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from typing import Final
+from typing import Final, Literal, get_args
 
-SCOPES: Final = (
+#: What a token may be allowed to do; the API's schemas take their enum from here.
+Scope = Literal[
     "devices:read",
     "devices:write",
     "telemetry:read",
@@ -23,7 +24,8 @@ SCOPES: Final = (
     "tokens:write",
     "audit:read",
     "commands:write",
-)
+]
+SCOPES: Final[tuple[str, ...]] = get_args(Scope)
 _READ_ONLY = frozenset({"devices:read", "telemetry:read", "groups:read"})
 #: What a user's role allows; a user's token never exceeds it.
 ROLE_SCOPES: Final[dict[str, frozenset[str]]] = {

@@ -151,15 +151,17 @@ def set_device_status(conninfo: str, device: str, status: str) -> str:
         return str(row[0])
 
 
-def decommission_device(conninfo: str, device: str) -> None:
-    """Revoke the device's credentials, cancel its open commands and retire it for good (ADR-0013)."""
+def decommission_device(conninfo: str, device: str) -> bool:
+    """Revoke the device's credentials, cancel its open commands and retire it for good (ADR-0013). Idempotent:
+    False when it was decommissioned already."""
     with psycopg.connect(conninfo) as conn, conn.transaction():
         row = conn.execute("SELECT status FROM devices WHERE device_id = %s FOR UPDATE", (device,)).fetchone()
         if row is None:
             raise NotFound(f"device {device} does not exist")
         if row[0] == "decommissioned":
-            raise Conflict(f"device {device} is already decommissioned")
+            return False
         conn.execute("SELECT kestrel_decommission_device(%s)", (device,))
+        return True
 
 
 def create_api_token(

@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from kestrel import shadow
 from kestrel.errors import Conflict, InvalidInput, PreconditionFailed
+from kestrel.jsondoc import check_document
 
 TERMINAL: Final = frozenset({"succeeded", "failed", "timed_out", "expired", "cancelled"})
 OPEN: Final = ("queued", "sent", "delivered")
@@ -64,6 +65,9 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: datetime | None
 
 
+#: A command's parameters: far below the broker's packet limit, as large as a device should have to parse.
+COMMAND_PARAMS_MAX_BYTES: Final = 32 * 1024
+COMMAND_PARAMS_MAX_DEPTH: Final = 8
 COMMAND_COLUMNS: Final = ", ".join(Command.__struct_fields__)
 SHADOW_COLUMNS: Final = "device_id, name, version, desired, reported, metadata, updated_at"
 
@@ -216,7 +220,12 @@ async def insert_command(
     max_attempts: int,
     actor: str,
 ) -> Command:
-    """Queue a command (devicesvc is woken by the insert's notification) and record its first event."""
+    """Queue a command (devicesvc is woken by the insert's notification) and record its first event. Parameters
+    beyond the command limits are refused (``InvalidInput``/``ContentTooLarge``) before anything is written."""
+    check_document(
+        params, what="command params", max_depth=COMMAND_PARAMS_MAX_DEPTH, max_bytes=COMMAND_PARAMS_MAX_BYTES,
+        reason_prefix="params_",
+    )  # fmt: skip
     command_id = new_command_id()
     cur = conn.cursor(row_factory=dict_row)
     row = await (
