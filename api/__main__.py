@@ -42,8 +42,9 @@ def _settings() -> ApiSettings:
         )
     if not settings.database_url:
         raise InvalidInput("no_database", "KESTREL_API_DATABASE_URL is not set (the kestrel_api role's connection)")
-    if _privileged(settings.database_url.reveal()):
-        raise InvalidInput("privileged_role", PRIVILEGED_DETAIL)
+    for url in (settings.database_url, settings.platform_database_url):
+        if url and _privileged(url.reveal()):
+            raise InvalidInput("privileged_role", PRIVILEGED_DETAIL)
     return settings
 
 

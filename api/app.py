@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from api import queries
 from api.auth import CallerPrincipal, RateLimiter, pool, provide_principal, tenant_transaction
+from api.bounds import BODY_LIMIT, accepted_media_types, require_media_type
 from api.control import ROUTES as CONTROL_ROUTES
 from api.graphql import graphql_controller
 from api.oauth import MANAGEMENT_ROUTES as OAUTH_MANAGEMENT
@@ -30,6 +31,7 @@ from api.problems import PROBLEM_JSON, Problem, handle_exception
 from api.twin import ROUTES as TWIN_ROUTES
 from kestrel import __version__
 from kestrel.db.migrate import available_migrations
+from kestrel.db.pool import checked_pool
 from kestrel.errors import InvalidInput, Unavailable
 from kestrel.settings import Secret
 from kestrel.topics import ID_PATTERN
@@ -48,6 +50,8 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     admin_token: Secret = msgspec.field(default_factory=lambda: Secret(""))
     database_url: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    #: The platform token's operations (tenants) connect as kestrel_platform, never as the API's role (ADR-0012).
+    platform_database_url: Secret = msgspec.field(default_factory=lambda: Secret(""))
     graphql_introspection: bool = False
     #: Ed25519 private key (PEM) signing OAuth access tokens; unset: the token endpoint issues none.
     signing_key_file: str = ""
@@ -102,6 +106,8 @@ def _problems(*codes: int) -> dict[int, ResponseSpec]:
         404: "Not found (or another tenant's)",
         409: "Conflict",
         412: "If-Match does not match the current version",
+        413: "The body is larger than this route takes",
+        415: "The body's media type is not one this route takes",
         429: "The tenant is over its request quota (see Retry-After)",
         503: "Not ready",
     }
@@ -114,6 +120,7 @@ def _problems(*codes: int) -> dict[int, ResponseSpec]:
 
 
 API_ERRORS = _problems(400, 401, 403, 404, 409, 412, 429)
+BODY_ERRORS = _problems(413, 415)
 
 
 # ------------------------------------------------------------------------------------------------ routes
@@ -243,21 +250,29 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            database_url, min_size=settings.pool_min, max_size=settings.pool_max, open=False
-        )
+        pool = checked_pool(database_url, min_size=settings.pool_min, max_size=settings.pool_max, timeout=3.0)
         if open_pool:
             await pool.open(wait=False)
             await _refuse_privileged_role(pool)
         app.state.pool = pool
+        platform = None
+        if settings.platform_database_url:
+            platform = checked_pool(settings.platform_database_url.reveal(), min_size=0, max_size=2, timeout=3.0)
+            if open_pool:
+                await platform.open(wait=False)
+                await _refuse_privileged_role(platform)
+        app.state.platform_pool = platform
         try:
             yield
         finally:
             await pool.close()
+            if platform is not None:
+                await platform.close()
 
     prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
     for handler in [*CONTROL_ROUTES, *TWIN_ROUTES, *OAUTH_MANAGEMENT]:  # every route documents the errors it can answer
-        handler.responses = {**API_ERRORS, **(handler.responses or {})}
+        body_errors = BODY_ERRORS if accepted_media_types(handler) else {}
+        handler.responses = {**API_ERRORS, **body_errors, **(handler.responses or {})}
     api_v1 = Router(
         path="/api/v1",
         route_handlers=[
@@ -270,6 +285,8 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
         ],
         dependencies={"principal": Provide(provide_principal)},
         security=[{"bearerAuth": []}],
+        before_request=require_media_type,
+        request_max_body_size=BODY_LIMIT,
     )
     return Litestar(
         route_handlers=[api_v1, healthz, readyz, MetricsController],

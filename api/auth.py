@@ -28,7 +28,7 @@ from litestar.di import NamedDependency
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel.errors import Forbidden, RateLimited, Unauthenticated
+from kestrel.errors import Forbidden, RateLimited, Unauthenticated, Unavailable
 from kestrel.ratelimit import TokenBuckets
 from kestrel.tokens import ROLE_SCOPES, TOKEN_PATTERN, TOKEN_PREFIX, secret_digest
 
@@ -70,6 +70,15 @@ CallerPrincipal = NamedDependency[Principal]
 
 def pool(request: Request[Any, Any, Any]) -> AsyncConnectionPool[Any]:
     result: AsyncConnectionPool[Any] = request.app.state.pool
+    return result
+
+
+def platform_pool(request: Request[Any, Any, Any]) -> AsyncConnectionPool[Any]:
+    """The platform operations' own connection (role kestrel_platform, migration 0012); tenant requests never use
+    it, and kestrel_api cannot run these operations at all."""
+    result: AsyncConnectionPool[Any] | None = request.app.state.platform_pool
+    if result is None:
+        raise Unavailable("platform operations are not configured (KESTREL_API_PLATFORM_DATABASE_URL)")
     return result
 
 

@@ -23,7 +23,8 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from api import queries
-from api.auth import CallerPrincipal, Principal, audit, pool, request_id, tenant_transaction
+from api.auth import CallerPrincipal, Principal, audit, platform_pool, request_id, tenant_transaction
+from api.bounds import BULK_BODY_LIMIT
 from api.preconditions import IdempotencyKey, IfMatch, etag, expected_version, remember, replay
 from kestrel.db import registry
 from kestrel.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
@@ -228,7 +229,7 @@ TENANT_COLUMNS = "tenant_id, name, status, max_devices, api_requests_per_s, inge
 @get("/tenants", summary="List tenants (platform administrator)", tags=["tenants"])
 async def list_tenants(request: Request[Any, Any, Any], principal: CallerPrincipal) -> list[Tenant]:
     principal.need_platform()
-    async with pool(request).connection() as conn:
+    async with platform_pool(request).connection() as conn:
         rows = await _fetch(conn, f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_tenants()", ())
     return [Tenant(**r) for r in rows]
 
@@ -239,7 +240,7 @@ async def create_tenant(
 ) -> Tenant:
     principal.need_platform()
     try:
-        async with pool(request).connection() as conn:
+        async with platform_pool(request).connection() as conn:
             rows = await _fetch(
                 conn,
                 f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_create_tenant(%s, %s, %s, %s, %s, %s, %s)",
@@ -261,7 +262,7 @@ async def create_tenant(
 @get("/tenants/{tenant_id:str}", summary="Get a tenant", tags=["tenants"])
 async def get_tenant(request: Request[Any, Any, Any], principal: CallerPrincipal, tenant_id: Id) -> Response[Tenant]:
     if principal.platform:
-        async with pool(request).connection() as conn:
+        async with platform_pool(request).connection() as conn:
             rows = await _fetch(
                 conn, f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_tenants() WHERE tenant_id = %s", (tenant_id,)
             )
@@ -284,7 +285,7 @@ async def patch_tenant(
     principal.need_platform()
     changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
     try:
-        async with pool(request).connection() as conn:
+        async with platform_pool(request).connection() as conn:
             rows = await _fetch(
                 conn,
                 f"SELECT {TENANT_COLUMNS} FROM kestrel_platform_update_tenant(%s, %s, %s, %s, %s)",
@@ -440,7 +441,12 @@ async def _bulk(request: Request[Any, Any, Any], principal: Principal, devices: 
     return BulkResult(created=len(devices))
 
 
-@post("/devices/bulk", summary="Register many devices (JSON array), all or none", tags=["devices"])
+@post(
+    "/devices/bulk",
+    summary="Register many devices (JSON array), all or none",
+    tags=["devices"],
+    request_max_body_size=BULK_BODY_LIMIT,
+)
 async def bulk_create_devices(
     request: Request[Any, Any, Any],
     principal: CallerPrincipal,
@@ -492,6 +498,8 @@ class _CsvBody(Operation):
     summary="Register many devices from CSV, all or none",
     tags=["devices"],
     operation_class=_CsvBody,
+    request_max_body_size=BULK_BODY_LIMIT,
+    opt={"accepts": ("text/csv",)},
 )
 async def import_devices(request: Request[Any, Any, Any], principal: CallerPrincipal, body: RawBody) -> BulkResult:
     return await _bulk(request, principal, _parse_csv(body))

@@ -244,4 +244,5 @@ def graphql_controller(introspection: bool) -> type:
         schema, path="/graphql", graphql_ide=None, allow_queries_via_get=False, context_getter=context_getter
     )
     controller.include_in_schema = False
+    controller.opt = {"accepts": ("application/json",)}  # POST only (queries via GET are off): JSON or 415
     return controller

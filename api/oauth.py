@@ -184,7 +184,9 @@ class _FormBody(Operation):
         )
 
 
-def _form(raw: bytes) -> TokenRequest:
+def _form(raw: bytes, content_type: str) -> TokenRequest:
+    if content_type.split(";", maxsplit=1)[0].strip().lower() != "application/x-www-form-urlencoded":
+        raise ValueError("not a form")
     fields = {k: v[0] for k, v in parse_qs(raw.decode(errors="replace"), max_num_fields=10).items()}
     return TokenRequest(**{k: v for k, v in fields.items() if k in TokenRequest.__struct_fields__})
 
@@ -207,9 +209,9 @@ _OAUTH_ERRORS = {
 async def token(request: Request[Any, Any, Any], body: RawBody) -> Response[TokenResponse]:
     keys: SigningKeys = request.app.state.signing_keys
     try:
-        data = _form(body)
-    except ValueError:  # more fields than a token request has
-        return _oauth_error(400, "invalid_request", "not a token request")
+        data = _form(body, request.headers.get("content-type", ""))
+    except ValueError:  # not a form, or more fields than a token request has
+        return _oauth_error(400, "invalid_request", "not a token request (a form, application/x-www-form-urlencoded)")
     if data.grant_type != "client_credentials":
         return _oauth_error(400, "unsupported_grant_type", "only client_credentials is supported")
     client_id, secret = _basic(request) or (data.client_id, data.client_secret)

@@ -10,6 +10,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from kestrel.db.pool import TRANSIENT
 from kestrel.errors import (
     Conflict,
     ContentTooLarge,
@@ -134,6 +135,13 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     if isinstance(exc, ValidationException):
         return problem_response(
             request, 400, "the request has invalid parameters", "invalid_input", _invalid_params(request, exc)
+        )
+    if isinstance(exc, RecursionError):  # a body nested beyond what a decoder may recurse into
+        return problem_response(request, 400, "the request nests too deeply", "invalid_input.too_deep")
+    if isinstance(exc, TRANSIENT):  # the database is restarting: worth retrying, not a bug
+        log.warning("database unavailable", extra={"path": request.url.path, "error": str(exc)[:200]})
+        return problem_response(
+            request, 503, "the database is unavailable; retry shortly", headers={"Retry-After": "1"}
         )
     if isinstance(exc, HTTPException):
         headers = dict(exc.headers or {})

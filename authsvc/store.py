@@ -9,6 +9,7 @@ from cryptography import x509
 from psycopg_pool import AsyncConnectionPool
 
 from authsvc.decide import Authority, Claim, DeviceRecord, JwtKey, ServicePrincipal
+from kestrel.db.pool import retry_read_once
 
 AUTHORITY: Final = (
     "SELECT tenant_id, cert_pem FROM pki_authorities WHERE kind = 'tenant' AND status = 'active' AND subject = %s"
@@ -36,6 +37,7 @@ class PostgresIdentity:
     def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
         self.pool = pool
 
+    @retry_read_once
     async def authority(self, issuer: x509.Name) -> Authority | None:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(AUTHORITY, (issuer.rfc4514_string(),))).fetchone()
@@ -43,26 +45,31 @@ class PostgresIdentity:
             return None
         return Authority(row[0], _parse_certificate(row[1]))
 
+    @retry_read_once
     async def certificate_status(self, serial: str, fingerprint: str) -> str | None:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(CERTIFICATE, (serial, fingerprint))).fetchone()
         return None if row is None else str(row[0])
 
+    @retry_read_once
     async def device(self, device_id: str) -> DeviceRecord | None:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(DEVICE, (device_id,))).fetchone()
         return None if row is None else DeviceRecord(row[0], row[1], row[2])
 
+    @retry_read_once
     async def jwt_key(self, kid: str) -> JwtKey | None:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(JWT_KEY, (kid,))).fetchone()
         return None if row is None else JwtKey(*row)
 
+    @retry_read_once
     async def service_principal(self, name: str) -> ServicePrincipal | None:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(SERVICE, (name,))).fetchone()
         return None if row is None else ServicePrincipal(*row)
 
+    @retry_read_once
     async def claim(self, claim_id: str) -> Claim | None:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(CLAIM, (claim_id,))).fetchone()

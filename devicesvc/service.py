@@ -33,7 +33,9 @@ from psycopg_pool import AsyncConnectionPool
 from kestrel import shadow, streams
 from kestrel.backend import Ack, install_manual_ack
 from kestrel.db import twin
+from kestrel.db.pool import checked_pool
 from kestrel.errors import InvalidInput
+from kestrel.mqttpacket import publish_size
 from kestrel.settings import Secret
 from kestrel.topics import (
     CLIENT_EVENT_FILTERS,
@@ -65,6 +67,24 @@ PRUNE = (
     " - make_interval(days => %s) AND NOT EXISTS (SELECT 1 FROM command_events e WHERE e.command_id = c.command_id)"
     " LIMIT %s)",
 )
+#: Commands due to be sent, in fair rounds: at most ``per_device`` of one device and ``per_tenant`` of one tenant per
+#: round, tenants interleaved (the candidates are ranked without locks, then locked with SKIP LOCKED).
+DUE_COMMANDS = """
+WITH due AS (
+    SELECT c.command_id,
+           row_number() OVER (PARTITION BY c.device_id ORDER BY c.created_at) AS device_rank,
+           row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.created_at) AS tenant_rank
+    FROM commands c JOIN device_presence p ON p.device_id = c.device_id
+    WHERE p.online AND c.expires_at > now() AND (c.status = 'queued'
+          OR (c.status = 'sent' AND c.next_attempt_at <= now() AND c.attempts < c.max_attempts))
+)
+SELECT c.command_id, c.tenant_id, c.device_id, c.name, c.params, c.status, c.attempts, c.expires_at
+FROM commands c JOIN due USING (command_id)
+WHERE due.device_rank <= %(per_device)s AND due.tenant_rank <= %(per_tenant)s
+ORDER BY due.tenant_rank, c.created_at
+LIMIT %(batch)s
+FOR UPDATE OF c SKIP LOCKED
+"""
 EVENTS_STREAM = "DEVICE_EVENTS"
 EVENTS_SUBJECTS = ("v1.*.d.*.presence", "v1.*.d.*.shadow", "v1.*.d.*.command")
 NOTIFY_CHANNEL = "kestrel_twin"
@@ -95,6 +115,11 @@ class DeviceSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: Most messages one worker takes at once; reported states among them share one transaction.
     batch: int = 200
     max_payload_bytes: int = 64 * 1024
+    #: The broker's maximum packet size when its CONNACK does not say (Mosquitto and EMQX both default to 1 MiB here).
+    max_packet_bytes: int = 1024 * 1024
+    #: Fairness of command dispatch: at most this many commands of one device, and of one tenant, per round.
+    per_device: int = 10
+    per_tenant: int = 100
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9103
 
@@ -140,6 +165,8 @@ def _decode(payload: bytes, kind: type[T], reason: str) -> T:
         raise InvalidInput(reason, f"{reason.replace('_', ' ')}: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise InvalidInput("bad_json", "payload is not JSON") from exc
+    except RecursionError as exc:
+        raise InvalidInput("too_deep", "payload nests too deeply") from exc
 
 
 def _is_report(topic: str) -> bool:
@@ -180,6 +207,8 @@ class DeviceService:
         ]
         self.handled = 0
         self.next_prune = 0.0
+        #: The broker's limit for one packet: its CONNACK's Maximum Packet Size, else the setting.
+        self.max_packet_bytes = settings.max_packet_bytes
 
     # ---------------------------------------------------------------------------------------- intake
 
@@ -203,12 +232,14 @@ class DeviceService:
                 end = index
                 while end < len(batch) and _is_report(batch[end][0]):
                     end += 1
-                if end > index:
-                    await self.reported_batch(batch[index:end])
-                    index = end
-                else:
-                    await self.handle_one(*batch[index])
-                    index += 1
+                try:
+                    if end > index:
+                        await self.reported_batch(batch[index:end])
+                    else:
+                        await self.handle_one(*batch[index])
+                except Exception:  # a bug must not end this worker: its devices' messages would wait forever
+                    log.exception("unexpected error handling device messages; they stay unacknowledged")
+                index = max(end, index + 1)
             self.metrics.handle_seconds.observe(time.perf_counter() - started)
 
     async def handle_one(self, topic: str, payload: bytes, properties: Any, ack: Ack) -> None:
@@ -567,18 +598,21 @@ class DeviceService:
             self.metrics.commands.labels(response.status).inc()
 
     async def dispatch_commands(self) -> int:
-        """Send queued commands to connected devices; re-send unacknowledged ones whose backoff elapsed."""
+        """Send queued commands to connected devices; re-send unacknowledged ones whose backoff elapsed.
+
+        Fair: each round takes at most ``per_device`` commands of one device and ``per_tenant`` of one tenant, in
+        rounds across tenants, so no device or tenant with a backlog delays another's commands. A command the broker
+        could never carry (its packet above the broker's maximum) fails at once with the reason, instead of being
+        published: the broker would drop devicesvc's connection, and every other command with it (issue 10).
+        """
         if not self.client.is_connected:
             return 0
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             rows = await (
                 await cur.execute(
-                    "SELECT c.command_id, c.tenant_id, c.device_id, c.name, c.params, c.status, c.attempts,"
-                    " c.expires_at FROM commands c JOIN device_presence p ON p.device_id = c.device_id"
-                    " WHERE p.online AND c.expires_at > now() AND (c.status = 'queued' OR"
-                    " (c.status = 'sent' AND c.next_attempt_at <= now() AND c.attempts < c.max_attempts))"
-                    " ORDER BY c.created_at LIMIT 500 FOR UPDATE OF c SKIP LOCKED"
+                    DUE_COMMANDS,
+                    {"per_device": self.settings.per_device, "per_tenant": self.settings.per_tenant, "batch": 500},
                 )
             ).fetchall()
             now = datetime.now(UTC)
@@ -591,14 +625,32 @@ class DeviceService:
                     "expires_at": _ms(row["expires_at"]),
                     "attempt": row["attempts"] + 1,
                 }
+                topic = command_topic(row["tenant_id"], row["device_id"], row["name"])
+                response_topic = command_response_topic(row["tenant_id"], row["device_id"], row["command_id"])
+                payload = msgspec.json.encode(body)
+                attempt = str(row["attempts"] + 1)
+                size = publish_size(
+                    topic, payload, response_topic, row["command_id"].encode(), [("kestrel-attempt", attempt)]
+                )
+                if size > self.max_packet_bytes:
+                    limit = self.max_packet_bytes
+                    error = f"the command is {size} bytes as an MQTT packet; the broker carries at most {limit}"
+                    await twin.transition(
+                        conn, row["command_id"], "failed", error=error, detail={"reason": "too_large"}
+                    )
+                    self.metrics.commands.labels("failed").inc()
+                    log.warning(
+                        "command too large for the broker; failed", extra={"command": row["command_id"], "bytes": size}
+                    )
+                    continue
                 self.client.publish(
-                    command_topic(row["tenant_id"], row["device_id"], row["name"]),
-                    msgspec.json.encode(body),
+                    topic,
+                    payload,
                     qos=1,
-                    response_topic=command_response_topic(row["tenant_id"], row["device_id"], row["command_id"]),
+                    response_topic=response_topic,
                     correlation_data=row["command_id"].encode(),
                     message_expiry_interval=left,
-                    user_property=[("kestrel-attempt", str(row["attempts"] + 1))],
+                    user_property=[("kestrel-attempt", attempt)],
                 )
                 self.metrics.published.labels("command").inc()
                 backoff = self.settings.retry_base_s * (2 ** row["attempts"])
@@ -781,7 +833,7 @@ async def run_devicesvc(
     ready: asyncio.Event | None = None,
 ) -> None:
     await ensure_events_stream(nc)
-    async with AsyncConnectionPool(database_url, min_size=2, max_size=settings.workers + 4, open=False) as pool:
+    async with checked_pool(database_url, min_size=2, max_size=settings.workers + 4) as pool:
         client = gmqtt.Client(
             settings.client_id,
             clean_session=False,
@@ -804,6 +856,8 @@ async def run_devicesvc(
 
         def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
             c.subscribe(subscriptions)
+            announced = _first(properties, "maximum_packet_size")
+            service.max_packet_bytes = int(announced) if announced else settings.max_packet_bytes
             service.wake.set()
             log.info("devicesvc connected", extra={"client_id": settings.client_id})
 

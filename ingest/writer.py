@@ -60,6 +60,13 @@ SELECT DISTINCT s.tenant_id, s.device_id FROM telemetry_stage s
 WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.device_id = s.device_id AND d.tenant_id = s.tenant_id)
 """
 STAGE_BOUNDS: Final = "SELECT min(ts), max(ts) FROM telemetry_stage"
+#: "Last seen" is when the platform last heard from a device, telemetry included (issue 10): the receive time, never
+#: moved back.
+TOUCH_LAST_SEEN: Final = """
+INSERT INTO device_presence (tenant_id, device_id, last_seen)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[])
+ON CONFLICT (device_id) DO UPDATE SET last_seen = greatest(device_presence.last_seen, EXCLUDED.last_seen)
+"""
 
 
 class WriterSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,6 +81,8 @@ class WriterSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_ack_pending: int = 50_000
     max_nak_delay_s: float = 30.0
     maintenance_interval_s: float = 3600.0
+    #: A device's "last seen" is written at most this often (telemetry of one device costs no write per message).
+    last_seen_interval_s: float = 10.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9102
 
@@ -192,6 +201,29 @@ def delivery_count(msg: Msg) -> int:
     return 1
 
 
+class LastSeen:
+    """Which devices' "last seen" is due for a write: each at most once per ``interval_s`` (pure bookkeeping)."""
+
+    def __init__(self, interval_s: float, max_devices: int = 1_000_000) -> None:
+        self.interval_s = interval_s
+        self.max_devices = max_devices
+        self._next: dict[str, float] = {}
+
+    def due(self, envelopes: list[TelemetryEnvelope], now: float) -> list[tuple[str, str, datetime]]:
+        """(tenant, device, received at) of the newest message of each device that is due; marks them written."""
+        newest: dict[str, TelemetryEnvelope] = {}
+        for envelope in envelopes:
+            if self._next.get(envelope.device, 0.0) <= now:
+                current = newest.get(envelope.device)
+                if current is None or envelope.received_us > current.received_us:
+                    newest[envelope.device] = envelope
+        if len(self._next) > self.max_devices:
+            self._next.clear()  # bounded memory: forgetting only means one early write per device
+        for device in newest:
+            self._next[device] = now + self.interval_s
+        return [(e.tenant, e.device, EPOCH + timedelta(microseconds=e.received_us)) for e in newest.values()]
+
+
 class StorageRejected(Exception):
     """The database refused a batch for its content (not a transient failure)."""
 
@@ -220,6 +252,7 @@ class Writer:
         self.quotas: dict[str, int] = {}  # tenant -> ingest messages/s (tenants.ingest_messages_per_s)
         self._quotas_at = -QUOTA_REFRESH_S
         self._buckets = TokenBuckets()
+        self.last_seen = LastSeen(settings.last_seen_interval_s)
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None or self.conn.closed:
@@ -308,6 +341,20 @@ class Writer:
         self.metrics.batch_size.observe(len(msgs))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
+    async def _touch_last_seen(self, envelopes: list[TelemetryEnvelope]) -> None:
+        """Best effort, after the batch is acknowledged: presence is a convenience, the readings are the record."""
+        due = self.last_seen.due(envelopes, time.monotonic())
+        if not due:
+            return
+        conn = await self.connect()
+        try:
+            await conn.execute(TOUCH_LAST_SEEN, ([t for t, _, _ in due], [d for _, d, _ in due], [a for *_, a in due]))
+            await conn.commit()
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                await conn.rollback()
+            log.warning("could not update last seen: %s", str(exc).splitlines()[0])
+
     async def _store_and_settle(self, decoded: list[Decoded]) -> None:
         staged, inserted, unknown = await self._store(decoded)
         strangers = [d for d in decoded if (d.envelope.tenant, d.envelope.device) in unknown]
@@ -326,6 +373,7 @@ class Writer:
             )
         )
         known_staged = staged - sum(len(d.envelope.points) for d in strangers)
+        await self._touch_last_seen([d.envelope for d in decoded if d not in strangers])
         self.metrics.rows.labels("inserted").inc(inserted)
         self.metrics.rows.labels("duplicate").inc(max(known_staged - inserted, 0))
         self.metrics.messages.labels("stored").inc(len(decoded) - len(strangers))

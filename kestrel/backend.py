@@ -31,18 +31,25 @@ def install_manual_ack(client: gmqtt.Client, handle: Callable[[str, bytes, Any, 
 
     gmqtt's own manual mode runs a task per message and writes each PUBACK separately on whatever
     connection is current when the task ends. Here a PUBACK is a plain callback; PUBACKs completed in
-    one event-loop turn leave in a single write; and a PUBACK is dropped if its connection is gone: after
-    a reconnect the broker redelivers that message (persistent session) and may have reused its packet id.
+    one event-loop turn leave in a single write; and a PUBACK is dropped if its connection is gone (replaced,
+    or closed under us by a broker restart): the broker redelivers that message (persistent session) and may
+    have reused its packet id. A failed write never stops later flushes (it once did: the consumer then
+    acknowledged nothing after a broker restart, and the broker held every later message, issue 10).
     """
     handler = client._package_handler  # noqa: SLF001 - documented hook point of the pinned version
     loop = asyncio.get_running_loop()
     ready: dict[Any, list[int]] = {}
 
     def flush() -> None:
-        for connection, mids in ready.items():
-            if handler._connection is connection:  # noqa: SLF001
+        batches = list(ready.items())
+        ready.clear()  # first: a failed write must never stop later PUBACKs from being scheduled
+        for connection, mids in batches:
+            if handler._connection is not connection:  # noqa: SLF001
+                continue  # replaced: the broker redelivers these on the new connection
+            try:
                 connection.send_package(b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]))
-        ready.clear()
+            except (RuntimeError, OSError):  # the transport closed under us (broker restart): same as replaced
+                log.info("PUBACKs dropped with a closed connection; the broker redelivers", extra={"count": len(mids)})
 
     def on_qos1(mid: int, packet: bytes, topic: str, properties: Any) -> None:
         connection = handler._connection  # noqa: SLF001

@@ -37,22 +37,49 @@ app.add_typer(claim_app, name="claim")
 app.add_typer(service_app, name="service")
 
 
+@app.callback()
+def options(
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            envvar="KESTREL_STATE_DIR",
+            help="The embedded default's state directory: where commands find its database and ports [.kestrel]",
+        ),
+    ] = None,
+) -> None:
+    """Kestrel IoT platform."""
+    if state is not None:
+        os.environ["KESTREL_STATE_DIR"] = str(state)  # read by every command below, and by `kestrel run`
+
+
 def state_dir() -> Path:
-    """``KESTREL_STATE_DIR`` (read when a command runs, not at import), default ``.kestrel``."""
+    """``--state-dir`` / ``KESTREL_STATE_DIR`` (read when a command runs, not at import), default ``.kestrel``."""
     return Path(os.environ.get("KESTREL_STATE_DIR", ".kestrel"))
+
+
+def stack_setting(key: str) -> str | None:
+    """A ``KESTREL_*`` value from the environment, else from the embedded default's ``kestrel.env``."""
+    if value := os.environ.get(key):
+        return value
+    env_file = state_dir() / "kestrel.env"
+    if env_file.exists():
+        for line in env_file.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name == key:
+                return value
+    return None
 
 
 def database_url() -> str:
     """``KESTREL_DATABASE_URL``, else the embedded default's ``kestrel.env``."""
-    if url := os.environ.get("KESTREL_DATABASE_URL"):
+    if url := stack_setting("KESTREL_DATABASE_URL"):
         return url
-    env_file = state_dir() / "kestrel.env"
-    if env_file.exists():
-        for line in env_file.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key == "KESTREL_DATABASE_URL":
-                return value
-    raise InvalidInput("no_database", "set KESTREL_DATABASE_URL (or start the embedded default with `make run`)")
+    raise InvalidInput(
+        "no_database",
+        f"no database: set KESTREL_DATABASE_URL, or point --state-dir at a running `kestrel run` ({state_dir()} has"
+        " no kestrel.env)",
+    )
 
 
 @db_app.command("migrate")
@@ -352,8 +379,10 @@ def agent(
     key: Annotated[Path | None, typer.Option(help="Private key (default: <state>/devices/<device>.key)")] = None,
     ca: Annotated[Path | None, typer.Option(help="Root CA the broker's certificate chains to")] = None,
     host: Annotated[str, typer.Option(help="Broker host")] = "localhost",
-    port: Annotated[int, typer.Option(help="mTLS port")] = 18883,
-    claim_port: Annotated[int, typer.Option(help="TLS port for provisioning with a claim")] = 18884,
+    port: Annotated[int | None, typer.Option(help="mTLS port [the state directory's, else 18883]")] = None,
+    claim_port: Annotated[
+        int | None, typer.Option(help="TLS port for provisioning with a claim [the state directory's, else 18884]")
+    ] = None,
 ) -> None:
     """Run a device built on the SDK: provisions itself with a claim if asked, then reports state, converges to
     desired state and answers the commands ping, echo and sleep."""
@@ -368,6 +397,8 @@ def agent(
     logging.getLogger("gmqtt").setLevel(logging.CRITICAL)  # the agent reports connection trouble itself
     devices = state_dir() / "devices"
     ca_file = ca or state_dir() / "tls" / "ca.pem"
+    port = port or int(stack_setting("KESTREL_MQTT_TLS_PORT") or 18883)
+    claim_port = claim_port or int(stack_setting("KESTREL_MQTT_JWT_PORT") or 18884)
     cert_file, key_file = cert or devices / f"{device}.crt", key or devices / f"{device}.key"
 
     async def main() -> None:
@@ -450,6 +481,7 @@ def run(
     mqtt_tls_port: Annotated[int, typer.Option(min=1, max=65535, help="mTLS device listener")] = 18883,
     mqtt_jwt_port: Annotated[int, typer.Option(min=1, max=65535, help="TLS + JWT device listener")] = 18884,
     authsvc_port: Annotated[int, typer.Option(min=1, max=65535)] = 18090,
+    supervisor_port: Annotated[int, typer.Option(min=1, max=65535, help="Health of every process")] = 18099,
     devices: Annotated[int, typer.Option(min=0, max=10_000, help="Simulated devices (0: none)")] = 20,
     rate: Annotated[float, typer.Option(min=0.001, help="Simulated messages per second")] = 20.0,
 ) -> None:
@@ -467,6 +499,7 @@ def run(
         mqtt_tls_port,
         mqtt_jwt_port,
         authsvc_port,
+        supervisor_port,
     )
     if len(set(vars(ports).values())) != len(vars(ports)):
         raise InvalidInput("bad_ports", "every port must be different")

@@ -43,7 +43,9 @@ from kestrel.servers import (
     http_ok,
 )
 from kestrel.simulate import device_ids
+from kestrel.supervisor import Supervisor
 from kestrel.tokens import SCOPES
+from kestrel.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
 
 DEMO_TENANT = "demo"
 FIRST_DEVICE = "my-sensor"
@@ -61,32 +63,18 @@ class EmbeddedPorts:
     mqtt_tls: int = 18883
     mqtt_jwt: int = 18884
     authsvc: int = 18090
+    supervisor: int = 18099
 
 
 @dataclass
 class Service(ManagedProcess):
-    """A Kestrel service process, restarted with back-off if it dies while the stack runs."""
+    """A Kestrel service process (the supervisor restarts it with back-off if it dies while the stack runs)."""
 
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    restarts: int = 0
-    _next_restart: float = 0.0
 
     def start(self) -> None:
         self._spawn(self.argv, env=self.env)
-
-    def supervise(self) -> str | None:
-        """Restart the process if it exited; return a line to print when that happened."""
-        if self.alive() or self.proc is None:
-            return None
-        if time.monotonic() < self._next_restart:
-            return None
-        code = self.proc.returncode
-        self.stop()
-        self.restarts += 1
-        self._next_restart = time.monotonic() + min(2**self.restarts, 30)
-        self.start()
-        return f"{self.name} exited with {code}; restarted (see {self.log_path})"
 
 
 def _read_or_create_token(path: Path) -> str:
@@ -122,6 +110,7 @@ class EmbeddedStack:
             name="mosquitto", log_path=logs / "mosquitto.log", root=self.state / "mosquitto", port=ports.mqtt
         )
         self.services: list[Service] = []
+        self.supervisor = Supervisor()
         self.stopping = False
         self.secrets: dict[str, str] = {}
 
@@ -146,6 +135,7 @@ class EmbeddedStack:
                 "KESTREL_API_PORT": str(self.ports.api),
                 "KESTREL_API_ADMIN_TOKEN": token,
                 "KESTREL_API_DATABASE_URL": self.postgres.api_url,
+                "KESTREL_API_PLATFORM_DATABASE_URL": self.postgres.platform_url,
                 "KESTREL_API_SIGNING_KEY_FILE": str(self.state / "api-signing.key"),
                 "KESTREL_AUTHSVC_PORT": str(self.ports.authsvc),
                 "KESTREL_AUTHSVC_BROKER_KEY": self.secrets["broker-key"],
@@ -234,12 +224,15 @@ class EmbeddedStack:
             ca_file=tls / "ca.pem",
             mtls_port=self.ports.mqtt_tls,
             jwt_port=self.ports.mqtt_jwt,
+            # Devices wait until the bridge and devicesvc have subscribed (after a restart too): ADR-0004.
+            require_subscriptions=(*TELEMETRY_FILTERS, *DEVICE_UPLINK_FILTERS),
         )
 
     def _service(self, name: str, argv: list[str], env: dict[str, str]) -> Service:
         service = Service(name=name, log_path=self.state / "logs" / f"{name}.log", argv=argv, env=env)
         service.start()
         self.services.append(service)
+        self.supervisor.add(name, service, service.start)
         return service
 
     def start(self) -> None:
@@ -249,6 +242,7 @@ class EmbeddedStack:
         for server in (self.postgres, self.nats):
             print(f"  starting {server.name} ...", flush=True)
             server.start()
+            self.supervisor.add(server.name, server, server.start)
         migrate(self.postgres.url)
         registry.create_tenant(self.postgres.url, DEMO_TENANT, "Demo tenant", exist_ok=True)
         sims = device_ids("sim", self.devices)
@@ -275,6 +269,8 @@ class EmbeddedStack:
         env_file = self.state / "kestrel.env"
         env_file.write_text(
             f"KESTREL_DATABASE_URL={self.postgres.url}\nKESTREL_API_URL=http://{LOOPBACK}:{self.ports.api}\n"
+            f"KESTREL_MQTT_PORT={self.ports.mqtt}\nKESTREL_MQTT_TLS_PORT={self.ports.mqtt_tls}\n"
+            f"KESTREL_MQTT_JWT_PORT={self.ports.mqtt_jwt}\n"
         )
         env_file.chmod(0o600)
         py = sys.executable
@@ -282,6 +278,7 @@ class EmbeddedStack:
         self._wait_for(authsvc, f"http://{LOOPBACK}:{self.ports.authsvc}/healthz", 60.0)
         print(f"  starting {self.mosquitto.name} ...", flush=True)
         self.mosquitto.start()
+        self.supervisor.add(self.mosquitto.name, self.mosquitto, self.mosquitto.start)
         self._service("writer", [py, "-m", "ingest", "writer"], env)
         self._service("bridge", [py, "-m", "ingest", "bridge"], env)
         self._service("api", [py, "-m", "api"], env)
@@ -294,6 +291,7 @@ class EmbeddedStack:
             sim += ["--jwt-kid", (self.state / "simulator-jwt.kid").read_text().strip()]
             self._service("simulator", sim, env)
         self._wait_ready()
+        self.supervisor.serve(self.ports.supervisor)
 
     @staticmethod
     def _wait_for(service: Service, url: str, timeout: float) -> None:
@@ -335,6 +333,8 @@ class EmbeddedStack:
                 "  Devices         devicesvc (presence, shadows, commands), provisioner (JIT claims);"
                 " try `kestrel agent` (README: Operate a fleet)",
                 f"  Logs            {self.state}/logs/",
+                f"  CLI             kestrel --state-dir {self.state} ...   (or KESTREL_STATE_DIR={self.state})",
+                f"  Supervisor      http://{LOOPBACK}:{p.supervisor}/healthz  (every process: state, restarts)",
                 f"  Simulator       {self.devices} devices, {self.rate:g} msg/s in tenant '{DEMO_TENANT}' (JWT)"
                 if self.simulator and self.devices
                 else "  Simulator       off",
@@ -353,16 +353,17 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         self.stopping = True
+        self.supervisor.close()
         for service in reversed(self.services):
             service.stop(signal.SIGTERM, timeout=20)
         for server in (self.mosquitto, self.nats, self.postgres):
             server.stop()
 
     def wait(self) -> None:
+        """Supervise every process until asked to stop: a dead one is restarted with back-off, and said so."""
         while not self.stopping:
-            for service in self.services:
-                if line := service.supervise():
-                    print(line, flush=True)
+            for line in self.supervisor.check_all():
+                print(line, flush=True)
             time.sleep(0.5)
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
 PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
+#: ``MqttError.reason_code`` when the broker closed the connection instead of answering the CONNECT.
+CLOSED_WITHOUT_CONNACK = -1
 
 
 class MqttError(Exception):
@@ -106,7 +108,11 @@ class MqttPublisher:
         if self.password is not None:
             body += _str(self.password)
         writer.write(_packet(CONNECT, 0, body))
-        kind, _, data = await asyncio.wait_for(self._read_packet(), connect_timeout)
+        try:
+            kind, _, data = await asyncio.wait_for(self._read_packet(), connect_timeout)
+        except asyncio.IncompleteReadError as exc:  # a transient refusal: the broker could not decide yet
+            writer.close()
+            raise MqttError("the broker closed the connection without a CONNACK", CLOSED_WITHOUT_CONNACK) from exc
         if kind != CONNACK:
             raise MqttError(f"expected CONNACK, got packet type {kind}")
         code = data[1]

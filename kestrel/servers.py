@@ -234,6 +234,8 @@ class PostgresServer(ManagedProcess):
     role: str = "kestrel"
     #: The API's login: owns nothing and cannot bypass row-level security (migration 0008, ADR-0012).
     api_role: str = "kestrel_api"
+    #: The API's login for platform (tenant) operations only: may call their functions, nothing else (0012).
+    platform_role: str = "kestrel_platform"
     extra_conf: str = ""
 
     @property
@@ -256,6 +258,11 @@ class PostgresServer(ManagedProcess):
     def api_url(self) -> str:
         """Connection string for the API's role (same secret file: one loopback cluster of our own)."""
         return f"postgresql://{self.api_role}:{self._password()}@{LOOPBACK}:{self.port}/{self.database}"
+
+    @property
+    def platform_url(self) -> str:
+        """Connection string for the platform operations' role (same secret file)."""
+        return f"postgresql://{self.platform_role}:{self._password()}@{LOOPBACK}:{self.port}/{self.database}"
 
     @property
     def admin_url(self) -> str:
@@ -328,7 +335,8 @@ class PostgresServer(ManagedProcess):
         raise self.fail(f"did not accept connections within {timeout:.0f}s")
 
     def _bootstrap(self, conn: psycopg.Connection) -> None:
-        for role, attributes in ((self.role, ""), (self.api_role, " NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")):
+        unprivileged = " NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"
+        for role, attributes in ((self.role, ""), (self.api_role, unprivileged), (self.platform_role, unprivileged)):
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
             conn.execute(
                 psycopg.sql.SQL("{} ROLE {} LOGIN PASSWORD {}" + attributes).format(
@@ -459,6 +467,8 @@ class BrokerAuth:
     mtls_port: int
     jwt_port: int
     plugin: Path = field(default_factory=auth_plugin_path)
+    #: Filters the backends must have subscribed before devices are admitted (the plugin's gate, ADR-0004).
+    require_subscriptions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -483,13 +493,15 @@ class MosquittoServer(ManagedProcess):
             f"certfile {files / 'server.crt'}\nkeyfile {files / 'server.key'}\n"
             "tls_version tlsv1.2\n"  # minimum; TLS 1.3 is negotiated when both sides can
         )
+        gate = " ".join(auth.require_subscriptions)
         return (
             "allow_anonymous false\n"
             f"plugin {files / 'kestrel_auth.so'}\n"
             f"plugin_opt_authn_url {auth.authn_url}\n"
             f"plugin_opt_broker_key_file {files / 'broker-key'}\n"
             "plugin_opt_timeout_ms 1500\n"
-            f"listener {auth.mtls_port} {LOOPBACK}\n{tls}"
+            + (f"plugin_opt_require_subscriptions {gate}\n" if gate else "")
+            + f"listener {auth.mtls_port} {LOOPBACK}\n{tls}"
             f"cafile {files / 'ca.pem'}\n"
             "require_certificate true\nuse_identity_as_username false\nuse_subject_as_username false\n"
             f"listener {auth.jwt_port} {LOOPBACK}\n{tls}require_certificate false\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from functools import partial
 import msgspec
 
 from kestrel.errors import InvalidInput
-from kestrel.mqttlite import MqttError, MqttPublisher
+from kestrel.mqttlite import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
 from kestrel.topics import MQTT_JWT_AUDIENCE, telemetry_topic
 
 
@@ -58,6 +59,10 @@ class FleetStats:
     acked: int = 0
     failed: int = 0
     reconnects: int = 0
+    #: Connects the broker closed without a CONNACK (a transient refusal: retried).
+    closed_without_connack: int = 0
+    #: PUBACK reason codes seen (0 success, 0x10 no matching subscribers, >= 0x80 refused).
+    codes: dict[int, int] = field(default_factory=dict)
     #: (device, seq) -> wall-clock publish time, for every publish the broker acknowledged.
     acked_keys: dict[tuple[str, int], float] = field(default_factory=dict)
 
@@ -79,6 +84,8 @@ class Fleet:
     record: bool = False
     #: device id -> (username, password) for each (re)connect, e.g. a fresh JWT; None: no credentials.
     credentials: Callable[[str], tuple[str, str]] | None = None
+    #: device id -> its TLS context (mTLS devices); None: plain TCP.
+    tls: Callable[[str], ssl.SSLContext] | None = None
     stats: FleetStats = field(default_factory=FleetStats)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _clients: list[MqttPublisher | None] = field(default_factory=list)
@@ -156,10 +163,13 @@ class Fleet:
                     max_inflight=100,
                     username=username,
                     password=password,
+                    tls=self.tls(device) if self.tls else None,
                 )
                 try:
                     await client.connect()
-                except (OSError, MqttError, TimeoutError):
+                except (OSError, MqttError, TimeoutError) as exc:
+                    if isinstance(exc, MqttError) and exc.reason_code == CLOSED_WITHOUT_CONNACK:
+                        self.stats.closed_without_connack += 1
                     self.stats.reconnects += 1
                     await asyncio.sleep(0.5)
                     continue
@@ -179,7 +189,12 @@ class Fleet:
         future: asyncio.Future[int],
     ) -> None:
         in_flight.discard(future)
-        if future.cancelled() or future.exception() is not None or future.result() != 0:
+        if future.cancelled() or future.exception() is not None:
+            self.stats.failed += 1
+            return
+        code = future.result()
+        self.stats.codes[code] = self.stats.codes.get(code, 0) + 1
+        if code >= 0x80:  # below 0x80 is a success to a device, 0x10 "no matching subscribers" included
             self.stats.failed += 1
             return
         self.stats.acked += 1

@@ -104,6 +104,13 @@ def encode(obj: object) -> bytes:
 
 def _decode_device_payload(payload: bytes) -> tuple[list[Reading] | None, dict[str, MetricValue] | None]:
     try:
+        return _decode_device_payload_unguarded(payload)
+    except RecursionError as exc:  # msgspec guards its recursion: a 64 KiB payload can nest 32,000 levels
+        raise InvalidInput("too_deep", "payload nests too deeply") from exc
+
+
+def _decode_device_payload_unguarded(payload: bytes) -> tuple[list[Reading] | None, dict[str, MetricValue] | None]:
+    try:
         parsed = _typed_decoder.decode(payload)
     except (msgspec.MsgspecError, UnicodeDecodeError) as typed_error:
         try:

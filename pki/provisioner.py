@@ -62,7 +62,7 @@ def answer(topic: str, payload: bytes, ca: DatabaseCA, settings: ProvisionerSett
             raise InvalidInput("request_too_large", f"requests are limited to {settings.max_csr_bytes} bytes")
         try:
             request = msgspec.json.decode(payload, type=ProvisionRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
             raise InvalidInput("bad_request", 'the request must be {"csr": "<PEM>"}') from exc
         issued = ca.provision(
             uplink.arg, uplink.tenant, uplink.device, request.csr.encode(), settings.certificate_days,

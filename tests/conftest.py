@@ -62,6 +62,19 @@ def postgres(servers_root: Path) -> Iterator[PostgresServer]:
     server.stop()
 
 
+@pytest.fixture
+def fresh_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of the test's own, for tests that crash and restart it."""
+    root = tmp_path_factory.mktemp("pg")
+    root.chmod(0o755)
+    server = PostgresServer(name="postgres", log_path=root / "postgres.log", root=root / "pg", port=free_port(),
+                            shared_buffers="64MB")  # fmt: skip
+    server.start()
+    migrate(server.url)
+    yield server
+    server.stop()
+
+
 def isolated_database(postgres: PostgresServer, prefix: str) -> str:
     """A new, migrated database on the session's server, for tests that need their own root CA."""
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
@@ -75,6 +88,11 @@ def isolated_database(postgres: PostgresServer, prefix: str) -> str:
 def api_url_for(postgres: PostgresServer, database_url: str) -> str:
     """The API role's connection to the database ``database_url`` names."""
     return postgres.api_url.rsplit("/", 1)[0] + "/" + database_url.rsplit("/", 1)[1]
+
+
+def platform_url_for(postgres: PostgresServer, database_url: str) -> str:
+    """The platform operations' role's connection to the database ``database_url`` names."""
+    return postgres.platform_url.rsplit("/", 1)[0] + "/" + database_url.rsplit("/", 1)[1]
 
 
 @pytest.fixture

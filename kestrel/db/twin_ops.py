@@ -29,6 +29,8 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as exc:
         raise InvalidInput("bad_json", f"{what} is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidInput("too_deep", f"{what} nests too deeply") from exc
     if not isinstance(value, dict):
         raise InvalidInput("bad_json", f"{what} must be a JSON object")
     return value

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +32,7 @@ PORT_NAMES = (
     "mqtt-tls",
     "mqtt-jwt",
     "authsvc",
+    "supervisor",
 )
 
 
@@ -136,6 +138,7 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         assert wait_until(lambda: len(_telemetry(ports["api"], token, "sim-0001")) > 2, 20), "simulator data"
         _enrol_connect_revoke(state, ports, tmp_path)
         _operate_a_fleet(state, ports, token)
+        _servers_are_supervised(ports, token)
     finally:
         out = _stop(proc)
     assert "stopped; data kept" in out
@@ -253,6 +256,36 @@ def _operate_a_fleet(state: Path, ports: dict[str, int], token: str) -> None:
         agent.wait(30)  # its session is ended and it cannot come back
     finally:
         agent.kill()
+
+
+def _health(port: int) -> dict[str, object]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:  # 503 while something is down: the body says what
+        return dict(json.loads(exc.read()))
+
+
+def _servers_are_supervised(ports: dict[str, int], token: str) -> None:
+    """Issue 10, item 7: kill -9 of a server is noticed, reported and repaired, and data flows again."""
+    health = _health(ports["supervisor"])
+    assert health["status"] == "ok" and {"postgres", "nats", "mosquitto", "bridge", "api"} <= set(health["processes"])
+    for name in ("nats", "mosquitto", "postgres"):
+        before = health["processes"][name]  # type: ignore[index]
+        os.kill(before["pid"], signal.SIGKILL)
+        assert wait_until(lambda n=name, b=before: (p := _health(ports["supervisor"])["processes"][n])["restarts"]
+                          > b["restarts"] and p["state"] == "running", 60), f"{name} was not restarted"  # type: ignore[index]  # fmt: skip
+        health = _health(ports["supervisor"])
+        seen = len(_telemetry(ports["api"], token, "sim-0002"))
+        assert wait_until(lambda s=seen: _safe_count(ports["api"], token) > s, 60), f"no data after {name} came back"
+    assert wait_until(lambda: _health(ports["supervisor"])["status"] == "ok", 30)
+
+
+def _safe_count(api_port: int, token: str) -> int:
+    try:
+        return len(_telemetry(api_port, token, "sim-0002"))
+    except OSError:  # the API answers 503 for a moment after the database came back
+        return 0
 
 
 def test_run_fails_with_one_clear_line_when_a_port_is_taken(tmp_path: Path) -> None:

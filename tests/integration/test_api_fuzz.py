@@ -35,10 +35,13 @@ PLATFORM = "platform-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
-def api_port(api_database_url_module: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def api_port(
+    api_database_url_module: str, platform_database_url_module: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")} | {
         "KESTREL_API_DATABASE_URL": api_database_url_module,
+        "KESTREL_API_PLATFORM_DATABASE_URL": platform_database_url_module,
         "KESTREL_API_ADMIN_TOKEN": PLATFORM,
         "KESTREL_API_PORT": str(port),
     }
@@ -56,6 +59,11 @@ def api_port(api_database_url_module: str, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def api_database_url_module(postgres) -> str:  # type: ignore[no-untyped-def]
     return str(postgres.api_url)
+
+
+@pytest.fixture(scope="module")
+def platform_database_url_module(postgres) -> str:  # type: ignore[no-untyped-def]
+    return str(postgres.platform_url)
 
 
 def _oauth_client(database_url: str, tenant: str) -> str:

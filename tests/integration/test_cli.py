@@ -60,6 +60,8 @@ def test_migrate_tenant_and_devices(database_url: str) -> None:
         (("run", "--api-port", "70000"), 2, "Invalid value for '--api-port'"),
         (("run", "--api-port", "18081", "--mqtt-port", "18081"), 2, "every port must be different"),
         (("no-such-command",), 2, "No such command"),
+        (("command", "send", "dev-x", "ping", "--params", "[" * 50_000 + "]" * 50_000), 2, "nests too deeply"),
+        (("device", "shadow", "dev-x", "--set", '{"a":' * 20_000 + "1" + "}" * 20_000), 2, "nests too deeply"),
     ],
     ids=[
         "bad-tenant-id",
@@ -70,6 +72,8 @@ def test_migrate_tenant_and_devices(database_url: str) -> None:
         "port-range",
         "same-port-twice",
         "unknown-command",
+        "deep-params",
+        "deep-desired",
     ],
 )
 def test_bad_input_gives_one_line_and_non_zero_exit(
@@ -301,3 +305,17 @@ def test_twin_operator_commands(database_url: str) -> None:
     assert twice.returncode == 0 and "already decommissioned" in twice.stdout  # idempotent, as the API
     refused = kestrel("command", "send", device, "ping", database_url=database_url)
     assert refused.returncode == 1 and "decommissioned" in one_line(refused.stderr)
+
+
+def test_the_cli_finds_a_stack_by_its_state_directory(database_url: str, tmp_path: Path) -> None:
+    """Issue 10, item 8: `kestrel --state-dir D` (or KESTREL_STATE_DIR=D) reads D/kestrel.env, as `kestrel run
+    --state-dir D` wrote it; without one, the error says how to point at a stack."""
+    state = tmp_path / "stack"
+    state.mkdir()
+    (state / "kestrel.env").write_text(f"KESTREL_DATABASE_URL={database_url}\nKESTREL_MQTT_TLS_PORT=1\n")
+    by_option = kestrel("--state-dir", str(state), "tenant", "list", "--json")
+    assert by_option.returncode == 0, by_option.stderr
+    by_env = kestrel("tenant", "list", "--json", extra_env={"KESTREL_STATE_DIR": str(state)})
+    assert by_env.returncode == 0 and json.loads(by_env.stdout) == json.loads(by_option.stdout)
+    lost = kestrel("tenant", "list")
+    assert lost.returncode == 2 and "--state-dir" in one_line(lost.stderr)

@@ -13,6 +13,7 @@ from litestar.testing import TestClient
 
 from api.app import ApiSettings, create_app
 from api.preconditions import IDEMPOTENCY_KEY_CHARS, IDEMPOTENCY_KEY_PATTERN, IF_MATCH_PATTERN
+from kestrel.servers import PostgresServer
 from kestrel.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 
@@ -20,8 +21,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(api_database_url: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
-    with TestClient(create_app(ApiSettings(admin_token=Secret("p-" + uuid.uuid4().hex)), api_database_url)) as c:
+def client(api_database_url: str, postgres: PostgresServer) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    settings = ApiSettings(
+        admin_token=Secret("p-" + uuid.uuid4().hex), platform_database_url=Secret(postgres.platform_url)
+    )
+    with TestClient(create_app(settings, api_database_url)) as c:
         yield c
 
 

@@ -21,6 +21,7 @@ from litestar.testing import AsyncTestClient, TestClient
 from api.__main__ import openapi_document
 from api.app import ApiSettings, create_app
 from kestrel.db import registry
+from kestrel.servers import PostgresServer
 from kestrel.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 
@@ -29,9 +30,13 @@ PLATFORM = "platform-admin-" + uuid.uuid4().hex
 PLATFORM_AUTH = {"Authorization": f"Bearer {PLATFORM}"}
 
 
+def _settings(postgres: PostgresServer, **kwargs: Any) -> ApiSettings:
+    return ApiSettings(platform_database_url=Secret(postgres.platform_url), **kwargs)
+
+
 @pytest.fixture
-def client(api_database_url: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
-    with TestClient(create_app(ApiSettings(admin_token=Secret(PLATFORM)), api_database_url)) as c:
+def client(api_database_url: str, postgres: PostgresServer) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    with TestClient(create_app(_settings(postgres, admin_token=Secret(PLATFORM)), api_database_url)) as c:
         yield c
 
 
@@ -295,7 +300,12 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
                     resp.text,
                 )
             else:  # acts in A's own tenant (or is platform-only): never reaches B
-                assert resp.status_code in (200, 201, 204, 400, 403, 404), (method, path, resp.status_code, resp.text)
+                assert resp.status_code in (200, 201, 204, 400, 403, 404, 415), (
+                    method,
+                    path,
+                    resp.status_code,
+                    resp.text,
+                )
     assert tried >= 20
     assert _snapshot(database_url, b) == before
     # ... and B's data is still B's, seen by B.
@@ -476,9 +486,31 @@ def test_idempotent_creates_of_groups_and_users(client: TestClient, database_url
     assert len(client.get("/api/v1/users", headers=auth).json()) == 1
 
 
-def test_the_platform_token_works_whatever_its_format(api_database_url: str) -> None:
+def test_the_platform_token_works_whatever_its_format(api_database_url: str, postgres: PostgresServer) -> None:
     """Older embedded state dirs hold a platform token that looks like an API token (kst_…)."""
     legacy = "kst_admin_" + uuid.uuid4().hex
-    with TestClient(create_app(ApiSettings(admin_token=Secret(legacy)), api_database_url)) as c:
+    with TestClient(create_app(_settings(postgres, admin_token=Secret(legacy)), api_database_url)) as c:
         assert c.get("/api/v1/tenants", headers={"Authorization": f"Bearer {legacy}"}).status_code == 200
         assert c.get("/api/v1/tenants", headers={"Authorization": f"Bearer {legacy}x"}).status_code == 401
+
+
+def test_the_api_role_cannot_run_platform_operations(postgres: PostgresServer) -> None:
+    """Least privilege (issue 10): an SQL injection in a tenant request runs as kestrel_api, which may not execute
+    the tenant functions; kestrel_platform may call them and read nothing else."""
+    with psycopg.connect(postgres.api_url) as conn:
+        for call in (
+            "SELECT * FROM kestrel_platform_tenants()",
+            "SELECT * FROM kestrel_platform_create_tenant('evil', '', NULL, NULL, NULL, 'sqli', 'x')",
+            "SELECT * FROM kestrel_platform_update_tenant('evil', NULL, '{}'::jsonb, 'sqli', 'x')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(call)
+            conn.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET ROLE kestrel_platform")
+    with psycopg.connect(postgres.platform_url) as conn:
+        assert conn.execute("SELECT count(*) FROM kestrel_platform_tenants()").fetchone()[0] >= 0  # type: ignore[index]
+        for table in ("tenants", "devices", "api_tokens", "audit_log"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"SELECT 1 FROM {table} LIMIT 1")  # noqa: S608 - fixed table names
+            conn.rollback()

@@ -7,7 +7,19 @@
  * `expire_at` has passed; `$CONTROL/kestrel/v1` lets a principal allowed to publish there kick clients.
  *
  * Options (plugin_opt_*): authn_url (required), broker_key_file (required; the x-authsvc-key),
- * timeout_ms (1500), no_match (deny|allow, default deny), will_grace_s (3600), node (mosquitto).
+ * timeout_ms (1500), no_match (deny|allow, default deny), will_grace_s (3600), node (mosquitto),
+ * require_subscriptions (space-separated filters; none by default).
+ *
+ * Transient refusals (ADR-0004, ADR-0010): when authsvc cannot decide (unreachable, or any answer but 200/204) the
+ * connect is closed without a CONNACK, which devices treat as a network failure and retry; only a definitive deny
+ * is CONNACK "not authorized" (Mosquitto 2.0 sends no other CONNACK code for a plugin's refusal).
+ *
+ * The subscription gate (require_subscriptions): after a restart Mosquitto 2.0 restores persistent sessions but
+ * not their $share subscriptions, so a device publishing before the backends resubscribe gets PUBACK 0x10 (no
+ * matching subscribers) and its message is dropped although it counts as received. Until every required filter has
+ * been subscribed (an allowed SUBSCRIBE, with or without $share/{group}/) since this broker started, devices (client
+ * ids without ':') are refused transiently; backend principals (svc:...) and provisioning clients (prov:...) are not.
+ * A subscription of an offline persistent session stays while the broker runs, so the gate opens once per start.
  *
  * Client events (ADR-0013): every admitted connection and its end are published, QoS 1, on the topics and in
  * the shape EMQX uses for `sys_event_messages`: `$SYS/brokers/{node}/clients/{clientid}/connected` and
@@ -36,6 +48,7 @@
 #include "acl.h"
 
 #define CONTROL_TOPIC "$CONTROL/kestrel/v1"
+#define MAX_REQUIRED 16
 #define MAX_RESPONSE (256 * 1024)
 #define TABLE_BITS 12
 
@@ -66,6 +79,11 @@ static struct {
 	struct session *table[1u << TABLE_BITS];
 	size_t sessions;
 	time_t last_sweep;
+	char *required[MAX_REQUIRED]; /* the subscription gate's filters */
+	bool required_seen[MAX_REQUIRED];
+	size_t required_count;
+	bool gate_open;
+	time_t gate_logged_at;
 } g;
 
 /* ------------------------------------------------------------------------------ session table */
@@ -247,6 +265,59 @@ static long post(const char *body, struct buffer *out, char *content_type, size_
 	return status;
 }
 
+/* ------------------------------------------------------------------------------ subscription gate */
+
+static void gate_check_open(void)
+{
+	for(size_t i = 0; i < g.required_count; i++){
+		if(!g.required_seen[i]) return;
+	}
+	g.gate_open = true;
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, "kestrel-auth: every required subscription exists; admitting devices");
+}
+
+/* An allowed SUBSCRIBE of `filter` (without $share/{group}/) happened. */
+static void gate_note_subscription(const char *filter)
+{
+	if(g.gate_open) return;
+	for(size_t i = 0; i < g.required_count; i++){
+		if(!g.required_seen[i] && !strcmp(g.required[i], filter)){
+			g.required_seen[i] = true;
+			gate_check_open();
+			return;
+		}
+	}
+}
+
+/* True when this client must wait: a device (no ':' in its client id) while the gate is closed. */
+static bool gate_refuses(const char *clientid)
+{
+	if(g.gate_open || strchr(clientid, ':') != NULL) return false;
+	time_t now = time(NULL);
+	if(now != g.gate_logged_at){
+		g.gate_logged_at = now;
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				"kestrel-auth: devices wait until the backends have subscribed (refused %s for now)", clientid);
+	}
+	return true;
+}
+
+static int parse_required(const char *value)
+{
+	char *copy = strdup(value);
+	if(copy == NULL) return -1;
+	char *save = NULL;
+	for(char *tok = strtok_r(copy, " ,", &save); tok; tok = strtok_r(NULL, " ,", &save)){
+		if(g.required_count == MAX_REQUIRED || (g.required[g.required_count] = strdup(tok)) == NULL){
+			free(copy);
+			return -1;
+		}
+		g.required_count++;
+	}
+	free(copy);
+	return 0;
+}
+
 /* ------------------------------------------------------------------------------ callbacks */
 
 static bool bad_identifier(const char *s)
@@ -335,6 +406,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	const char *clientid = mosquitto_client_id(ed->client);
 	session_remove(ed->client);
 	if(clientid == NULL || bad_identifier(clientid) || bad_identifier(ed->username)) return MOSQ_ERR_AUTH;
+	if(gate_refuses(clientid)) return MOSQ_ERR_UNKNOWN; /* closed without CONNACK: the device retries */
 
 	char *body = authn_body(ed->client, ed->username, ed->password);
 	if(!body) return MOSQ_ERR_UNKNOWN;
@@ -352,8 +424,12 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	}else if(status == 200 && !resp.overflow && resp.data
 			&& !strncmp(content_type, "application/json", 16)){
 		rc = apply_answer(resp.data, ed->client, s);
-	}else if(status){
-		mosquitto_log_printf(MOSQ_LOG_WARNING, "kestrel-auth: authsvc answered %ld for %s", status, clientid);
+	}else{
+		/* authsvc could not decide: refuse for now, never "not authorized" (the device would give up). */
+		if(status){
+			mosquitto_log_printf(MOSQ_LOG_WARNING, "kestrel-auth: authsvc answered %ld for %s", status, clientid);
+		}
+		rc = MOSQ_ERR_UNKNOWN;
 	}
 	free(resp.data);
 	if(rc == MOSQ_ERR_SUCCESS){
@@ -399,11 +475,11 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		default:
 			return MOSQ_ERR_ACL_DENIED;
 	}
-	switch(kacl_check(&s->acl, action, name, ed->qos, ed->retain)){
-		case KACL_ALLOW: return MOSQ_ERR_SUCCESS;
-		case KACL_DENY: return MOSQ_ERR_ACL_DENIED;
-		default: return g.no_match_allow ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
-	}
+	enum kacl_result result = kacl_check(&s->acl, action, name, ed->qos, ed->retain);
+	if(result == KACL_NOMATCH) result = g.no_match_allow ? KACL_ALLOW : KACL_DENY;
+	if(result != KACL_ALLOW) return MOSQ_ERR_ACL_DENIED;
+	if(action == KACL_SUBSCRIBE) gate_note_subscription(name);
+	return MOSQ_ERR_SUCCESS;
 }
 
 static int on_disconnect(int event, void *event_data, void *userdata)
@@ -570,6 +646,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mos
 		else if(!strcmp(opts[i].key, "no_match")) g.no_match_allow = !strcmp(opts[i].value, "allow");
 		else if(!strcmp(opts[i].key, "will_grace_s")) g.will_grace_s = strtol(opts[i].value, NULL, 10);
 		else if(!strcmp(opts[i].key, "node")) g.node = strdup(opts[i].value);
+		else if(!strcmp(opts[i].key, "require_subscriptions")){
+			if(parse_required(opts[i].value)){
+				mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: at most %d require_subscriptions", MAX_REQUIRED);
+				return MOSQ_ERR_INVAL;
+			}
+		}
 		else {
 			mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: unknown option plugin_opt_%s", opts[i].key);
 			return MOSQ_ERR_INVAL;
@@ -584,6 +666,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mos
 		mosquitto_log_printf(MOSQ_LOG_ERR, "kestrel-auth: plugin_opt_node must be a plain identifier");
 		return MOSQ_ERR_INVAL;
 	}
+	g.gate_open = g.required_count == 0;
 	if(g.timeout_ms <= 0) g.timeout_ms = 1500;
 	if(g.will_grace_s < 0) g.will_grace_s = 3600;
 	g.broker_key = read_secret(key_file);
@@ -635,5 +718,6 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *opts, int n)
 	}
 	free(g.authn_url);
 	free(g.node);
+	for(size_t i = 0; i < g.required_count; i++) free(g.required[i]);
 	return MOSQ_ERR_SUCCESS;
 }

@@ -1,0 +1,230 @@
+"""The production path as real processes, for tests that inject faults into it.
+
+Devices authenticate over mTLS through our Mosquitto plugin (authsvc decides every CONNECT); every backend service
+connects as its own principal; PostgreSQL, NATS JetStream and the broker are the servers the fixtures started.
+Each service can be killed (SIGKILL), stopped and started again; the broker too, keeping its persistence.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from kestrel.db import registry
+from kestrel.device import new_device_key
+from kestrel.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
+from pki.builtin import BuiltinCA
+from tests.conftest import ServiceProcess, api_url_for, isolated_database, platform_url_for, scrape, wait_until
+
+PASSPHRASE = "prod-" + uuid.uuid4().hex
+ADMIN = "kpa_prod_" + uuid.uuid4().hex
+
+
+def gate_for(services: tuple[str, ...]) -> tuple[str, ...]:
+    """The plugin's subscription gate for these services: what they consume must be subscribed first."""
+    return (
+        *(TELEMETRY_FILTERS if "bridge" in services else ()),
+        *(DEVICE_UPLINK_FILTERS if "devicesvc" in services else ()),
+    )
+
+
+@dataclass
+class ProdStack:
+    root: Path
+    postgres: PostgresServer
+    url: str
+    nats: NatsServer
+    ca: BuiltinCA
+    auth: BrokerAuth
+    broker: MosquittoServer
+    secrets: dict[str, str]
+    ports: dict[str, int]
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------------------------- tenants, devices
+
+    def tenant(self, devices: int = 0, prefix: str = "p") -> tuple[str, list[str]]:
+        tag = uuid.uuid4().hex[:8]
+        tenant, ids = f"{prefix}-{tag}", [f"{prefix}-{tag}-{i}" for i in range(devices)]
+        registry.create_tenant(self.url, tenant)
+        registry.create_devices(self.url, tenant, ids)
+        self.ca.create_tenant_ca(tenant, "test")
+        return tenant, ids
+
+    def enrol(self, device: str) -> ssl.SSLContext:
+        """A key made on the 'device', its CSR signed by its tenant's CA; the TLS context it connects with."""
+        key_pem, csr_pem = new_device_key(device)
+        issued = self.ca.sign_csr(csr_pem, device, 30, "test")
+        folder = self.root / "devices"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{device}.key").write_bytes(key_pem)
+        (folder / f"{device}.crt").write_text(issued.full_chain_pem)
+        return self.tls(folder / f"{device}.crt", folder / f"{device}.key")
+
+    def tls(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.auth.ca_file))
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(key))
+        return context
+
+    def stored(self, tenant: str) -> list[tuple[str, int]]:
+        with psycopg.connect(self.url) as conn:
+            return conn.execute("SELECT device_id, seq FROM telemetry WHERE tenant_id = %s", (tenant,)).fetchall()
+
+    # ----------------------------------------------------------------------------------------- services
+
+    def _env(self, name: str) -> dict[str, str]:
+        plain, nats_url = str(self.broker.port), self.nats.url
+
+        def principal(prefix: str, user: str) -> dict[str, str]:
+            return {
+                f"KESTREL_{prefix}_MQTT_PORT": plain,
+                f"KESTREL_{prefix}_CLIENT_ID": f"svc:{user}:1",
+                f"KESTREL_{prefix}_MQTT_USERNAME": user,
+                f"KESTREL_{prefix}_MQTT_PASSWORD": self.secrets[user],
+            }
+
+        base = {"KESTREL_DATABASE_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        specific = {
+            "authsvc": {
+                "KESTREL_AUTHSVC_PORT": str(self.ports["authsvc"]),
+                "KESTREL_AUTHSVC_BROKER_KEY": self.auth.broker_key,
+                "KESTREL_AUTHSVC_KICK_MQTT_PORT": plain,
+                "KESTREL_AUTHSVC_KICK_USERNAME": "authsvc",
+                "KESTREL_AUTHSVC_KICK_PASSWORD": self.secrets["authsvc"],
+            },
+            "bridge": principal("BRIDGE", "ingest")
+            | {"KESTREL_BRIDGE_NATS_URL": nats_url, "KESTREL_BRIDGE_METRICS_PORT": str(self.ports["bridge"])},
+            "writer": {"KESTREL_WRITER_NATS_URL": nats_url, "KESTREL_WRITER_METRICS_PORT": str(self.ports["writer"])},
+            "devicesvc": principal("DEVICES", "devicesvc")
+            | {
+                "KESTREL_DEVICES_NATS_URL": nats_url,
+                "KESTREL_DEVICES_METRICS_PORT": str(self.ports["devicesvc"]),
+                "KESTREL_DEVICES_PRESENCE_GRACE_S": "8",
+                "KESTREL_DEVICES_RETRY_BASE_S": "0.5",
+                "KESTREL_DEVICES_SCAN_INTERVAL_S": "0.2",
+            },
+            "provisioner": principal("PROVISIONER", "provisioner") | {"KESTREL_PKI_PASSPHRASE": PASSPHRASE},
+            "api": {
+                "KESTREL_API_DATABASE_URL": api_url_for(self.postgres, self.url),
+                "KESTREL_API_PLATFORM_DATABASE_URL": platform_url_for(self.postgres, self.url),
+                "KESTREL_API_PORT": str(self.ports["api"]),
+                "KESTREL_API_ADMIN_TOKEN": ADMIN,
+            },
+        }[name]
+        return dict(os.environ) | base | specific
+
+    _ARGV = {
+        "authsvc": ["-m", "authsvc"],
+        "bridge": ["-m", "ingest", "bridge"],
+        "writer": ["-m", "ingest", "writer"],
+        "devicesvc": ["-m", "devicesvc"],
+        "provisioner": ["-m", "pki", "provisioner"],
+        "api": ["-m", "api"],
+    }
+
+    def start(self, name: str) -> ServiceProcess:
+        process = self.processes.get(name)
+        if process is None:
+            process = ServiceProcess(
+                name=name, log_path=self.root / f"{name}.log", argv=[sys.executable, *self._ARGV[name]], env={}
+            )
+            self.processes[name] = process
+        process.env = self._env(name)
+        process.start()
+        self.wait_ready(name)
+        return process
+
+    def wait_ready(self, name: str, timeout: float = 30.0) -> None:
+        checks = {
+            "authsvc": lambda: http_ok(f"http://127.0.0.1:{self.ports['authsvc']}/healthz"),
+            "api": lambda: http_ok(f"http://127.0.0.1:{self.ports['api']}/healthz"),
+            "bridge": lambda: http_ok(f"http://127.0.0.1:{self.ports['bridge']}/metrics"),
+            "writer": lambda: http_ok(f"http://127.0.0.1:{self.ports['writer']}/metrics"),
+            "devicesvc": lambda: "devicesvc connected" in self.log(name),
+            "provisioner": lambda: "provisioner connected" in self.log(name),
+        }
+        assert wait_until(checks[name], timeout), f"{name} not ready: {self.log(name)[-800:]}"
+
+    def kill(self, name: str) -> None:
+        self.processes[name].kill()
+
+    def stop(self, name: str) -> None:
+        self.processes[name].stop(signal.SIGTERM, timeout=20)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def metric(self, name: str, family: str, **labels: str) -> float:
+        return scrape(self.ports[name], family, **labels)
+
+    # ------------------------------------------------------------------------------------------- broker
+
+    def restart_broker(self, sig: int = signal.SIGTERM) -> None:
+        """Stop Mosquitto with ``sig`` (SIGTERM saves its persistence; SIGKILL does not) and start it again on the
+        same ports and persistence directory."""
+        self.broker.send_signal(sig)
+        assert self.broker.proc is not None
+        self.broker.proc.wait(30)
+        self.broker.stop()
+        self.broker.start()
+
+
+@contextmanager
+def prod_stack(
+    postgres: PostgresServer,
+    nats: NatsServer,
+    root: Path,
+    *,
+    services: tuple[str, ...] = ("authsvc", "bridge", "writer"),
+    gate: tuple[str, ...] | None = None,
+) -> Iterator[ProdStack]:
+    """A database of its own, a CA, the secured broker and ``services``; the broker's subscription gate is what those
+    services consume unless ``gate`` says otherwise (``()``: no gate)."""
+    url = isolated_database(postgres, "prod")
+    ca = BuiltinCA(url, PASSPHRASE)
+    ca.init_root("test")
+    cert_pem, key_pem = ca.issue_server(["localhost"], ["127.0.0.1"], 30, "test")
+    (root / "server.crt").write_text(cert_pem)
+    (root / "server.key").write_text(key_pem)
+    (root / "ca.pem").write_text(ca.root_pem())
+    roles = {"authsvc": "control", "ingest": "ingest", "devicesvc": "devices", "provisioner": "provisioning"}
+    secrets = {name: registry.create_service_principal(url, name, role) for name, role in roles.items()}
+    ports = {name: free_port() for name in ("authsvc", "api", "bridge", "writer", "devicesvc")}
+    auth = BrokerAuth(
+        authn_url=f"http://127.0.0.1:{ports['authsvc']}/mqtt/authn",
+        broker_key="bk-" + uuid.uuid4().hex,
+        server_cert=root / "server.crt",
+        server_key=root / "server.key",
+        ca_file=root / "ca.pem",
+        mtls_port=free_port(),
+        jwt_port=free_port(),
+        require_subscriptions=gate_for(services) if gate is None else gate,
+    )
+    broker = MosquittoServer(
+        name="mosquitto", log_path=root / "mosquitto.log", root=root / "mq", port=free_port(), auth=auth
+    )
+    stack = ProdStack(root, postgres, url, nats, ca, auth, broker, secrets, ports)
+    try:
+        if "authsvc" in services:
+            stack.start("authsvc")
+        broker.start()
+        for name in services:
+            if name != "authsvc":
+                stack.start(name)
+        yield stack
+    finally:
+        for process in reversed(list(stack.processes.values())):
+            process.stop(signal.SIGTERM, timeout=20)
+        broker.stop()
