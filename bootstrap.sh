@@ -37,10 +37,11 @@ PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 
 stamp=.venv/.kestrel-installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml sdk/pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "bootstrap: pip install (pinned by constraints.txt)"
   .venv/bin/python -m pip install -q --upgrade "pip==26.3" 2>/dev/null || .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  # The device SDK (with the pure core) is a distribution of its own (ADR-0014); the platform installs it from the tree.
+  .venv/bin/python -m pip install -q -c constraints.txt -e ./sdk -e ".[dev]"
   echo "$want" > "$stamp"
 fi

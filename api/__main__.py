@@ -11,9 +11,9 @@ import uvicorn
 from api import openapi
 from api.app import PRIVILEGED_DETAIL, PRIVILEGED_ROLE, ApiSettings, create_app
 from api.graphql import build_schema
-from kestrel.errors import InvalidInput
-from kestrel.logs import configure_logging
-from kestrel.settings import from_env
+from kestrel.runtime.logs import configure_logging
+from kestrel_core.errors import InvalidInput
+from kestrel_core.settings import from_env
 
 
 def openapi_document() -> str:

@@ -30,12 +30,12 @@ from api.openapi import RefinedJson
 from api.problems import PROBLEM_JSON, Problem, handle_exception
 from api.twin import ROUTES as TWIN_ROUTES
 from kestrel import __version__
-from kestrel.db.migrate import available_migrations
-from kestrel.db.pool import checked_pool
-from kestrel.errors import InvalidInput, Unavailable
-from kestrel.settings import Secret
-from kestrel.topics import ID_PATTERN
-from kestrel.wire import NO_SEQ, MetricValue
+from kestrel.store.migrate import available_migrations
+from kestrel.store.pool import checked_pool
+from kestrel_core.errors import InvalidInput, Unavailable
+from kestrel_core.messages.telemetry import NO_SEQ, MetricValue
+from kestrel_core.settings import Secret
+from kestrel_core.topics import ID_PATTERN
 
 log = logging.getLogger("kestrel.api")
 DeviceId = Annotated[str, PathParameter(pattern=f"^{ID_PATTERN}$", description="Device id")]
@@ -290,7 +290,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
     )
     return Litestar(
         route_handlers=[api_v1, healthz, readyz, MetricsController],
-        logging_config=None,  # keep kestrel.logs' JSON lines (Litestar would install its own format)
+        logging_config=None,  # keep kestrel.runtime.logs' JSON lines (Litestar would install its own format)
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         middleware=[prometheus.middleware],

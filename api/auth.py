@@ -28,9 +28,9 @@ from litestar.di import NamedDependency
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel.errors import Forbidden, RateLimited, Unauthenticated, Unavailable
-from kestrel.ratelimit import TokenBuckets
-from kestrel.tokens import ROLE_SCOPES, TOKEN_PATTERN, TOKEN_PREFIX, secret_digest
+from kestrel_core.errors import Forbidden, RateLimited, Unauthenticated, Unavailable
+from kestrel_core.ratelimit import TokenBuckets
+from kestrel_core.tokens import ROLE_SCOPES, TOKEN_PATTERN, TOKEN_PREFIX, secret_digest
 
 
 class RateLimiter(TokenBuckets):

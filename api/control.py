@@ -26,11 +26,11 @@ from api import queries
 from api.auth import CallerPrincipal, Principal, audit, platform_pool, request_id, tenant_transaction
 from api.bounds import BULK_BODY_LIMIT
 from api.preconditions import IdempotencyKey, IfMatch, etag, expected_version, remember, replay
-from kestrel.db import registry
-from kestrel.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
-from kestrel.jsondoc import PRINTABLE_PATTERN
-from kestrel.tokens import SCOPES, Scope, new_token
-from kestrel.topics import ID_PATTERN
+from kestrel.store import registry
+from kestrel_core.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
+from kestrel_core.jsondoc import PRINTABLE_PATTERN
+from kestrel_core.tokens import SCOPES, Scope, new_token
+from kestrel_core.topics import ID_PATTERN
 
 Id = Annotated[str, PathParameter(pattern=f"^{ID_PATTERN}$")]
 TokenId = Annotated[str, PathParameter(pattern="^[0-9a-f]{16}$")]

@@ -20,9 +20,9 @@ from strawberry.types import Info
 from api import queries
 from api.auth import Principal, provide_principal, tenant_transaction
 from api.control import DEVICE, DEVICES_PAGE, GROUPS
-from kestrel.db import twin
-from kestrel.errors import InvalidInput
-from kestrel.topics import is_valid_id
+from kestrel.store import twin
+from kestrel_core.errors import InvalidInput
+from kestrel_core.topics import is_valid_id
 
 MAX_DEPTH = 6
 MAX_ALIASES = 15

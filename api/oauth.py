@@ -31,8 +31,8 @@ from litestar.params import Body, PathParameter, RawBody
 
 from api.auth import CallerPrincipal, Principal, audit, pool, tenant_transaction
 from api.control import Label, revoke_credential
-from kestrel.errors import Forbidden, InvalidInput, Unauthenticated
-from kestrel.tokens import SCOPES, Scope, secret_digest
+from kestrel_core.errors import Forbidden, InvalidInput, Unauthenticated
+from kestrel_core.tokens import SCOPES, Scope, secret_digest
 
 AUDIENCE: Final = "kestrel-api"
 ISSUER: Final = "kestrel"

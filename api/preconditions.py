@@ -13,7 +13,7 @@ from litestar.params import HeaderParameter
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from kestrel.errors import Conflict, PreconditionFailed
+from kestrel_core.errors import Conflict, PreconditionFailed
 
 #: The key as stored; migration 0011 checks the same pattern in the database.
 IDEMPOTENCY_KEY_CHARS: Final = r"[A-Za-z0-9_.:+/=-]{1,200}"

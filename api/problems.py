@@ -10,8 +10,8 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from kestrel.db.pool import TRANSIENT
-from kestrel.errors import (
+from kestrel.store.pool import TRANSIENT
+from kestrel_core.errors import (
     Conflict,
     ContentTooLarge,
     Forbidden,

@@ -12,7 +12,7 @@ import msgspec
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
-from kestrel.errors import InvalidInput, NotFound
+from kestrel_core.errors import InvalidInput, NotFound
 
 Agg = Literal["avg", "min", "max", "sum", "count", "first", "last"]
 ORIGIN: Final = datetime(2000, 1, 1, tzinfo=UTC)

@@ -26,10 +26,10 @@ from api.control import (
     _one,
 )
 from api.preconditions import IdempotencyKey, IfMatch, etag, expected_version, remember, replay
-from kestrel.db import twin
-from kestrel.errors import Conflict, PreconditionFailed
-from kestrel.tokens import new_claim_token
-from kestrel.topics import ID_PATTERN
+from kestrel.store import twin
+from kestrel_core.errors import Conflict, PreconditionFailed
+from kestrel_core.tokens import new_claim_token
+from kestrel_core.topics import ID_PATTERN
 
 CommandId = Annotated[str, PathParameter(pattern="^c[0-9a-f]{24}$")]
 ClaimId = Annotated[str, PathParameter(pattern="^[0-9a-f]{16}$")]

@@ -7,10 +7,10 @@ import sys
 import uvicorn
 
 from authsvc.app import AuthsvcSettings, create_app
-from kestrel.db import DatabaseSettings
-from kestrel.errors import InvalidInput
-from kestrel.logs import configure_logging
-from kestrel.settings import from_env
+from kestrel.runtime.logs import configure_logging
+from kestrel.store import DatabaseSettings
+from kestrel_core.errors import InvalidInput
+from kestrel_core.settings import from_env
 
 
 def main() -> int:

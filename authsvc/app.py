@@ -26,9 +26,9 @@ from authsvc.contract import AuthnRequest, AuthnResponse, AuthzRequest, AuthzRes
 from authsvc.decide import DEFAULT_AUDIENCE, authenticate, device_acl
 from authsvc.revocation import CachedIdentity, EmqxKicker, MosquittoKicker, listen_for_revocations
 from authsvc.store import PostgresIdentity
-from kestrel.db.pool import checked_pool
-from kestrel.errors import InvalidInput
-from kestrel.settings import Secret
+from kestrel.store.pool import checked_pool
+from kestrel_core.errors import InvalidInput
+from kestrel_core.settings import Secret
 
 log = logging.getLogger("kestrel.authsvc")
 _request_decoder = msgspec.json.Decoder(AuthnRequest)
@@ -163,7 +163,7 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
 
     return Litestar(
         route_handlers=[authn, authz, healthz],
-        logging_config=None,  # keep kestrel.logs' JSON lines (Litestar would install its own format)
+        logging_config=None,  # keep kestrel.runtime.logs' JSON lines (Litestar would install its own format)
         lifespan=[lifespan],
         openapi_config=None,
         state=State({"broker_key": settings.broker_key.reveal(), "jwt_audience": settings.jwt_audience}),

@@ -21,7 +21,7 @@ import psycopg
 from cryptography import x509
 
 from authsvc.decide import CONTROL_TOPIC, Authority, Claim, DeviceRecord, IdentityLookup, JwtKey, ServicePrincipal
-from kestrel.mqttlite import MqttError, MqttPublisher
+from kestrel.runtime.mqttclient import MqttError, MqttPublisher
 
 log = logging.getLogger("kestrel.authsvc")
 T = TypeVar("T")

@@ -9,7 +9,7 @@ from cryptography import x509
 from psycopg_pool import AsyncConnectionPool
 
 from authsvc.decide import Authority, Claim, DeviceRecord, JwtKey, ServicePrincipal
-from kestrel.db.pool import retry_read_once
+from kestrel.store.pool import retry_read_once
 
 AUTHORITY: Final = (
     "SELECT tenant_id, cert_pem FROM pki_authorities WHERE kind = 'tenant' AND status = 'active' AND subject = %s"

@@ -27,10 +27,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from api.control import DEVICES_PAGE
 from api.queries import bucket_sql
-from kestrel.db import registry
-from kestrel.db.migrate import migrate
-from kestrel.servers import PostgresServer, free_port
-from kestrel.tokens import SCOPES
+from kestrel.devtools.servers import PostgresServer, free_port
+from kestrel.store import registry
+from kestrel.store.migrate import migrate
+from kestrel_core.tokens import SCOPES
 
 DEVICES = 2000
 POINTS = 24 * 60  # one reading a minute for a day, on the queried device

@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kestrel.db import registry
-from kestrel.db.migrate import migrate
-from kestrel.mqttlite import MqttPublisher
-from kestrel.servers import LOOPBACK, BrokerAuth, MosquittoServer, PostgresServer, free_port
+from kestrel.devtools.servers import LOOPBACK, BrokerAuth, MosquittoServer, PostgresServer, free_port
+from kestrel.runtime.mqttclient import MqttPublisher
+from kestrel.store import registry
+from kestrel.store.migrate import migrate
 from pki.builtin import BuiltinCA
 
 PASSPHRASE = "bench-passphrase-" + uuid.uuid4().hex

@@ -37,12 +37,12 @@ import uvloop
 
 from ingest.jetstream import ensure_streams
 from ingest.writer import COPY_TYPES, RawJson, RawJsonbBinaryDumper
-from kestrel.db import registry
-from kestrel.db.migrate import migrate
-from kestrel.servers import MosquittoServer, NatsServer, PostgresServer, free_port
-from kestrel.simulate import Fleet, device_ids
-from kestrel.topics import telemetry_topic
-from kestrel.wire import TelemetryLimits, normalize
+from kestrel.devtools.servers import MosquittoServer, NatsServer, PostgresServer, free_port
+from kestrel.devtools.simulate import Fleet, device_ids
+from kestrel.store import registry
+from kestrel.store.migrate import migrate
+from kestrel_core.messages.telemetry import TelemetryLimits, normalize
+from kestrel_core.topics import telemetry_topic
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = {"temp": 21.53, "humidity": 40.2, "battery": 3.71, "rssi": -67, "door_open": False}

@@ -29,11 +29,11 @@ import msgspec
 import psycopg
 import uvloop
 
-from kestrel.db import registry
-from kestrel.db.migrate import migrate
-from kestrel.device import DeviceClient, new_device_key
-from kestrel.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
-from kestrel.tokens import SCOPES
+from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.store import registry
+from kestrel.store.migrate import migrate
+from kestrel_core.tokens import SCOPES
+from kestrel_device.client import DeviceClient, new_device_key
 from pki.builtin import BuiltinCA
 
 PASSPHRASE = "bench-" + uuid.uuid4().hex

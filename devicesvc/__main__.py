@@ -9,9 +9,10 @@ import sys
 from prometheus_client import CollectorRegistry, start_http_server
 
 from devicesvc.service import DeviceSettings, run_devicesvc
-from kestrel.backend import connect_nats, run_service, stop_event
-from kestrel.db import DatabaseSettings
-from kestrel.settings import from_env
+from kestrel.runtime.nats import connect_nats
+from kestrel.runtime.service import run_service, stop_event
+from kestrel.store import DatabaseSettings
+from kestrel_core.settings import from_env
 
 
 async def amain() -> None:

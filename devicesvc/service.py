@@ -30,14 +30,15 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel import shadow, streams
-from kestrel.backend import Ack, install_manual_ack
-from kestrel.db import twin
-from kestrel.db.pool import checked_pool
-from kestrel.errors import InvalidInput
-from kestrel.mqttpacket import publish_size
-from kestrel.settings import Secret
-from kestrel.topics import (
+from kestrel.runtime.mqtt import Ack, install_manual_ack
+from kestrel.runtime.nats import deadletter_config
+from kestrel.store import twin
+from kestrel.store.pool import checked_pool
+from kestrel_core import shadow, streams
+from kestrel_core.errors import InvalidInput
+from kestrel_core.mqttpacket import publish_size
+from kestrel_core.settings import Secret
+from kestrel_core.topics import (
     CLIENT_EVENT_FILTERS,
     DEVICE_UPLINK_FILTERS,
     DEVICES_SHARE_GROUP,
@@ -817,7 +818,7 @@ async def ensure_events_stream(nc: NATS) -> None:
         duplicate_window=streams.DUPLICATE_WINDOW_S,
         num_replicas=1,
     )
-    for stream in (config, streams.deadletter_config()):
+    for stream in (config, deadletter_config()):
         try:
             await js.add_stream(stream)
         except BadRequestError:

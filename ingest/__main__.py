@@ -10,9 +10,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ingest.bridge import BridgeSettings, run_bridge
 from ingest.jetstream import ensure_streams
 from ingest.writer import WriterSettings, run_writer
-from kestrel.backend import connect_nats, run_service, stop_event
-from kestrel.db import DatabaseSettings
-from kestrel.settings import from_env
+from kestrel.runtime.nats import connect_nats
+from kestrel.runtime.service import run_service, stop_event
+from kestrel.store import DatabaseSettings
+from kestrel_core.settings import from_env
 
 log = logging.getLogger("kestrel.ingest")
 

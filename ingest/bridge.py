@@ -20,12 +20,12 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingest.jetstream import JetStreamPublisher, PubAck, deadletter_message
-from kestrel import streams
-from kestrel.backend import Ack, install_manual_ack
-from kestrel.errors import InvalidInput
-from kestrel.settings import Secret
-from kestrel.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
-from kestrel.wire import TelemetryLimits, normalize
+from kestrel.runtime.mqtt import Ack, install_manual_ack
+from kestrel_core import streams
+from kestrel_core.errors import InvalidInput
+from kestrel_core.messages.telemetry import TelemetryLimits, normalize
+from kestrel_core.settings import Secret
+from kestrel_core.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
 
 log = logging.getLogger("kestrel.ingest.bridge")
 

@@ -33,7 +33,8 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
-from kestrel import streams
+from kestrel.runtime.nats import deadletter_config
+from kestrel_core import streams
 
 log = logging.getLogger("kestrel.ingest.jetstream")
 
@@ -63,7 +64,7 @@ async def ensure_streams(nc: NATS, *, dlq_max_age_s: int = 14 * 86400) -> None:
             duplicate_window=streams.DUPLICATE_WINDOW_S,
             num_replicas=1,
         ),
-        streams.deadletter_config(dlq_max_age_s),
+        deadletter_config(dlq_max_age_s),
     ]
     for config in configs:
         try:

@@ -27,10 +27,10 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from ingest.jetstream import JetStreamPublisher, RawPuller, ensure_writer_consumer, publish_deadletter
-from kestrel import streams
-from kestrel.errors import InvalidInput
-from kestrel.ratelimit import TokenBuckets
-from kestrel.wire import TelemetryEnvelope, decode_envelope
+from kestrel_core import streams
+from kestrel_core.errors import InvalidInput
+from kestrel_core.messages.telemetry import TelemetryEnvelope, decode_envelope
+from kestrel_core.ratelimit import TokenBuckets
 
 log = logging.getLogger("kestrel.ingest.writer")
 

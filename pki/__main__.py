@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from kestrel.backend import run_service, stop_event
-from kestrel.settings import from_env
+from kestrel.runtime.service import run_service, stop_event
+from kestrel_core.settings import from_env
 from pki.cli import open_ca
 from pki.provisioner import ProvisionerSettings, run_provisioner
 

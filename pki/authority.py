@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from psycopg.rows import dict_row
 
-from kestrel.errors import Conflict, InvalidInput, NotFound
-from kestrel.topics import require_id
+from kestrel_core.errors import Conflict, InvalidInput, NotFound
+from kestrel_core.topics import require_id
 from pki import x509 as px
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kestrel.cli import database_url, state_dir
-from kestrel.errors import Conflict, InvalidInput, NotFound
+from kestrel_core.errors import Conflict, InvalidInput, NotFound
 from pki import x509 as px
 from pki.authority import DatabaseCA, IssuedCertificate
 from pki.builtin import BuiltinCA

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from kestrel.errors import InvalidInput, Unavailable
+from kestrel_core.errors import InvalidInput, Unavailable
 from pki import x509 as px
 from pki.authority import DatabaseCA, NewAuthority
 

@@ -19,10 +19,10 @@ from typing import Any
 import gmqtt
 import msgspec
 
-from kestrel.backend import Ack, install_manual_ack
-from kestrel.errors import InvalidInput, KestrelError
-from kestrel.settings import Secret
-from kestrel.topics import (
+from kestrel.runtime.mqtt import Ack, install_manual_ack
+from kestrel_core.errors import InvalidInput, KestrelError
+from kestrel_core.settings import Secret
+from kestrel_core.topics import (
     PROVISION_REQUEST_FILTER,
     PROVISION_SHARE_GROUP,
     parse_uplink,

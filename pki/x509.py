@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kestrel.errors import Conflict, InvalidInput, Unauthenticated
-from kestrel.topics import require_id
+from kestrel_core.errors import Conflict, InvalidInput, Unauthenticated
+from kestrel_core.topics import require_id
 
 CAKey = ec.EllipticCurvePrivateKey
 ROOT_DAYS: Final = 3650

@@ -1,6 +1,6 @@
 """Fixtures: real PostgreSQL, NATS JetStream and Mosquitto on free loopback ports in temp dirs.
 
-Servers are started by the same launchers the embedded default uses (``kestrel.servers``) and are
+Servers are started by the same launchers the embedded default uses (``kestrel.devtools.servers``) and are
 stopped by PID afterwards. Each test isolates itself with its own tenant and device ids.
 """
 
@@ -22,9 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kestrel.db import registry
-from kestrel.db.migrate import migrate
-from kestrel.servers import (
+from kestrel.devtools.servers import (
     ManagedProcess,
     MosquittoServer,
     NatsServer,
@@ -35,6 +33,8 @@ from kestrel.servers import (
     free_port,
     http_ok,
 )
+from kestrel.store import registry
+from kestrel.store.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def api_database_url(postgres: PostgresServer) -> str:
 
 def tenant_token(database_url: str, tenant: str, *scopes: str) -> dict[str, str]:
     """Authorization headers with a fresh API token of ``tenant`` (every scope unless some are named)."""
-    from kestrel.tokens import SCOPES  # noqa: PLC0415
+    from kestrel_core.tokens import SCOPES  # noqa: PLC0415
 
     _, token = registry.create_api_token(database_url, tenant, list(scopes or SCOPES), name="test")
     return {"Authorization": f"Bearer {token}"}

@@ -7,7 +7,7 @@ import asyncio
 import nats
 from nats.js.errors import NotFoundError
 
-from kestrel import streams
+from kestrel_core import streams
 
 
 async def deadletters(

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import psycopg
 
-from kestrel.db import registry
-from kestrel.device import new_device_key
-from kestrel.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
-from kestrel.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
+from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.store import registry
+from kestrel_core.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
+from kestrel_device.client import new_device_key
 from pki.builtin import BuiltinCA
 from tests.conftest import ServiceProcess, api_url_for, isolated_database, platform_url_for, scrape, wait_until
 

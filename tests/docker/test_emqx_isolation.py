@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from kestrel.db import registry
-from kestrel.mqttlite import MqttPublisher
-from kestrel.servers import PostgresServer, free_port, http_ok
+from kestrel.devtools.servers import PostgresServer, free_port, http_ok
+from kestrel.runtime.mqttclient import MqttPublisher
+from kestrel.store import registry
 from pki.builtin import BuiltinCA
 from tests.conftest import REPO, ServiceProcess, isolated_database, wait_until
 from tests.docker import docker_unavailable

@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from kestrel.db import registry
-from kestrel.db.migrate import migrate
+from kestrel.store import registry
+from kestrel.store.migrate import migrate
 from tests.docker import docker_unavailable
 
 pytestmark = pytest.mark.docker

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kestrel.servers import NatsServer, PostgresServer
-from kestrel.simulate import Fleet, FleetStats
+from kestrel.devtools.servers import NatsServer, PostgresServer
+from kestrel.devtools.simulate import Fleet, FleetStats
 from tests.conftest import wait_until
 from tests.prodstack import ProdStack, prod_stack
 

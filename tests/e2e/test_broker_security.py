@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from kestrel.db import registry
-from kestrel.mqttlite import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
-from kestrel.servers import BrokerAuth, MosquittoServer, OpenBaoServer, PostgresServer, free_port, http_ok
+from kestrel.devtools.servers import BrokerAuth, MosquittoServer, OpenBaoServer, PostgresServer, free_port, http_ok
+from kestrel.runtime.mqttclient import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
+from kestrel.store import registry
 from pki import x509 as px
 from pki.authority import DatabaseCA
 from pki.builtin import BuiltinCA

@@ -20,8 +20,8 @@ import pytest
 import pytest_asyncio
 from psycopg.types.json import Jsonb
 
-from kestrel.device import DeviceClient
-from kestrel.servers import NatsServer, PostgresServer
+from kestrel.devtools.servers import NatsServer, PostgresServer
+from kestrel_device.client import DeviceClient
 from tests.conftest import tenant_token
 from tests.prodstack import ProdStack, prod_stack
 

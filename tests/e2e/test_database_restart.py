@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kestrel.mqttlite import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
-from kestrel.servers import NatsServer, PostgresServer
+from kestrel.devtools.servers import NatsServer, PostgresServer
+from kestrel.runtime.mqttclient import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
 from tests.conftest import tenant_token
 from tests.prodstack import ProdStack, prod_stack
 

@@ -1,7 +1,7 @@
 """Device lifecycle, presence, shadows, commands and JIT provisioning, end to end (ADR-0013).
 
 Real servers only: PostgreSQL, NATS JetStream, Mosquitto with our plugin (mTLS), authsvc, devicesvc, the PKI
-provisioner and the API, each its own process; devices are the SDK (``kestrel.device``) or, for attacks, the
+provisioner and the API, each its own process; devices are the SDK (``kestrel_device.client``) or, for attacks, the
 platform's raw MQTT client.
 """
 
@@ -25,10 +25,10 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from kestrel.db import registry
-from kestrel.device import DeviceClient, ProvisioningRefused, new_device_key, provision
-from kestrel.mqttlite import MqttError, MqttPublisher
-from kestrel.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.runtime.mqttclient import MqttError, MqttPublisher
+from kestrel.store import registry
+from kestrel_device.client import DeviceClient, ProvisioningRefused, new_device_key, provision
 from pki.builtin import BuiltinCA
 from tests.conftest import ServiceProcess, api_url_for, isolated_database, tenant_token, wait_until
 

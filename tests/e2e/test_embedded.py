@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kestrel.servers import free_port
+from kestrel.devtools.servers import free_port
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -86,7 +86,7 @@ def _telemetry(api_port: int, token: str, device: str) -> list[dict[str, object]
 
 
 def _cleanup(state: Path) -> None:
-    """Remove data kept outside the state dir (see kestrel.servers.reachable_root)."""
+    """Remove data kept outside the state dir (see kestrel.devtools.servers.reachable_root)."""
     for link in (state / "postgres", state / "mosquitto"):
         if link.is_symlink():
             shutil.rmtree(link.resolve().parent, ignore_errors=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kestrel.mqttlite import MqttPublisher
-from kestrel.servers import NatsServer, PostgresServer
+from kestrel.devtools.servers import NatsServer, PostgresServer
+from kestrel.runtime.mqttclient import MqttPublisher
 from tests.conftest import wait_until
 from tests.jetstream_helpers import deadletters
 from tests.prodstack import ProdStack, prod_stack

@@ -21,9 +21,9 @@ import paho.mqtt.client as paho
 import psycopg
 import pytest
 
-from kestrel import streams
-from kestrel.servers import MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
-from kestrel.simulate import Fleet
+from kestrel.devtools.servers import MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.devtools.simulate import Fleet
+from kestrel_core import streams
 from tests.conftest import Pipeline, ServiceProcess, Tenant, scrape, stored_rows, tenant_token, wait_until
 from tests.jetstream_helpers import deadletters
 

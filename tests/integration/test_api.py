@@ -11,7 +11,7 @@ import pytest
 from litestar.testing import TestClient
 
 from api.app import ApiSettings, create_app
-from kestrel.settings import Secret
+from kestrel_core.settings import Secret
 from tests.conftest import Tenant, tenant_token
 
 pytestmark = pytest.mark.integration

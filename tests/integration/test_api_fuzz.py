@@ -22,9 +22,9 @@ import psycopg
 import pytest
 
 from api.oauth import new_signing_key_pem
-from kestrel.db import registry
-from kestrel.servers import free_port, http_ok
-from kestrel.tokens import secret_digest
+from kestrel.devtools.servers import free_port, http_ok
+from kestrel.store import registry
+from kestrel_core.tokens import secret_digest
 from tests.conftest import ServiceProcess, tenant_token, wait_until
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,8 @@ from cryptography.x509.oid import NameOID
 from litestar.testing import TestClient
 
 from authsvc.app import AuthsvcSettings, create_app
-from kestrel.errors import Conflict
-from kestrel.settings import Secret
+from kestrel_core.errors import Conflict
+from kestrel_core.settings import Secret
 from pki import x509 as px
 from pki.builtin import BuiltinCA
 from tests.conftest import Tenant, isolated_database, wait_until
@@ -50,7 +50,7 @@ def client(isolated_db: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
 
 def tenant_with_ca(url: str, prefix: str, devices: int) -> Tenant:
     """A registered tenant with ``devices`` devices and its own CA."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     tag = uuid.uuid4().hex[:8]
     t = Tenant(f"{prefix}-{tag}", [f"{prefix}-{tag}-{i}" for i in range(devices)])
@@ -310,7 +310,7 @@ def test_jwt_devices_and_attacks_on_them(
     import jwt  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
 
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     device, other = tenant.devices[0], tenant.devices[1]
     ed_key = ed25519.Ed25519PrivateKey.generate()
@@ -381,8 +381,8 @@ def test_jwt_key_registration_refuses_weak_or_foreign_keys(
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
 
-    from kestrel.db import registry  # noqa: PLC0415
-    from kestrel.errors import InvalidInput, NotFound  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
+    from kestrel_core.errors import InvalidInput, NotFound  # noqa: PLC0415
 
     with pytest.raises(InvalidInput):
         registry.add_jwt_key(isolated_db, tenant.id, public_pem(rsa.generate_private_key(65537, 2048)))
@@ -433,7 +433,7 @@ def test_authz_fallback_applies_the_devices_rules(client: TestClient, tenant: Te
 
 
 def test_backend_principals(client: TestClient, isolated_db: str) -> None:  # type: ignore[type-arg]
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     name = f"ingest-{uuid.uuid4().hex[:6]}"
     secret = registry.create_service_principal(isolated_db, name, "ingest")

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from kestrel.db.migrate import available_migrations, detect_variant, migrate
-from kestrel.errors import Conflict
-from kestrel.servers import PostgresServer
+from kestrel.devtools.servers import PostgresServer
+from kestrel.store.migrate import available_migrations, detect_variant, migrate
+from kestrel_core.errors import Conflict
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def test_a_changed_migration_is_refused(database_url: str) -> None:
             with pytest.raises(Conflict):
                 migrate(database_url)
         finally:
-            from kestrel.db.migrate import available_migrations as av  # noqa: PLC0415
+            from kestrel.store.migrate import available_migrations as av  # noqa: PLC0415
 
             conn.execute("UPDATE schema_migrations SET checksum = %s WHERE version = 1", (av("native")[0].checksum,))
 

@@ -17,7 +17,7 @@ from litestar.testing import TestClient
 
 from api.app import ApiSettings, create_app
 from api.oauth import new_signing_key_pem
-from kestrel.settings import Secret
+from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 
 pytestmark = pytest.mark.integration

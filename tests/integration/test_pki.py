@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kestrel.db import registry
+from kestrel.store import registry
 from tests.conftest import Tenant, openssl_verify
 from tests.integration.test_cli import kestrel, one_line
 
@@ -198,7 +198,7 @@ def test_audit_trail_is_append_only(database_url: str, tenant_with_ca: Tenant) -
 
 def test_registry_device_in_two_tenants_is_refused(database_url: str, tenant_with_ca: Tenant) -> None:
     """Certificates are per device id, and a device id belongs to one tenant only."""
-    from kestrel.errors import Conflict  # noqa: PLC0415
+    from kestrel_core.errors import Conflict  # noqa: PLC0415
 
     other = f"t-{uuid.uuid4().hex[:8]}"
     registry.create_tenant(database_url, other)
@@ -248,9 +248,9 @@ def test_concurrent_provisioning_never_exceeds_the_claim(database_url: str, tena
     """Several provisioner replicas at once: the claim row lock lets exactly max_uses through (ADR-0013)."""
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
-    from kestrel.device import new_device_key  # noqa: PLC0415
-    from kestrel.errors import Conflict  # noqa: PLC0415
-    from kestrel.tokens import new_claim_token  # noqa: PLC0415
+    from kestrel_core.errors import Conflict  # noqa: PLC0415
+    from kestrel_core.tokens import new_claim_token  # noqa: PLC0415
+    from kestrel_device.client import new_device_key  # noqa: PLC0415
     from pki.builtin import BuiltinCA  # noqa: PLC0415
 
     claim_id, _, digest = new_claim_token()

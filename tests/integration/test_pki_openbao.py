@@ -21,10 +21,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from litestar.testing import TestClient
 
 from authsvc.app import AuthsvcSettings, create_app
-from kestrel.db import registry
-from kestrel.errors import Conflict, InvalidInput, Unavailable
-from kestrel.servers import OpenBaoServer, PostgresServer
-from kestrel.settings import Secret
+from kestrel.devtools.servers import OpenBaoServer, PostgresServer
+from kestrel.store import registry
+from kestrel_core.errors import Conflict, InvalidInput, Unavailable
+from kestrel_core.settings import Secret
 from pki import x509 as px
 from pki.openbao import OpenBaoCA, vault_serial
 from tests.conftest import isolated_database, openssl_verify

@@ -13,8 +13,8 @@ from litestar.testing import TestClient
 
 from api.app import ApiSettings, create_app
 from api.preconditions import IDEMPOTENCY_KEY_CHARS, IDEMPOTENCY_KEY_PATTERN, IF_MATCH_PATTERN
-from kestrel.servers import PostgresServer
-from kestrel.settings import Secret
+from kestrel.devtools.servers import PostgresServer
+from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 
 pytestmark = pytest.mark.integration

@@ -20,9 +20,9 @@ from litestar.testing import AsyncTestClient, TestClient
 
 from api.__main__ import openapi_document
 from api.app import ApiSettings, create_app
-from kestrel.db import registry
-from kestrel.servers import PostgresServer
-from kestrel.settings import Secret
+from kestrel.devtools.servers import PostgresServer
+from kestrel.store import registry
+from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 
 pytestmark = pytest.mark.integration

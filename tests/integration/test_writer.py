@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry
 
 from ingest.jetstream import JetStreamPublisher, ensure_streams
 from ingest.writer import WriterSettings, run_writer
-from kestrel import streams
-from kestrel.servers import NatsServer
-from kestrel.topics import telemetry_topic
-from kestrel.wire import Point, TelemetryEnvelope, TelemetryLimits, encode, normalize
+from kestrel.devtools.servers import NatsServer
+from kestrel_core import streams
+from kestrel_core.messages.telemetry import Point, TelemetryEnvelope, TelemetryLimits, encode, normalize
+from kestrel_core.topics import telemetry_topic
 from tests.conftest import Tenant, wait_until
 from tests.jetstream_helpers import deadletters
 

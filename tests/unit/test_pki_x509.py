@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from kestrel.errors import InvalidInput, Unauthenticated
+from kestrel_core.errors import InvalidInput, Unauthenticated
 from pki import x509 as px
 from tests.conftest import openssl_verify
 

@@ -9,8 +9,8 @@ import pytest
 
 from api.queries import decode_cursor, encode_cursor, parse_bucket
 from ingest.writer import RawJson, delivery_count, to_rows
-from kestrel.errors import InvalidInput
-from kestrel.wire import Point, TelemetryEnvelope
+from kestrel_core.errors import InvalidInput
+from kestrel_core.messages.telemetry import Point, TelemetryEnvelope
 
 
 class FakeMsg:

@@ -3,9 +3,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from kestrel.db import DatabaseSettings
-from kestrel.errors import InvalidInput
-from kestrel.settings import Secret, from_env
+from kestrel.store import DatabaseSettings
+from kestrel_core.errors import InvalidInput
+from kestrel_core.settings import Secret, from_env
 
 
 class Sample(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kestrel.errors import InvalidInput
-from kestrel.shadow import MAX_DOCUMENT_BYTES, delta, merge
+from kestrel_core.errors import InvalidInput
+from kestrel_core.shadow import MAX_DOCUMENT_BYTES, delta, merge
 
 
 def test_merge_patch_sets_nested_fields_and_null_deletes() -> None:

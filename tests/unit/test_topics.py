@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kestrel.errors import InvalidInput
-from kestrel.topics import TelemetryTopic, parse_telemetry_topic, shared_filter, telemetry_topic
+from kestrel_core.errors import InvalidInput
+from kestrel_core.topics import TelemetryTopic, parse_telemetry_topic, shared_filter, telemetry_topic
 
 GOOD = [
     ("v1/acme/d/dev-1/telemetry", TelemetryTopic("acme", "dev-1", "")),

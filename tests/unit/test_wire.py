@@ -8,9 +8,9 @@ import time
 import msgspec
 import pytest
 
-from kestrel.errors import InvalidInput
-from kestrel.topics import telemetry_topic
-from kestrel.wire import NO_SEQ, TelemetryLimits, decode_envelope, normalize
+from kestrel_core.errors import InvalidInput
+from kestrel_core.messages.telemetry import NO_SEQ, TelemetryLimits, decode_envelope, normalize
+from kestrel_core.topics import telemetry_topic
 
 TOPIC = telemetry_topic("acme", "dev-1")
 NOW_US = int(time.time() * 1_000_000)

@@ -12,9 +12,9 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kestrel.errors import InvalidInput
-from kestrel.topics import telemetry_topic
-from kestrel.wire import TelemetryLimits, decode_envelope, normalize
+from kestrel_core.errors import InvalidInput
+from kestrel_core.messages.telemetry import TelemetryLimits, decode_envelope, normalize
+from kestrel_core.topics import telemetry_topic
 
 TOPIC = telemetry_topic("acme", "dev-1")
 NOW_US = int(time.time() * 1_000_000)

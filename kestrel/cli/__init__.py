@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from kestrel.errors import Conflict, InvalidInput, KestrelError, Unavailable
-from kestrel.topics import ID_PATTERN
+from kestrel_core.errors import Conflict, InvalidInput, KestrelError, Unavailable
+from kestrel_core.topics import ID_PATTERN
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kestrel IoT platform.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -85,7 +85,7 @@ def database_url() -> str:
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply pending migrations (idempotent)."""
-    from kestrel.db.migrate import migrate  # noqa: PLC0415 - keep CLI start-up light
+    from kestrel.store.migrate import migrate  # noqa: PLC0415 - keep CLI start-up light
 
     applied = migrate(database_url())
     if applied:
@@ -102,7 +102,7 @@ def tenant_create(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Create a tenant."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     registry.create_tenant(database_url(), tenant, name)
     typer.echo(json.dumps({"tenant": tenant, "name": name}) if as_json else f"created tenant {tenant}")
@@ -111,7 +111,7 @@ def tenant_create(
 @tenant_app.command("list")
 def tenant_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """List tenants with their status and device counts."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     rows = registry.list_tenants(database_url())
     if as_json:
@@ -129,7 +129,7 @@ def user_create(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Create a user of a tenant."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     user_id = registry.create_user(database_url(), tenant, email, role)
     typer.echo(json.dumps({"user_id": user_id, "tenant": tenant, "role": role}) if as_json else user_id)
@@ -145,7 +145,7 @@ def token_create(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Create an API token; it is printed once and stored only as a digest."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     token_id, token = registry.create_api_token(database_url(), tenant, scope, name=name, days=days, user_id=user)
     typer.echo(json.dumps({"token_id": token_id, "token": token, "scopes": sorted(set(scope))}) if as_json else token)
@@ -158,7 +158,7 @@ def device_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """List a tenant's devices."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     rows = registry.list_devices(database_url(), tenant, status)
     if as_json:
@@ -181,7 +181,7 @@ def device_import(
     `kestrel pki sign-batch` on their CSRs."""
     from rich.progress import Progress  # noqa: PLC0415
 
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -209,7 +209,7 @@ def device_create(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Register devices under a tenant."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     created = registry.create_devices(database_url(), tenant, devices)
     if as_json:
@@ -225,7 +225,7 @@ def device_jwt_key(
     device: Annotated[str | None, typer.Option(help="Restrict the key to one device")] = None,
 ) -> None:
     """Register a public key that verifies device JWTs; prints its kid (put it in the JWT header)."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     try:
         data = key_file.read_bytes()
@@ -237,14 +237,14 @@ def device_jwt_key(
 @device_app.command("jwt-key-revoke")
 def device_jwt_key_revoke(kid: Annotated[str, typer.Argument(help="The key's kid")]) -> None:
     """Revoke a JWT key: tokens signed with it are refused and sessions opened with it are disconnected."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     registry.revoke_jwt_key(database_url(), kid)
     typer.echo(f"revoked JWT key {kid}")
 
 
 def _set_status(device: str, status: str) -> None:
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     before = registry.set_device_status(database_url(), device, status)
     typer.echo(f"device {device}: {before} -> {status}")
@@ -265,7 +265,7 @@ def device_resume(device: Annotated[str, typer.Argument(help="Device id")]) -> N
 @device_app.command("decommission")
 def device_decommission(device: Annotated[str, typer.Argument(help="Device id")]) -> None:
     """Retire a device for good: credentials revoked, session ended, open commands cancelled, history kept."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     done = registry.decommission_device(database_url(), device)
     typer.echo(f"{device}: decommissioned" if done else f"{device}: already decommissioned")
@@ -278,7 +278,7 @@ def device_presence(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Who is online: presence and last-seen of a tenant's devices."""
-    from kestrel.db import twin_ops  # noqa: PLC0415
+    from kestrel.store import twin_ops  # noqa: PLC0415
 
     rows = twin_ops.presence(database_url(), tenant, online)
     if as_json:
@@ -296,7 +296,7 @@ def device_shadow(
     name: Annotated[str, typer.Option(help="Named shadow (default: the classic one)")] = "",
 ) -> None:
     """Show a device's shadow (desired, reported, delta), or change its desired state with --set."""
-    from kestrel.db import twin_ops  # noqa: PLC0415
+    from kestrel.store import twin_ops  # noqa: PLC0415
 
     typer.echo(json.dumps(twin_ops.shadow(database_url(), device, name, set_desired), default=str, indent=2))
 
@@ -311,7 +311,7 @@ def command_send(
     wait: Annotated[bool, typer.Option(help="Wait for the end and print it")] = False,
 ) -> None:
     """Send a command to a device (it waits for an offline device until it expires)."""
-    from kestrel.db import twin_ops  # noqa: PLC0415
+    from kestrel.store import twin_ops  # noqa: PLC0415
 
     url = database_url()
     command_id = twin_ops.send_command(url, device, name, params, timeout_s, expires_in_s)
@@ -327,7 +327,7 @@ def command_send(
 @command_app.command("show")
 def command_show(command_id: Annotated[str, typer.Argument(help="Command id")]) -> None:
     """A command and every state it went through."""
-    from kestrel.db import twin_ops  # noqa: PLC0415
+    from kestrel.store import twin_ops  # noqa: PLC0415
 
     typer.echo(json.dumps(twin_ops.command(database_url(), command_id), default=str, indent=2))
 
@@ -341,7 +341,7 @@ def claim_create(
     tag: Annotated[list[str] | None, typer.Option(help="Tag for provisioned devices (repeatable)")] = None,
 ) -> None:
     """A just-in-time provisioning claim; its token is printed once."""
-    from kestrel.db import twin_ops  # noqa: PLC0415
+    from kestrel.store import twin_ops  # noqa: PLC0415
 
     typer.echo(twin_ops.create_claim(database_url(), tenant, max_uses, expires_in_s, group, tag or []))
 
@@ -356,7 +356,7 @@ def service_create(
     rotate: Annotated[bool, typer.Option(help="Issue a new secret for an existing principal")] = False,
 ) -> None:
     """Create a backend principal for the broker; prints its secret once (only a digest is stored)."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     typer.echo(registry.create_service_principal(database_url(), name, role, rotate=rotate))
 
@@ -364,7 +364,7 @@ def service_create(
 @service_app.command("revoke")
 def service_revoke(name: Annotated[str, typer.Argument(help="Principal name")]) -> None:
     """Revoke a backend principal: refused at its next connect, its live sessions disconnected."""
-    from kestrel.db import registry  # noqa: PLC0415
+    from kestrel.store import registry  # noqa: PLC0415
 
     registry.revoke_service_principal(database_url(), name)
     typer.echo(f"revoked service principal {name}")
@@ -386,34 +386,18 @@ def agent(
 ) -> None:
     """Run a device built on the SDK: provisions itself with a claim if asked, then reports state, converges to
     desired state and answers the commands ping, echo and sleep."""
-    import asyncio  # noqa: PLC0415
-    import logging  # noqa: PLC0415
-    import ssl  # noqa: PLC0415
+    from kestrel_device.agent import DeviceRefused, run  # noqa: PLC0415
+    from kestrel_device.client import ProvisioningRefused  # noqa: PLC0415
 
-    from kestrel.agent import DeviceRefused, provision_files, run_agent  # noqa: PLC0415
-    from kestrel.device import ProvisioningRefused  # noqa: PLC0415
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("gmqtt").setLevel(logging.CRITICAL)  # the agent reports connection trouble itself
     devices = state_dir() / "devices"
-    ca_file = ca or state_dir() / "tls" / "ca.pem"
     port = port or int(stack_setting("KESTREL_MQTT_TLS_PORT") or 18883)
     claim_port = claim_port or int(stack_setting("KESTREL_MQTT_JWT_PORT") or 18884)
-    cert_file, key_file = cert or devices / f"{device}.crt", key or devices / f"{device}.key"
-
-    async def main() -> None:
-        nonlocal cert_file, key_file
-        if claim is not None:
-            cert_file, key_file = await provision_files(tenant, device, claim, host, claim_port, ca_file, devices)
-            typer.echo(f"{device}: provisioned; certificate {cert_file}, key {key_file} (never left this machine)")
-        context = ssl.create_default_context(cafile=str(ca_file))
-        context.load_cert_chain(str(cert_file), str(key_file))
-        await run_agent(tenant, device, host, port, context)
-
     try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
+        run(
+            tenant, device, host=host, port=port, claim_port=claim_port,
+            ca_file=ca or state_dir() / "tls" / "ca.pem", cert_file=cert or devices / f"{device}.crt",
+            key_file=key or devices / f"{device}.key", claim=claim, devices_dir=devices,
+        )  # fmt: skip
     except ProvisioningRefused as exc:
         raise Conflict(f"provisioning refused: {exc.error}: {exc.detail}") from exc
     except DeviceRefused as exc:
@@ -438,8 +422,8 @@ def simulate(
     jwt_kid: Annotated[str, typer.Option(help="The key's kid, as `kestrel device jwt-key` printed it")] = "",
 ) -> None:
     """Publish realistic telemetry (with seq, QoS 1) from simulated devices over real MQTT."""
-    from kestrel.simulate import Fleet, device_ids, jwt_credentials  # noqa: PLC0415
-    from kestrel.topics import require_id  # noqa: PLC0415
+    from kestrel.devtools.simulate import Fleet, device_ids, jwt_credentials  # noqa: PLC0415
+    from kestrel_core.topics import require_id  # noqa: PLC0415
 
     if mqtt_version not in (4, 5):
         raise InvalidInput("bad_mqtt_version", "--mqtt-version must be 4 (3.1.1) or 5")
@@ -486,7 +470,7 @@ def run(
     rate: Annotated[float, typer.Option(min=0.001, help="Simulated messages per second")] = 20.0,
 ) -> None:
     """Run the embedded default: PostgreSQL, NATS, Mosquitto, Kestrel's services and a simulated fleet."""
-    from kestrel.embedded import EmbeddedPorts, run_embedded  # noqa: PLC0415
+    from kestrel.devtools.embedded import EmbeddedPorts, run_embedded  # noqa: PLC0415
 
     ports = EmbeddedPorts(
         postgres_port,

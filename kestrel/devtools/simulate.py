@@ -18,9 +18,9 @@ from functools import partial
 
 import msgspec
 
-from kestrel.errors import InvalidInput
-from kestrel.mqttlite import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
-from kestrel.topics import MQTT_JWT_AUDIENCE, telemetry_topic
+from kestrel.runtime.mqttclient import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
+from kestrel_core.errors import InvalidInput
+from kestrel_core.topics import MQTT_JWT_AUDIENCE, telemetry_topic
 
 
 @dataclass

@@ -1,20 +1,16 @@
-"""Plumbing every backend service shares: MQTT QoS 1 with PUBACK after the work is done, a NATS connection that
-retries, and a stop event for SIGTERM/SIGINT."""
+"""MQTT for backend services: QoS 1 with the PUBACK sent only after the work is done (ADR-0004)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import gmqtt
-import nats
-from nats.aio.client import Client as NATS
 
-log = logging.getLogger("kestrel.backend")
+log = logging.getLogger("kestrel.runtime.mqtt")
 
 Ack = Callable[[], None]
 
@@ -63,53 +59,3 @@ def install_manual_ack(client: gmqtt.Client, handle: Callable[[str, bytes, Any, 
 
     handler._handle_qos_1_publish_packet = on_qos1  # noqa: SLF001
     client.on_message = lambda c, topic, payload, qos, properties: handle(topic, payload, properties, _noop)  # QoS 0
-
-
-async def connect_nats(url: str, name: str) -> NATS:
-    """Connect, retrying until NATS answers; afterwards nats-py reconnects by itself, forever."""
-
-    async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
-
-    delay = 0.2
-    while True:
-        try:
-            return await nats.connect(
-                url,
-                name=name,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                connect_timeout=2,
-                pending_size=64 * 1024 * 1024,
-                error_cb=on_error,
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
-            log.warning("nats not reachable yet: %s", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-def stop_event() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-def run_service(name: str, amain: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """A service's process: JSON logs, uvloop, and one clear line (exit 2) for a bad setting."""
-    import sys  # noqa: PLC0415
-
-    import uvloop  # noqa: PLC0415
-
-    from kestrel.errors import InvalidInput  # noqa: PLC0415
-    from kestrel.logs import configure_logging  # noqa: PLC0415
-
-    configure_logging(name)
-    try:
-        uvloop.run(amain())
-    except InvalidInput as exc:
-        print(f"kestrel {name}: {exc.detail}", file=sys.stderr)
-        return 2
-    return 0

@@ -17,9 +17,9 @@ import psycopg
 import psycopg.rows
 from psycopg.types.json import Jsonb
 
-from kestrel.errors import Conflict, InvalidInput, NotFound
-from kestrel.tokens import SCOPES, new_token
-from kestrel.topics import require_id
+from kestrel_core.errors import Conflict, InvalidInput, NotFound
+from kestrel_core.tokens import SCOPES, new_token
+from kestrel_core.topics import require_id
 
 
 def create_tenant(conninfo: str, tenant: str, name: str = "", *, exist_ok: bool = False) -> bool:

@@ -17,9 +17,9 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from kestrel import shadow
-from kestrel.errors import Conflict, InvalidInput, PreconditionFailed
-from kestrel.jsondoc import check_document
+from kestrel_core import shadow
+from kestrel_core.errors import Conflict, InvalidInput, PreconditionFailed
+from kestrel_core.jsondoc import check_document
 
 TERMINAL: Final = frozenset({"succeeded", "failed", "timed_out", "expired", "cancelled"})
 OPEN: Final = ("queued", "sent", "delivered")

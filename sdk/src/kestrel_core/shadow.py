@@ -12,8 +12,8 @@ from typing import Any, Final
 
 import msgspec
 
-from kestrel.errors import ContentTooLarge, InvalidInput
-from kestrel.jsondoc import check_document
+from kestrel_core.errors import ContentTooLarge, InvalidInput
+from kestrel_core.jsondoc import check_document
 
 #: Largest encoded document (desired or reported) and deepest nesting.
 MAX_DOCUMENT_BYTES: Final = 16 * 1024

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from kestrel.settings import Secret
+from kestrel_core.settings import Secret
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kestrel.servers import LOOPBACK, ManagedProcess, ServerFailed
+from kestrel.devtools.servers import LOOPBACK, ManagedProcess, ServerFailed
 
 #: Back-off between restarts of one process: 1, 2, 4 ... 30 s.
 MAX_BACKOFF_S = 30.0

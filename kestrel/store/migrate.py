@@ -17,7 +17,7 @@ from typing import Literal
 
 import psycopg
 
-from kestrel.errors import Conflict
+from kestrel_core.errors import Conflict
 
 Variant = Literal["native", "timescale"]
 _FILE = re.compile(r"\A(\d{4})_([a-z0-9_]+)(?:\.(native|timescale))?\.sql\Z")
@@ -40,7 +40,7 @@ class Migration:
 def available_migrations(variant: Variant) -> list[Migration]:
     """The migrations for ``variant``, in version order."""
     found: dict[int, Migration] = {}
-    for entry in resources.files("kestrel.db").joinpath("migrations").iterdir():
+    for entry in resources.files("kestrel.store").joinpath("migrations").iterdir():
         match = _FILE.match(entry.name)
         if not match:
             continue

@@ -25,7 +25,7 @@ from typing import IO, Literal
 
 import psycopg
 
-from kestrel.errors import Unavailable
+from kestrel_core.errors import Unavailable
 
 LOOPBACK = "127.0.0.1"
 
@@ -448,7 +448,7 @@ def auth_plugin_path() -> Path:
     """The built auth plugin: ``$KESTREL_MOSQUITTO_PLUGIN`` or ``broker/mosquitto/build`` of this checkout."""
     if value := os.environ.get(PLUGIN_ENV):
         return Path(value)
-    path = Path(__file__).resolve().parent.parent / "broker" / "mosquitto" / "build" / "kestrel_auth.so"
+    path = Path(__file__).resolve().parents[2] / "broker" / "mosquitto" / "build" / "kestrel_auth.so"
     if not path.exists():
         raise ServerFailed(f"the Mosquitto auth plugin is not built ({path}); run `make plugin`")
     return path

@@ -29,9 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from kestrel.db import registry
-from kestrel.db.migrate import migrate
-from kestrel.servers import (
+from kestrel.devtools.servers import (
     LOOPBACK,
     BrokerAuth,
     ManagedProcess,
@@ -42,10 +40,12 @@ from kestrel.servers import (
     ensure_port_free,
     http_ok,
 )
-from kestrel.simulate import device_ids
-from kestrel.supervisor import Supervisor
-from kestrel.tokens import SCOPES
-from kestrel.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
+from kestrel.devtools.simulate import device_ids
+from kestrel.devtools.supervisor import Supervisor
+from kestrel.store import registry
+from kestrel.store.migrate import migrate
+from kestrel_core.tokens import SCOPES
+from kestrel_core.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
 
 DEMO_TENANT = "demo"
 FIRST_DEVICE = "my-sensor"

@@ -1,10 +1,9 @@
-"""JetStream streams, subjects and headers shared by the bridge, the writer and the tests (ADR-0004)."""
+"""JetStream stream names, subjects and headers shared by the bridge, the writer, devicesvc and the tests (ADR-0004).
+Names only: the stream configurations are in ``kestrel.runtime.nats``."""
 
 from __future__ import annotations
 
 from typing import Final
-
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 TELEMETRY_STREAM: Final = "TELEMETRY"
 TELEMETRY_SUBJECTS: Final = ("v1.*.d.*.telemetry", "v1.*.d.*.telemetry.*")
@@ -33,16 +32,3 @@ def header_safe(value: str, limit: int = 240) -> str:
     """Make an arbitrary string safe for a NATS header value (no CR/LF, bounded length)."""
     cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in value)
     return cleaned[:limit]
-
-
-def deadletter_config(max_age_s: int = 14 * 86400) -> StreamConfig:
-    """The dead-letter stream, created (or updated) by every service that dead-letters."""
-    return StreamConfig(
-        name=DEADLETTER_STREAM,
-        subjects=list(DEADLETTER_SUBJECTS),
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=max_age_s,
-        duplicate_window=DUPLICATE_WINDOW_S,
-        num_replicas=1,
-    )

@@ -1,4 +1,5 @@
-"""``kestrel agent``: a device built on the SDK (``kestrel.device``), for demos and for trying the platform.
+"""``kestrel-agent`` (and the platform's ``kestrel agent``): a device built on the SDK, for demos and for trying the
+platform.
 
 It provisions itself with a claim token if asked (a key made here, a CSR, its certificate back), connects with
 its certificate, reports its state, converges to desired state (each desired field is applied and reported back),
@@ -7,20 +8,22 @@ answers the commands ``ping``, ``echo`` and ``sleep``, and sends a telemetry rea
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import random
 import ssl
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import gmqtt
 
-from kestrel.device import DeviceClient, new_device_key, provision
+from kestrel_device.client import DeviceClient, ProvisioningRefused, new_device_key, provision
 
-log = logging.getLogger("kestrel.agent")
+log = logging.getLogger("kestrel_device.agent")
 
 
 async def _ping(params: dict[str, Any]) -> dict[str, Any]:
@@ -123,3 +126,66 @@ async def _reconnect(client: DeviceClient, device: str) -> None:
         log.warning("reconnect failed: %s", exc)
     else:
         print(f"{device}: reconnected", flush=True)
+
+
+def run(
+    tenant: str,
+    device: str,
+    *,
+    host: str,
+    port: int,
+    claim_port: int,
+    ca_file: Path,
+    cert_file: Path,
+    key_file: Path,
+    claim: str | None,
+    devices_dir: Path,
+) -> None:
+    """Provision first when given a claim, then run until Ctrl-C. Raises ``DeviceRefused``, ``ProvisioningRefused``,
+    ``OSError``/``TimeoutError`` (broker unreachable) for the caller to report in one line."""
+
+    async def main() -> None:
+        nonlocal cert_file, key_file
+        if claim is not None:
+            cert_file, key_file = await provision_files(tenant, device, claim, host, claim_port, ca_file, devices_dir)
+            print(
+                f"{device}: provisioned; certificate {cert_file}, key {key_file} (never left this machine)", flush=True
+            )
+        context = ssl.create_default_context(cafile=str(ca_file))
+        context.load_cert_chain(str(cert_file), str(key_file))
+        await run_agent(tenant, device, host, port, context)
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("gmqtt").setLevel(logging.CRITICAL)  # the agent reports connection trouble itself
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kestrel-agent``: one line and exit 1 when the broker refuses the device or cannot be reached."""
+    parser = argparse.ArgumentParser(prog="kestrel-agent", description="A demonstration device built on the SDK.")
+    parser.add_argument("--tenant", required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--claim", help="provision first with this claim token (JIT)")
+    parser.add_argument("--host", default="localhost")
+    parser.add_argument("--port", type=int, default=8883, help="mTLS port")
+    parser.add_argument("--claim-port", type=int, default=8884, help="TLS port for provisioning with a claim")
+    parser.add_argument("--ca", type=Path, required=True, help="root CA the broker's certificate chains to")
+    parser.add_argument("--dir", type=Path, default=Path("."), help="where the key and certificate are (or go)")
+    args = parser.parse_args(argv)
+    try:
+        run(
+            args.tenant, args.device, host=args.host, port=args.port, claim_port=args.claim_port, ca_file=args.ca,
+            cert_file=args.dir / f"{args.device}.crt", key_file=args.dir / f"{args.device}.key", claim=args.claim,
+            devices_dir=args.dir,
+        )  # fmt: skip
+    except ProvisioningRefused as exc:
+        print(f"kestrel-agent: provisioning refused: {exc.error}: {exc.detail}", file=sys.stderr)
+        return 1
+    except DeviceRefused as exc:
+        print(f"kestrel-agent: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError) as exc:
+        print(f"kestrel-agent: cannot reach the broker at {args.host}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kestrel.topics import (
+from kestrel_core.topics import (
     PROVISION_CLIENT_PREFIX,
     command_response_topic,
     device_base,
@@ -43,7 +43,7 @@ from kestrel.topics import (
     telemetry_topic,
 )
 
-log = logging.getLogger("kestrel.device")
+log = logging.getLogger("kestrel_device.client")
 
 #: gmqtt reconnects while ``failed_connections <= reconnect_retries`` (so 0 still allows one attempt); -1 is
 #: unlimited. Below -1 means never: the caller decides when to connect again (``kestrel agent`` does, and stops

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from kestrel.errors import InvalidInput
+from kestrel_core.errors import InvalidInput
 
 S = TypeVar("S", bound=msgspec.Struct)
 

@@ -25,8 +25,8 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from kestrel.errors import InvalidInput
-from kestrel.topics import TelemetryTopic
+from kestrel_core.errors import InvalidInput
+from kestrel_core.topics import TelemetryTopic
 
 MetricValue = bool | int | float | str
 NO_SEQ: Final = -1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kestrel.errors import InvalidInput
+from kestrel_core.errors import InvalidInput
 
 VERSION = "v1"
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"

@@ -12,7 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
-log = logging.getLogger("kestrel.db")
+log = logging.getLogger("kestrel.store")
 P = ParamSpec("P")
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """The operator CLI's device twin operations (``kestrel device shadow|presence``, ``kestrel command``,
-``kestrel claim``), on the system role, through the same row logic as the API (``kestrel.db.twin``)."""
+``kestrel claim``), on the system role, through the same row logic as the API (``kestrel.store.twin``)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import msgspec
 import psycopg
 from psycopg.rows import dict_row
 
-from kestrel.db import twin
-from kestrel.errors import Conflict, InvalidInput, NotFound
-from kestrel.tokens import new_claim_token
-from kestrel.topics import require_id
+from kestrel.store import twin
+from kestrel_core.errors import Conflict, InvalidInput, NotFound
+from kestrel_core.tokens import new_claim_token
+from kestrel_core.topics import require_id
 
 
 def _actor() -> str:

@@ -9,7 +9,7 @@ from typing import Final
 
 import msgspec
 
-from kestrel.errors import ContentTooLarge, InvalidInput
+from kestrel_core.errors import ContentTooLarge, InvalidInput
 
 #: Control characters are refused in names and labels (PostgreSQL text cannot hold U+0000 at all).
 PRINTABLE_PATTERN: Final = r"^[^\x00-\x1f\x7f]*$"

@@ -1,4 +1,4 @@
-"""A small asyncio MQTT publisher (v5 and 3.1.1) for simulated devices and load generation.
+"""A small asyncio MQTT client (v5 and 3.1.1): authsvc's kicks, simulated devices, load generation, tests.
 
 It does only what a telemetry device does: CONNECT, PUBLISH at QoS 0/1 with a future per PUBACK,
 PINGREQ, DISCONNECT. Knowing exactly which publishes the broker acknowledged is what loss counting

@@ -1,0 +1,61 @@
+"""NATS for backend services: a connection that retries, and the streams they create or update (ADR-0004)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from kestrel_core import streams
+
+log = logging.getLogger("kestrel.runtime.nats")
+
+
+async def connect_nats(url: str, name: str) -> NATS:
+    """Connect, retrying until NATS answers; afterwards nats-py reconnects by itself, forever."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                connect_timeout=2,
+                pending_size=64 * 1024 * 1024,
+                error_cb=on_error,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
+            log.warning("nats not reachable yet: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def deadletter_config(max_age_s: int = 14 * 86400) -> StreamConfig:
+    """The dead-letter stream, created (or updated) by every service that dead-letters."""
+    return StreamConfig(
+        name=streams.DEADLETTER_STREAM,
+        subjects=list(streams.DEADLETTER_SUBJECTS),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=max_age_s,
+        duplicate_window=streams.DUPLICATE_WINDOW_S,
+        num_replicas=1,
+    )
+
+
+async def ensure_stream(nc: NATS, config: StreamConfig) -> None:
+    """Create the stream, or update it to ``config`` when it exists (idempotent)."""
+    js = nc.jetstream()
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
