@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install plugin run test lint bench openapi clean
+.PHONY: install plugin run test lint bench bench-smoke openapi clean
 
 install:
 	./bootstrap.sh
@@ -14,7 +14,7 @@ plugin:
 run: install
 	$(PY) -m kestrel run
 
-test: install lint
+test: install lint bench-smoke
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint:
@@ -22,6 +22,10 @@ lint:
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	.venv/bin/lint-imports --no-cache
+
+# Every benchmark in smoke mode (seconds): each must run end to end and print its ratios (bench/smoke.py).
+bench-smoke: install
+	$(PY) bench/smoke.py
 
 bench: install
 	$(PY) bench/run.py
@@ -32,7 +36,9 @@ bench: install
 openapi: install
 	$(PY) -m api openapi > api/openapi.json
 	$(PY) -m api graphql-schema > api/schema.graphql
+	$(PY) -m kestrel.devtools.asyncapi > api/asyncapi.json
+	$(PY) -m kestrel.devtools.envdoc
 
 clean:
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-tools node_modules .mypy_cache .ruff_cache .pytest_cache
 	$(MAKE) -C broker/mosquitto clean

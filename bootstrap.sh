@@ -45,3 +45,30 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e ./sdk -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+
+# Tools that need dependencies of their own (openapi-python-client, for the API client test), pinned apart.
+[[ -x .venv-tools/bin/python ]] || "$PYTHON" -m venv .venv-tools
+tools_stamp=.venv-tools/.kestrel-installed
+tools_want=$(sha256sum tools-constraints.txt | cut -d' ' -f1)
+if [[ ! -f $tools_stamp || $(cat "$tools_stamp") != "$tools_want" ]]; then
+  echo "bootstrap: pip install the tools (pinned by tools-constraints.txt)"
+  .venv-tools/bin/python -m pip install -q -c tools-constraints.txt openapi-python-client
+  echo "$tools_want" > "$tools_stamp"
+fi
+
+# JavaScript tooling (the AsyncAPI JSON Schema the contract test validates against), pinned by package-lock.json.
+if ! command -v npm >/dev/null; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "bootstrap: npm is missing; run as root or: sudo apt-get install -y npm" >&2
+    exit 1
+  fi
+  echo "bootstrap: apt-get install npm"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+npm_stamp=node_modules/.kestrel-installed
+npm_want=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [[ ! -f $npm_stamp || $(cat "$npm_stamp") != "$npm_want" ]]; then
+  echo "bootstrap: npm ci (pinned by package-lock.json)"
+  npm ci --no-audit --no-fund --silent
+  echo "$npm_want" > "$npm_stamp"
+fi

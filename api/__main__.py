@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import msgspec
@@ -9,9 +10,11 @@ import psycopg
 import uvicorn
 
 from api import openapi
-from api.app import PRIVILEGED_DETAIL, PRIVILEGED_ROLE, ApiSettings, create_app
+from api.app import PRIVILEGED_DETAIL, create_app
 from api.graphql import build_schema
+from api.settings import ApiSettings
 from kestrel.runtime.logs import configure_logging
+from kestrel.store.migrate import privileged
 from kestrel_core.errors import InvalidInput
 from kestrel_core.settings import from_env
 
@@ -25,12 +28,15 @@ def openapi_document() -> str:
 def _privileged(url: str) -> bool:
     """True when the role owns tables or bypasses RLS. Unreachable: False (the app starts, /readyz tells, and
     the lifespan repeats the check)."""
+
+    async def check() -> bool:
+        async with await psycopg.AsyncConnection.connect(url, connect_timeout=5) as conn:
+            return await privileged(conn)
+
     try:
-        with psycopg.connect(url, connect_timeout=5) as conn:
-            row = conn.execute(PRIVILEGED_ROLE).fetchone()
+        return asyncio.run(check())
     except psycopg.Error:
         return False
-    return row is not None and bool(row[0] or row[1])
 
 
 def _settings() -> ApiSettings:

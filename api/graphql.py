@@ -11,30 +11,21 @@ from typing import Any
 
 import strawberry
 from litestar import Request
-from psycopg.rows import dict_row
 from strawberry.extensions import DisableIntrospection, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.litestar import BaseContext, make_graphql_controller
 from strawberry.scalars import JSON
 from strawberry.types import Info
 
-from api import queries
-from api.auth import Principal, provide_principal, tenant_transaction
-from api.control import DEVICE, DEVICES_PAGE, GROUPS
-from kestrel.store import twin
-from kestrel_core.errors import InvalidInput
+from api.auth import Principal, provide_principal
+from api.context import tenant_transaction
+from kestrel.store import commands, devices, groups, presence, shadows, telemetry
+from kestrel_core.errors import InvalidInput, NotFound
 from kestrel_core.topics import is_valid_id
 
 MAX_DEPTH = 6
 MAX_ALIASES = 15
 MAX_TOKENS = 2000
 MAX_PAGE = 1000
-PRESENCE = (
-    "SELECT online, connections, last_seen, reported_status, changed_at FROM device_presence WHERE device_id = %s"
-)
-COMMANDS = (
-    "SELECT command_id, name, params, status, result, error, attempts, created_at, completed_at FROM commands"
-    " WHERE device_id = %s AND (%s::text IS NULL OR status = %s) ORDER BY created_at DESC LIMIT %s"
-)
 
 
 @strawberry.type
@@ -76,6 +67,10 @@ class Command:
     completed_at: datetime | None
 
 
+PRESENCE_FIELDS = ("online", "connections", "last_seen", "reported_status", "changed_at")
+COMMAND_FIELDS = ("command_id", "name", "params", "status", "result", "error", "attempts", "created_at", "completed_at")
+
+
 @strawberry.type
 class Device:
     device_id: str
@@ -96,13 +91,11 @@ class Device:
     ) -> list[Bucket]:
         ctx: Context = info.context
         tenant = ctx.principal.need("telemetry:read")
-        if agg not in queries.AGGREGATES:
-            raise InvalidInput("bad_aggregation", f"agg must be one of {', '.join(queries.AGGREGATES)}")
-        start, end = queries.window(since, until)
+        start, end = telemetry.window(since, until)
         async with tenant_transaction(ctx.http, tenant) as conn:
-            rows = await queries.buckets(
+            rows = await telemetry.buckets(
                 conn, tenant=tenant, device=self.device_id, metric=metric, agg=agg,
-                bucket=queries.parse_bucket(bucket), start=start, end=end,
+                bucket=telemetry.parse_bucket(bucket), start=start, end=end,
             )  # fmt: skip
         return [Bucket(**r) for r in rows]
 
@@ -111,11 +104,8 @@ class Device:
         ctx: Context = info.context
         tenant = ctx.principal.need("devices:read")
         async with tenant_transaction(ctx.http, tenant) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            row = await (await cur.execute(PRESENCE, (self.device_id,))).fetchone()
-        if row is None:
-            return Presence(online=False, connections=0, last_seen=None, reported_status=None, changed_at=None)
-        return Presence(**row)
+            row = await presence.get(conn, tenant, self.device_id)
+        return Presence(**{field: row[field] for field in PRESENCE_FIELDS})
 
     @strawberry.field(description="The device's shadow, or null when it has none (devices:read)")
     async def shadow(self, info: Info[Any, Any], name: str = "") -> Shadow | None:
@@ -124,7 +114,7 @@ class Device:
         if name and not is_valid_id(name):
             raise InvalidInput("bad_id", "shadow names match [A-Za-z0-9_-]{1,64}")
         async with tenant_transaction(ctx.http, tenant) as conn:
-            found = await twin.read_shadow(conn, self.device_id, name)
+            found = await shadows.read_shadow(conn, self.device_id, name)
         if found is None:
             return None
         return Shadow(
@@ -139,9 +129,8 @@ class Device:
         if not 1 <= first <= MAX_PAGE:
             raise InvalidInput("bad_page", f"first must be 1 to {MAX_PAGE}")
         async with tenant_transaction(ctx.http, tenant) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            rows = await (await cur.execute(COMMANDS, (self.device_id, status, status, first))).fetchall()
-        return [Command(**r) for r in rows]
+            page = await commands.page(conn, tenant, self.device_id, status=status, limit=first)
+        return [Command(**{field: getattr(c, field) for field in COMMAND_FIELDS}) for c in page]
 
 
 @strawberry.type
@@ -194,10 +183,8 @@ class Query:
         for value in (group, after):
             if value is not None and not is_valid_id(value):
                 raise InvalidInput("bad_id", "ids match [A-Za-z0-9_-]{1,64}")
-        params = {"tenant": tenant, "status": status, "tag": tag, "group": group, "after": after, "limit": first + 1}
         async with tenant_transaction(ctx.http, tenant) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            rows = await (await cur.execute(DEVICES_PAGE, params)).fetchall()
+            rows = await devices.page(conn, tenant, status=status, tag=tag, group=group, after=after, limit=first + 1)
         items = [_device(r) for r in rows[:first]]
         return DevicePage(items=items, next_cursor=items[-1].device_id if len(rows) > first else None)
 
@@ -207,18 +194,18 @@ class Query:
         tenant = ctx.principal.need("devices:read")
         if not is_valid_id(device_id):
             return None
-        async with tenant_transaction(ctx.http, tenant) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            rows = await (await cur.execute(DEVICE, (device_id,))).fetchall()
-        return _device(rows[0]) if rows else None
+        try:
+            async with tenant_transaction(ctx.http, tenant) as conn:
+                return _device(await devices.get(conn, tenant, device_id))
+        except NotFound:
+            return None
 
     @strawberry.field(description="The tenant's device groups (groups:read)")
     async def groups(self, info: Info[Any, Any]) -> list[Group]:
         ctx: Context = info.context
         tenant = ctx.principal.need("groups:read")
         async with tenant_transaction(ctx.http, tenant) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            rows = await (await cur.execute(GROUPS, {"tenant": tenant, "group": None})).fetchall()
+            rows = await groups.list_all(conn, tenant)
         return [Group(group_id=r["group_id"], name=r["name"], devices=r["devices"]) for r in rows]
 
 

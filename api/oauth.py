@@ -1,118 +1,35 @@
-"""OAuth 2.0 client credentials (RFC 6749 §4.4) for integrators (ADR-0012).
-
-``POST /api/v1/oauth/token`` exchanges a client's id and secret (HTTP Basic, or form fields) for an access token:
-an EdDSA JWT signed with the API's key (``kid`` = the key's thumbprint), ``aud`` = ``kestrel-api``, 15 minutes.
-Requests carrying it are checked for signature, audience, issuer and expiry, and the client must still be active:
-revoking a client ends its tokens at once. Rotation: deploy a new signing key and keep the previous one's public
-half in ``KESTREL_API_PREVIOUS_SIGNING_KEYS`` until its tokens have expired.
+"""OAuth 2.0 client credentials (RFC 6749 §4.4) for integrators (ADR-0012): the token endpoint, and the tenant's
+OAuth clients. ``POST /api/v1/oauth/token`` exchanges a client's id and secret (HTTP Basic, or form fields) for an
+access token (``api.auth.access_tokens``); its errors are RFC 6749's, never problem details.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
-import secrets
-import time
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime
 from typing import Annotated, Any, Final
 from urllib.parse import parse_qs
 
-import jwt
 import msgspec
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from litestar import Request, Response, delete, get, post
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import Body, PathParameter, RawBody
 
-from api.auth import CallerPrincipal, Principal, audit, pool, tenant_transaction
-from api.control import Label, revoke_credential
-from kestrel_core.errors import Forbidden, InvalidInput, Unauthenticated
+from api.auth import CallerPrincipal
+from api.auth.access_tokens import ACCESS_TOKEN_S, SigningKeys, client
+from api.context import tenant_transaction
+from api.params import Label
+from kestrel.store import credentials
+from kestrel_core.errors import Forbidden
 from kestrel_core.tokens import SCOPES, Scope, secret_digest
 
-AUDIENCE: Final = "kestrel-api"
-ISSUER: Final = "kestrel"
-ACCESS_TOKEN_S: Final = 900
 CLIENT_ID_PATTERN: Final = "^kcl_[0-9a-f]{16}$"
 ClientId = Annotated[str, PathParameter(pattern=CLIENT_ID_PATTERN)]
-
-
-@dataclass(frozen=True)
-class SigningKeys:
-    """The key that signs, and every key that verifies (the current one and those being rotated out)."""
-
-    kid: str
-    private_key: ed25519.Ed25519PrivateKey | None
-    verify: dict[str, ed25519.Ed25519PublicKey]
-
-    @staticmethod
-    def load(key_file: str, previous: str = "") -> SigningKeys:
-        """``key_file``: PEM Ed25519 private key (none: access tokens are not issued); ``previous``: comma-separated
-        PEM public key files still accepted."""
-        verify: dict[str, ed25519.Ed25519PublicKey] = {}
-        private = None
-        kid = ""
-        if key_file:
-            loaded = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
-            if not isinstance(loaded, ed25519.Ed25519PrivateKey):
-                raise InvalidInput("bad_signing_key", "the API signing key must be Ed25519 (PEM, unencrypted)")
-            private = loaded
-            kid = thumbprint(loaded.public_key())
-            verify[kid] = loaded.public_key()
-        for name in filter(None, (p.strip() for p in previous.split(","))):
-            public = serialization.load_pem_public_key(Path(name).read_bytes())
-            if not isinstance(public, ed25519.Ed25519PublicKey):
-                raise InvalidInput("bad_signing_key", f"{name} is not an Ed25519 public key")
-            verify[thumbprint(public)] = public
-        return SigningKeys(kid, private, verify)
-
-
-def thumbprint(key: ed25519.Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def new_signing_key_pem() -> bytes:
-    return ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-async def _client(request: Request[Any, Any, Any], client_id: str) -> tuple[Any, ...] | None:
-    async with pool(request).connection() as conn:
-        row = await (await conn.execute("SELECT * FROM kestrel_oauth_client_lookup(%s)", (client_id,))).fetchone()
-    return None if row is None else tuple(row)
-
-
-async def access_token_principal(request: Request[Any, Any, Any], token: str) -> Principal:
-    """The principal of a valid access token; ``Unauthenticated`` for anything else."""
-    keys: SigningKeys = request.app.state.signing_keys
-    try:
-        kid = jwt.get_unverified_header(token).get("kid")
-        key = keys.verify.get(kid) if isinstance(kid, str) else None
-        if key is None:
-            raise Unauthenticated("access token signed by an unknown key")
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=["EdDSA"],
-            audience=AUDIENCE,
-            issuer=ISSUER,
-            options={"require": ["exp", "iat", "sub", "aud", "iss", "tenant", "scope"]},
-        )
-    except jwt.PyJWTError as exc:
-        raise Unauthenticated("the access token is invalid or expired") from exc
-    row = await _client(request, str(claims["sub"]))
-    if row is None or row[3] is not None or row[0] != claims["tenant"] or row[4] != "active":
-        raise Unauthenticated("the access token's client is revoked or its tenant inactive")
-    granted = frozenset(str(claims["scope"]).split()) & frozenset(row[1])
-    if row[5] is not None:
-        request.app.state.rate_limiter.check(row[0], row[5])
-    return Principal(actor=f"oauth:{claims['sub']}", tenant=row[0], scopes=granted)
 
 
 class TokenRequest(msgspec.Struct, kw_only=True):
@@ -199,6 +116,7 @@ _OAUTH_ERRORS = {
 
 @post(
     "/oauth/token",
+    operation_id="issueAccessToken",
     summary="OAuth 2.0 client credentials: an access token for an integrator",
     tags=["oauth"],
     security=[{"basicAuth": []}, {}],
@@ -215,50 +133,39 @@ async def token(request: Request[Any, Any, Any], body: RawBody) -> Response[Toke
     if data.grant_type != "client_credentials":
         return _oauth_error(400, "unsupported_grant_type", "only client_credentials is supported")
     client_id, secret = _basic(request) or (data.client_id, data.client_secret)
-    row = await _client(request, client_id) if client_id.startswith("kcl_") and len(client_id) == 20 else None
+    row = await client(request, client_id) if re.fullmatch(CLIENT_ID_PATTERN, client_id) else None
     if (
         row is None
-        or not hmac.compare_digest(secret_digest(secret), row[2])
-        or row[3] is not None
-        or row[4] != "active"
+        or not hmac.compare_digest(secret_digest(secret), row["secret_sha256"])
+        or row["revoked_at"] is not None
+        or row["tenant_status"] != "active"
     ):
         return _oauth_error(401, "invalid_client", "unknown client, wrong secret, revoked client or inactive tenant")
-    allowed = set(row[1])
+    allowed = set(row["scopes"])
     wanted = set(data.scope.split()) if data.scope else allowed
     if not wanted <= allowed:
         return _oauth_error(400, "invalid_scope", "the client may not have: " + " ".join(sorted(wanted - allowed)))
     if keys.private_key is None:
         return _oauth_error(400, "unsupported_grant_type", "this API has no signing key configured")
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": client_id,
-        "tenant": row[0],
-        "scope": " ".join(sorted(wanted)),
-        "iat": now,
-        "exp": now + ACCESS_TOKEN_S,
-        "jti": secrets.token_hex(8),
-    }
-    signed = jwt.encode(claims, keys.private_key, algorithm="EdDSA", headers={"kid": keys.kid})
+    scope = " ".join(sorted(wanted))
     answer = TokenResponse(
-        access_token=signed,
+        access_token=keys.issue(client_id, row["tenant_id"], scope),
         token_type="Bearer",  # noqa: S106 - the OAuth token type, not a secret
         expires_in=ACCESS_TOKEN_S,
-        scope=claims["scope"],
+        scope=scope,
     )
     return Response(answer, headers={"Cache-Control": "no-store"})
 
 
-# ---------------------------------------------------------------------------------------------- management
+# ---------------------------------------------------------------------------------------------- clients
 
 
 class OAuthClient(msgspec.Struct, frozen=True, kw_only=True):
     client_id: str
     name: str
     scopes: list[str]
-    created_at: Any
-    revoked_at: Any
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 class OAuthClientCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -272,46 +179,49 @@ class OAuthClientCreated(msgspec.Struct, frozen=True, kw_only=True):
     scopes: list[str]
 
 
-@get("/oauth-clients", summary="List OAuth clients (never their secrets)", tags=["oauth"])
+@get(
+    "/oauth-clients",
+    operation_id="listOauthClients",
+    summary="List OAuth clients (never their secrets)",
+    tags=["oauth"],
+)
 async def list_clients(request: Request[Any, Any, Any], principal: CallerPrincipal) -> list[OAuthClient]:
     tenant = principal.need("tokens:read")
     async with tenant_transaction(request, tenant) as conn:
-        rows = await (
-            await conn.execute(
-                "SELECT client_id, name, scopes, created_at, revoked_at FROM oauth_clients ORDER BY created_at"
-            )
-        ).fetchall()
-    return [OAuthClient(client_id=r[0], name=r[1], scopes=r[2], created_at=r[3], revoked_at=r[4]) for r in rows]
+        return [OAuthClient(**r) for r in await credentials.list_clients(conn, tenant)]
 
 
-@post("/oauth-clients", summary="Create an OAuth client (its secret is shown once)", tags=["oauth"])
+@post(
+    "/oauth-clients",
+    operation_id="createOauthClient",
+    summary="Create an OAuth client (its secret is shown once)",
+    tags=["oauth"],
+)
 async def create_client(
     request: Request[Any, Any, Any], principal: CallerPrincipal, data: Annotated[OAuthClientCreate, Body()]
 ) -> OAuthClientCreated:
     tenant = principal.need("tokens:write")
-    scopes: list[str] = sorted(set(data.scopes))  # each is a Scope: the schema has the enum
-    if not set(scopes) <= principal.scopes:
+    if not set(data.scopes) <= principal.scopes:
         raise Forbidden("a client cannot get scopes its creator does not have")
-    client_id, secret = "kcl_" + secrets.token_hex(8), "kcs_" + secrets.token_urlsafe(32)
     async with tenant_transaction(request, tenant) as conn:
-        await conn.execute(
-            "INSERT INTO oauth_clients (client_id, tenant_id, name, scopes, secret_sha256) VALUES (%s, %s, %s, %s, %s)",
-            (client_id, tenant, data.name, scopes, secret_digest(secret)),
-        )
-        await audit(
-            conn, request, principal, "oauth_client.create", f"oauth_client:{client_id}", after={"scopes": scopes}
+        client_id, secret, scopes = await credentials.create_client(
+            conn, principal.acting(request), tenant, data.scopes, data.name
         )
     return OAuthClientCreated(client_id=client_id, client_secret=secret, scopes=scopes)
 
 
 @delete(
     "/oauth-clients/{client_id:str}",
+    operation_id="revokeOauthClient",
     summary="Revoke an OAuth client and its access tokens",
     tags=["oauth"],
     status_code=204,
 )
 async def revoke_client(request: Request[Any, Any, Any], principal: CallerPrincipal, client_id: ClientId) -> None:
-    await revoke_credential(request, principal, "oauth_client", client_id)
+    tenant = principal.need("tokens:write")
+    async with tenant_transaction(request, tenant) as conn:
+        await credentials.revoke(conn, principal.acting(request), tenant, "oauth_client", client_id)
 
 
-MANAGEMENT_ROUTES = [list_clients, create_client, revoke_client]
+#: The token endpoint answers RFC 6749 errors, not problem details: it is composed apart from these.
+ROUTES = [list_clients, create_client, revoke_client]

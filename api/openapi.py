@@ -4,7 +4,7 @@ Litestar documents a request struct's top-level fields but drops constraints on 
 inside ``tags: list[Tag]``), on a body that is a list, and ``forbid_unknown_fields``. Request bodies are validated by
 msgspec alone, so their schemas are taken from msgspec itself, which validates with the same declarations.
 Header and query parameters are never ``null`` on the wire (absent is how they are omitted), so their ``null``
-branch is dropped.
+branch is dropped, and every enum of strings says it is a string (client generators need the type).
 The served document (``/schema/openapi.json``) and the committed one (``api/openapi.json``) are this one.
 """
 
@@ -44,13 +44,38 @@ def request_bodies(app: Litestar) -> dict[tuple[str, str], Any]:
 
 
 def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without its ``null`` branch, ``null`` type or ``null`` enum member."""
     for key in ("oneOf", "anyOf"):
         branches = schema.get(key)
         if isinstance(branches, list) and any(b == {"type": "null"} for b in branches):
             rest = [b for b in branches if b != {"type": "null"}]
             merged = {k: v for k, v in schema.items() if k != key}
             return {**rest[0], **merged} if len(rest) == 1 else {**merged, key: rest}
+    if isinstance(schema.get("type"), list) and "null" in schema["type"]:
+        kinds = [t for t in schema["type"] if t != "null"]
+        schema = {**schema, "type": kinds[0] if len(kinds) == 1 else kinds}
+    if isinstance(schema.get("enum"), list) and None in schema["enum"]:
+        schema = {**schema, "enum": [v for v in schema["enum"] if v is not None]}
     return schema
+
+
+def _typed_enums(node: Any) -> Any:
+    """``{"enum": [strings]}`` as ``{"type": "string", "enum": [...]}`` (msgspec leaves a Literal's type implicit),
+    and a nullable enum as ``oneOf`` the enum and ``null``: client generators otherwise invent a type per use."""
+    if isinstance(node, dict):
+        out = {k: _typed_enums(v) for k, v in node.items()}
+        values = out.get("enum")
+        if isinstance(values, list) and None in values and isinstance(out.get("type"), list):
+            kinds = [t for t in out["type"] if t != "null"]
+            rest = {k: v for k, v in out.items() if k not in ("enum", "type")}
+            enum = {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": [v for v in values if v is not None]}
+            return {**rest, "oneOf": [enum, {"type": "null"}]}
+        if isinstance(values, list) and values and "type" not in out and all(isinstance(v, str) for v in values):
+            out["type"] = "string"
+        return out
+    if isinstance(node, list):
+        return [_typed_enums(v) for v in node]
+    return node
 
 
 def refine(app: Litestar, document: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +99,8 @@ def refine(app: Litestar, document: dict[str, Any]) -> dict[str, Any]:
             for parameter in operation.get("parameters", []):
                 if parameter.get("in") in ("header", "query") and isinstance(parameter.get("schema"), dict):
                     parameter["schema"] = _without_null(parameter["schema"])
-    return refined
+    typed: dict[str, Any] = _typed_enums(refined)
+    return typed
 
 
 class RefinedJson(JsonRenderPlugin):

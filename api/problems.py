@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 
 from kestrel.store.pool import TRANSIENT
 from kestrel_core.errors import (
@@ -150,3 +151,27 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         return problem_response(request, exc.status_code, exc.detail, headers=headers or None)
     log.exception("unhandled error", extra={"path": request.url.path})
     return problem_response(request, 500, "an internal error occurred; it has been logged")
+
+
+_DESCRIBED = {
+    400: "Invalid request",
+    401: "Missing, invalid, expired or revoked token",
+    403: "The token lacks the scope",
+    404: "Not found (or another tenant's)",
+    409: "Conflict",
+    412: "If-Match does not match the current version",
+    413: "The body is larger than this route takes",
+    415: "The body's media type is not one this route takes",
+    429: "The tenant is over its request quota (see Retry-After)",
+    503: "Not ready",
+}
+
+
+def problem_specs(*codes: int) -> dict[int, ResponseSpec]:
+    """How the OpenAPI document states that a route may answer these problems."""
+    return {
+        code: ResponseSpec(
+            data_container=Problem, media_type=PROBLEM_JSON, description=_DESCRIBED[code], generate_examples=False
+        )
+        for code in codes
+    }

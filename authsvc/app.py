@@ -38,21 +38,32 @@ _authz_decoder = msgspec.json.Decoder(AuthzRequest)
 class AuthsvcSettings(msgspec.Struct, frozen=True, kw_only=True):
     """``KESTREL_AUTHSVC_*``; the database comes from ``KESTREL_DATABASE_URL``."""
 
+    #: The HTTP listener the broker calls (loopback or a private network).
     host: str = "127.0.0.1"
+    #: Its port.
     port: int = 8090
+    #: The secret the broker sends in X-Authsvc-Key; requests without it are refused.
     broker_key: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    #: The aud device JWTs must carry.
     jwt_audience: str = DEFAULT_AUDIENCE
+    #: Database connections.
     pool_max: int = 10
+    #: Lookups are cached this long; identity changes invalidate the cache at once (LISTEN).
     cache_ttl_s: float = 30.0
     #: Mosquitto to disconnect revoked clients on (through the plugin's control topic), as a principal
     #: of role ``control``. Unset: revoked sessions end at their ``expire_at`` only (logged at start).
     kick_mqtt_host: str = "127.0.0.1"
+    #: 0: no Mosquitto to kick on.
     kick_mqtt_port: int = 0
+    #: The control principal's name.
     kick_username: str = ""
+    #: The control principal's secret.
     kick_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
     #: EMQX (production): its REST API and an API key, to disconnect revoked clients cluster-wide.
     kick_emqx_url: str = ""
+    #: EMQX API key.
     kick_emqx_key: str = ""
+    #: EMQX API secret.
     kick_emqx_secret: Secret = msgspec.field(default_factory=lambda: Secret(""))
 
 

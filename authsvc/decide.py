@@ -21,8 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from authsvc.contract import DENY, AclRule, AuthnRequest, AuthnResponse
-from kestrel.store.registry import SERVICE_SECRET_PREFIX
-from kestrel_core.tokens import CLAIM_PATTERN, CLAIM_PREFIX, secret_digest
+from kestrel_core.tokens import CLAIM_PATTERN, CLAIM_PREFIX, SERVICE_SECRET_PREFIX, secret_digest
 from kestrel_core.topics import (
     CLIENT_EVENT_FILTERS,
     DEVICE_UPLINK_FILTERS,

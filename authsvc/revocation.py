@@ -22,11 +22,14 @@ from cryptography import x509
 
 from authsvc.decide import CONTROL_TOPIC, Authority, Claim, DeviceRecord, IdentityLookup, JwtKey, ServicePrincipal
 from kestrel.runtime.mqttclient import MqttError, MqttPublisher
+from kestrel.store.rows import fetch_all
+from kestrel_core.retry import Backoff
 
 log = logging.getLogger("kestrel.authsvc")
 T = TypeVar("T")
 CHANNEL = "kestrel_identity"
 KICK_BATCH = 500
+KICK_RETRY = Backoff(base_s=0.5, cap_s=2.0)
 
 
 class CachedIdentity:
@@ -110,7 +113,7 @@ class MosquittoKicker:
                     except (MqttError, OSError, TimeoutError) as exc:
                         log.warning("kick failed; retrying", extra={"attempt": attempt, "error": str(exc)})
                         self._client = None
-                        await asyncio.sleep(0.5 * (attempt + 1))
+                        await asyncio.sleep(KICK_RETRY.delay(attempt + 1))
                         continue
                     if code >= 0x80:
                         raise MqttError(f"the broker refused the kick (reason code {code:#x})", code)
@@ -166,13 +169,11 @@ async def _targets(conn: psycopg.AsyncConnection[Any], event: dict[str, Any]) ->
     if scope == "service":
         return [], [str(event["service"])]
     if scope == "tenant":
-        rows = await (
-            await conn.execute("SELECT device_id FROM devices WHERE tenant_id = %s", (event["tenant"],))
-        ).fetchall()
-        return [r[0] for r in rows], []
+        rows = await fetch_all(conn, "SELECT device_id FROM devices WHERE tenant_id = %s", (event["tenant"],))
+        return [r["device_id"] for r in rows], []
     if scope == "all":
-        rows = await (await conn.execute("SELECT device_id FROM devices")).fetchall()
-        return [r[0] for r in rows], []
+        rows = await fetch_all(conn, "SELECT device_id FROM devices")
+        return [r["device_id"] for r in rows], []
     return [], []
 
 
@@ -180,6 +181,8 @@ async def listen_for_revocations(
     database_url: str, cache: CachedIdentity, kick: Kicker | None, retry_s: float = 1.0
 ) -> None:
     """Run until cancelled: LISTEN, invalidate, kick. Reconnects with back-off; the cache is off meanwhile."""
+    backoff = Backoff(base_s=retry_s, cap_s=10 * retry_s)
+    failures = 0
     while True:
         try:
             async with (
@@ -189,6 +192,7 @@ async def listen_for_revocations(
                 await listen.execute(f"LISTEN {CHANNEL}")
                 cache.clear()
                 cache.enabled = True
+                failures = 0
                 log.info("listening for identity changes")
                 async for note in listen.notifies():
                     cache.clear()
@@ -211,4 +215,5 @@ async def listen_for_revocations(
             log.warning("identity listener lost the database; cache off", extra={"error": str(exc)})
         cache.enabled = False
         cache.clear()
-        await asyncio.sleep(retry_s)
+        failures += 1
+        await asyncio.sleep(backoff.delay(failures))

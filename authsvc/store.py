@@ -1,28 +1,35 @@
-"""PostgreSQL lookups for authentication decisions (the PKI and registry tables)."""
+"""PostgreSQL lookups for authentication decisions (the PKI and registry tables), rows read by name into the
+decision's own records."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cryptography import x509
+from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 from authsvc.decide import Authority, Claim, DeviceRecord, JwtKey, ServicePrincipal
 from kestrel.store.pool import retry_read_once
+from kestrel.store.rows import fetch_maybe
 
+T = TypeVar("T")
 AUTHORITY: Final = (
     "SELECT tenant_id, cert_pem FROM pki_authorities WHERE kind = 'tenant' AND status = 'active' AND subject = %s"
 )
 CERTIFICATE: Final = "SELECT status FROM pki_certificates WHERE serial = %s AND fingerprint_sha256 = %s"
-JWT_KEY: Final = "SELECT tenant_id, device_id, alg, public_key_pem, status FROM jwt_keys WHERE kid = %s"
+JWT_KEY: Final = (
+    "SELECT tenant_id AS tenant, device_id AS device, alg, public_key_pem, status FROM jwt_keys WHERE kid = %s"
+)
 CLAIM: Final = (
-    "SELECT tenant_id, secret_sha256, status, used, max_uses, expires_at FROM provisioning_claims WHERE claim_id = %s"
+    "SELECT tenant_id AS tenant, secret_sha256, status, used, max_uses, expires_at FROM provisioning_claims"
+    " WHERE claim_id = %s"
 )
 SERVICE: Final = "SELECT name, role, secret_sha256, status FROM service_principals WHERE name = %s"
 DEVICE: Final = (
-    "SELECT d.tenant_id, d.status, t.status FROM devices d JOIN tenants t ON t.tenant_id = d.tenant_id"
-    " WHERE d.device_id = %s"
+    "SELECT d.tenant_id AS tenant, d.status, t.status AS tenant_status FROM devices d"
+    " JOIN tenants t ON t.tenant_id = d.tenant_id WHERE d.device_id = %s"
 )
 
 
@@ -34,43 +41,43 @@ def _parse_certificate(pem: str) -> x509.Certificate:
 
 
 class PostgresIdentity:
+    """``IdentityLookup`` on PostgreSQL."""
+
     def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
         self.pool = pool
 
+    async def _one(self, kind: type[T], query: str, params: tuple[Any, ...]) -> T | None:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(kind))
+            row: T | None = await (await cur.execute(query, params)).fetchone()
+            return row
+
+    async def _row(self, query: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
+        async with self.pool.connection() as conn:
+            return await fetch_maybe(conn, query, params)
+
     @retry_read_once
     async def authority(self, issuer: x509.Name) -> Authority | None:
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(AUTHORITY, (issuer.rfc4514_string(),))).fetchone()
-        if row is None:
-            return None
-        return Authority(row[0], _parse_certificate(row[1]))
+        row = await self._row(AUTHORITY, (issuer.rfc4514_string(),))
+        return None if row is None else Authority(row["tenant_id"], _parse_certificate(row["cert_pem"]))
 
     @retry_read_once
     async def certificate_status(self, serial: str, fingerprint: str) -> str | None:
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(CERTIFICATE, (serial, fingerprint))).fetchone()
-        return None if row is None else str(row[0])
+        row = await self._row(CERTIFICATE, (serial, fingerprint))
+        return None if row is None else str(row["status"])
 
     @retry_read_once
     async def device(self, device_id: str) -> DeviceRecord | None:
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(DEVICE, (device_id,))).fetchone()
-        return None if row is None else DeviceRecord(row[0], row[1], row[2])
+        return await self._one(DeviceRecord, DEVICE, (device_id,))
 
     @retry_read_once
     async def jwt_key(self, kid: str) -> JwtKey | None:
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(JWT_KEY, (kid,))).fetchone()
-        return None if row is None else JwtKey(*row)
+        return await self._one(JwtKey, JWT_KEY, (kid,))
 
     @retry_read_once
     async def service_principal(self, name: str) -> ServicePrincipal | None:
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(SERVICE, (name,))).fetchone()
-        return None if row is None else ServicePrincipal(*row)
+        return await self._one(ServicePrincipal, SERVICE, (name,))
 
     @retry_read_once
     async def claim(self, claim_id: str) -> Claim | None:
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(CLAIM, (claim_id,))).fetchone()
-        return None if row is None else Claim(*row)
+        return await self._one(Claim, CLAIM, (claim_id,))

@@ -24,24 +24,25 @@ import httpx
 import psycopg
 import uvloop
 from psycopg_pool import AsyncConnectionPool
+from scale import pick
 
-from api.control import DEVICES_PAGE
-from api.queries import bucket_sql
+from kestrel.devtools import seed
 from kestrel.devtools.servers import PostgresServer, free_port
-from kestrel.store import registry
+from kestrel.store.devices import PAGE, NewDevice
 from kestrel.store.migrate import migrate
+from kestrel.store.telemetry import bucket_sql
 from kestrel_core.tokens import SCOPES
 
-DEVICES = 2000
-POINTS = 24 * 60  # one reading a minute for a day, on the queried device
-CONCURRENCY = 16
-TOTAL = 3000
+DEVICES = pick(2000, 50)
+POINTS = pick(24 * 60, 120)  # one reading a minute (for a day), on the queried device
+CONCURRENCY = pick(16, 4)
+TOTAL = pick(3000, 100)
 
 
 def _seed(url: str) -> tuple[str, str, str]:
     for tenant in ("bench-a", "bench-b"):
-        registry.create_tenant(url, tenant)
-        registry.import_devices(url, tenant, [(f"{tenant}-{i:05d}", "", ["bench"]) for i in range(DEVICES)])
+        seed.create_tenant(url, tenant)
+        seed.import_devices(url, tenant, [NewDevice(f"{tenant}-{i:05d}", tags=["bench"]) for i in range(DEVICES)])
     start = datetime.now(UTC) - timedelta(days=1)
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         cur.executemany(
@@ -49,7 +50,7 @@ def _seed(url: str) -> tuple[str, str, str]:
             " VALUES ('bench-a', 'bench-a-00000', '', %s, %s, %s, now())",
             [(start + timedelta(minutes=i), i, json.dumps({"temp": 20 + (i % 60) / 10})) for i in range(POINTS)],
         )
-    _, token = registry.create_api_token(url, "bench-a", list(SCOPES), name="bench")
+    _, token = seed.create_api_token(url, "bench-a", list(SCOPES), name="bench")
     return "bench-a", "bench-a-00000", token
 
 
@@ -105,12 +106,12 @@ def main() -> None:
             f"from={(now - timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}&to={now.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         )
         cases = {
-            "device list (100 of 2,000)": (
+            f"device list (100 of {DEVICES:,})": (
                 "/api/v1/devices?limit=100",
-                DEVICES_PAGE,
+                PAGE,
                 {"tenant": tenant, "status": None, "tag": None, "group": None, "after": None, "limit": 101},
             ),
-            "telemetry aggregate (24 h, 1 h buckets, avg of 1,440 points)": (
+            f"telemetry aggregate (24 h, 1 h buckets, avg of {POINTS:,} points)": (
                 f"/api/v1/devices/{device}/telemetry?metric=temp&bucket=1h&agg=avg&{window}",
                 bucket_sql("avg"),
                 {

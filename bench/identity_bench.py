@@ -30,14 +30,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from scale import pick
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import LOOPBACK, BrokerAuth, MosquittoServer, PostgresServer, free_port
 from kestrel.runtime.mqttclient import MqttPublisher
-from kestrel.store import registry
 from kestrel.store.migrate import migrate
 from pki.builtin import BuiltinCA
 
 PASSPHRASE = "bench-passphrase-" + uuid.uuid4().hex
+DEVICES = pick(200, 10)
+REQUESTS = pick(4000, 100)
+CONNECTS = pick(2000, 40)
 KEY = "bench-broker-key"
 
 
@@ -138,9 +142,9 @@ def main() -> None:
         migrate(pg.url)
         ca = BuiltinCA(pg.url, PASSPHRASE)
         ca.init_root("bench")
-        registry.create_tenant(pg.url, "bench")
-        devices = [f"auth-{i:04d}" for i in range(200)]
-        registry.create_devices(pg.url, "bench", devices)
+        seed.create_tenant(pg.url, "bench")
+        devices = [f"auth-{i:04d}" for i in range(DEVICES)]
+        seed.create_devices(pg.url, "bench", devices)
         ca.create_tenant_ca("bench", "bench")
         clients = root / "clients"
         clients.mkdir()
@@ -163,12 +167,12 @@ def main() -> None:
         _wait_http(f"http://127.0.0.1:{port}/healthz")
         allowed = lambda status, payload: status == 200 and b'"result":"allow"' in payload  # noqa: E731
         authn = [_authn_request(port, b) for b in bodies]
-        floor = uvloop.run(httpload.measure(port, [httpload.request(port, "GET", "/healthz")], 4000, 16))
+        floor = uvloop.run(httpload.measure(port, [httpload.request(port, "GET", "/healthz")], REQUESTS, 16))
         cold = uvloop.run(httpload.measure(port, authn, len(authn), 16, allowed))  # each device once: uncached
-        auth = uvloop.run(httpload.measure(port, authn, 4000, 16, allowed))
-        print("authsvc (one process), 16 keep-alive connections, 4,000 requests each, lean raw-socket client:")
+        auth = uvloop.run(httpload.measure(port, authn, REQUESTS, 16, allowed))
+        print(f"authsvc (one process), 16 keep-alive connections, {REQUESTS:,} requests each, lean raw-socket client:")
         print(
-            f"  POST /mqtt/authn, first connect of each of 200 devices (database lookups): "
+            f"  POST /mqtt/authn, first connect of each of {DEVICES} devices (database lookups): "
             f"{cold[0]:,.0f} req/s   p50 {cold[1]:.2f} ms   p99 {cold[2]:.2f} ms"
         )
         print(
@@ -212,9 +216,12 @@ def main() -> None:
             ctx.load_cert_chain(str(clients / f"{device}.crt"), str(clients / f"{device}.key"))
             contexts.append((device, ctx))
         assert secured.auth is not None
-        ceiling = uvloop.run(connect_rate(raw.tls_port, contexts, 2000, 16))
-        through = uvloop.run(connect_rate(secured.auth.mtls_port, contexts, 2000, 16))
-        print("mTLS connects (TLS handshake + CONNECT/CONNACK + DISCONNECT), 16 concurrent, 2,000 each, 200 devices:")
+        ceiling = uvloop.run(connect_rate(raw.tls_port, contexts, CONNECTS, 16))
+        through = uvloop.run(connect_rate(secured.auth.mtls_port, contexts, CONNECTS, 16))
+        print(
+            f"mTLS connects (TLS handshake + CONNECT/CONNACK + DISCONNECT), 16 concurrent, {CONNECTS:,} each,"
+            f" {DEVICES} devices:"
+        )
         for label, (rate, p50, p99) in (
             ("Mosquitto, no plugin (ceiling):", ceiling),
             ("Mosquitto + plugin + authsvc:", through),

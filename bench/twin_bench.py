@@ -28,10 +28,13 @@ import httpx
 import msgspec
 import psycopg
 import uvloop
+from scale import pick
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
-from kestrel.store import registry
 from kestrel.store.migrate import migrate
+from kestrel.store.rows import fetch_maybe
+from kestrel_core.messages.twin import CommandRequest
 from kestrel_core.tokens import SCOPES
 from kestrel_device.client import DeviceClient, new_device_key
 from pki.builtin import BuiltinCA
@@ -39,10 +42,10 @@ from pki.builtin import BuiltinCA
 PASSPHRASE = "bench-" + uuid.uuid4().hex
 KEY = "bench-broker-key"
 TENANT = "bench"
-DEVICES = 40
-RATE = 20  # commands per second
-DURATION_S = 15
-REPORTS_PER_DEVICE = 250
+DEVICES = pick(40, 4)
+RATE = pick(20, 5)  # commands per second
+DURATION_S = pick(15, 2)
+REPORTS_PER_DEVICE = pick(250, 20)
 
 
 def _wait(url: str, timeout: float = 60) -> None:
@@ -97,7 +100,7 @@ async def raw_round_trips(port: int, secret: str, devices: list[str]) -> list[fl
         started = time.perf_counter()
         requester.publish(
             f"v1/{TENANT}/d/{device}/cmd/ping",
-            msgspec.json.encode({"request_id": request_id, "name": "ping", "params": {}}),
+            msgspec.json.encode(CommandRequest(request_id=request_id, name="ping")),
             qos=1,
             response_topic=f"v1/{TENANT}/d/{device}/cmd-res/{request_id}",
             correlation_data=request_id.encode(),
@@ -189,21 +192,20 @@ async def platform_report_rate(url: str, devices: list[DeviceClient]) -> float:
         while True:
             if time.monotonic() > deadline:
                 raise RuntimeError("reports were not all committed within 120 s")
-            row = await (
-                await conn.execute(
-                    "SELECT count(*) FROM device_shadows WHERE name = 'bench' AND (reported->>'n')::int = %s",
-                    (REPORTS_PER_DEVICE - 1,),
-                )
-            ).fetchone()
-            if row and row[0] == len(devices):
+            row = await fetch_maybe(
+                conn,
+                "SELECT count(*) AS done FROM device_shadows WHERE name = 'bench' AND (reported->>'n')::int = %s",
+                (REPORTS_PER_DEVICE - 1,),
+            )
+            if row and row["done"] == len(devices):
                 break
             await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        row = await (
-            await conn.execute("SELECT count(*) FROM shadow_history WHERE name = 'bench' AND side = 'reported'")
-        ).fetchone()
-    if row is None or row[0] != total:
+        row = await fetch_maybe(
+            conn, "SELECT count(*) AS recorded FROM shadow_history WHERE name = 'bench' AND side = 'reported'"
+        )
+    if row is None or row["recorded"] != total:
         raise RuntimeError(f"{row} reports recorded, {total} sent")
     return total / elapsed
 
@@ -223,10 +225,10 @@ def main() -> None:
         migrate(pg.url)
         ca = BuiltinCA(pg.url, PASSPHRASE)
         ca.init_root("bench")
-        registry.create_tenant(pg.url, TENANT)
+        seed.create_tenant(pg.url, TENANT)
         ca.create_tenant_ca(TENANT, "bench")
         names = [f"twin-{i:03d}" for i in range(DEVICES)]
-        registry.create_devices(pg.url, TENANT, names)
+        seed.create_devices(pg.url, TENANT, names)
         tls = root / "tls"
         tls.mkdir(mode=0o755)
         cert_pem, key_pem = ca.issue_server(["localhost"], ["127.0.0.1"], 30, "bench")
@@ -243,9 +245,9 @@ def main() -> None:
             context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
             context.load_cert_chain(str(tls / f"{name}.crt"), str(tls / f"{name}.key"))
             contexts.append((name, context))
-        secrets = {n: registry.create_service_principal(pg.url, n, r) for n, r in
+        secrets = {n: seed.create_service_principal(pg.url, n, r) for n, r in
                    (("devicesvc", "devices"), ("benchraw", "devices"), ("authsvc", "control"))}  # fmt: skip
-        _, token = registry.create_api_token(pg.url, TENANT, list(SCOPES), name="bench")
+        _, token = seed.create_api_token(pg.url, TENANT, list(SCOPES), name="bench")
         headers = {"Authorization": f"Bearer {token}"}
         plain, authsvc_port, api_port = free_port(), free_port(), free_port()
         env = os.environ | {

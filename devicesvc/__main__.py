@@ -8,7 +8,8 @@ import sys
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from devicesvc.service import DeviceSettings, run_devicesvc
+from devicesvc.service import run_devicesvc
+from devicesvc.settings import DeviceSettings
 from kestrel.runtime.nats import connect_nats
 from kestrel.runtime.service import run_service, stop_event
 from kestrel.store import DatabaseSettings

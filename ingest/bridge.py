@@ -12,43 +12,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import gmqtt
-import msgspec
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingest.jetstream import JetStreamPublisher, PubAck, deadletter_message
-from kestrel.runtime.mqtt import Ack, install_manual_ack
+from kestrel.runtime.mqtt import Ack, backend_client, connect
 from kestrel_core import streams
 from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.telemetry import TelemetryLimits, normalize
-from kestrel_core.settings import Secret
+from kestrel_core.settings import MqttSettings
 from kestrel_core.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
 
 log = logging.getLogger("kestrel.ingest.bridge")
 
 
-class BridgeSettings(msgspec.Struct, frozen=True, kw_only=True):
+class BridgeSettings(MqttSettings, frozen=True, kw_only=True):
     """``KESTREL_BRIDGE_*``."""
 
-    mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1883
     #: With broker authentication the client id must be ``svc:{mqtt_username}:{instance}`` (ADR-0010).
     client_id: str = "kestrel-ingest-bridge-1"
-    mqtt_username: str = ""
-    mqtt_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    #: Shared subscription group: bridges in the same group split the telemetry.
     share_group: str = INGEST_SHARE_GROUP
     session_expiry_s: int = 7 * 86400
+    #: Most unacknowledged messages the broker may send this bridge at once.
     receive_maximum: int = 1000
+    #: NATS JetStream (the TELEMETRY and DEADLETTER streams).
     nats_url: str = "nats://127.0.0.1:4222"
+    #: A JetStream publish not acknowledged within this is retried.
     ack_timeout_s: float = 5.0
+    #: At shutdown, in-flight publishes get this long before the bridge disconnects (its session keeps the rest).
     drain_timeout_s: float = 15.0
+    #: Prometheus metrics (/metrics) listen here; port 0 turns them off.
     metrics_host: str = "127.0.0.1"
+    #: 0: no metrics endpoint.
     metrics_port: int = 9101
+    #: Larger telemetry messages are dead-lettered (payload_too_large).
     max_payload_bytes: int = 64 * 1024
+    #: Readings further ahead of the bridge's clock are dead-lettered.
     max_future_s: int = 300
+    #: Readings older than this are dead-lettered.
     max_past_s: int = 30 * 86400
 
 
@@ -149,31 +153,14 @@ async def run_bridge(
     bridge = Bridge(settings, publisher, metrics)
     subscriptions = [gmqtt.Subscription(shared_filter(settings.share_group, f), qos=1) for f in TELEMETRY_FILTERS]
 
-    client = gmqtt.Client(
-        settings.client_id,
-        clean_session=False,
-        optimistic_acknowledgement=False,
-        session_expiry_interval=settings.session_expiry_s,
+    client = backend_client(
+        "bridge",
+        settings,
+        lambda topic, payload, _properties, ack: bridge.handle(topic, payload, ack),
+        subscriptions,
         receive_maximum=settings.receive_maximum,
     )
-    client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
-    if settings.mqtt_username:
-        client.set_auth_credentials(settings.mqtt_username, settings.mqtt_password.reveal() or None)
-    install_manual_ack(client, lambda topic, payload, _properties, ack: bridge.handle(topic, payload, ack))
-
-    def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
-        c.subscribe(subscriptions)
-        log.info("bridge connected", extra={"client_id": settings.client_id})
-
-    def on_subscribe(c: Any, mid: Any, granted: Any, properties: Any) -> None:
-        if any(code >= 0x80 for code in granted):
-            # Nothing would ever arrive: say so loudly rather than run idle (a principal without the
-            # ingest role, or a broker ACL that changed).
-            log.error("the broker refused the bridge's subscriptions", extra={"reason_codes": list(granted)})
-
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    await client.connect(settings.mqtt_host, settings.mqtt_port, keepalive=30, version=gmqtt.constants.MQTTv50)
+    await connect(client, settings)
     if ready is not None:
         ready.set()
     await stop.wait()

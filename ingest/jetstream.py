@@ -9,6 +9,7 @@ in one callback subscription.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import itertools
@@ -291,3 +292,31 @@ async def publish_deadletter(
         source=source, reason=reason, detail=detail, payload=payload, msg_id=msg_id, extra=extra
     )
     await publisher.publish(subject, body, headers)
+
+
+async def forward_max_deliveries(nc: NATS, publisher: JetStreamPublisher, durable: str) -> None:
+    """Copy messages that exhausted MaxDeliver into the dead-letter stream (nothing is silently dropped)."""
+
+    async def on_advisory(msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            reply = await nc.request(
+                f"$JS.API.STREAM.MSG.GET.{streams.TELEMETRY_STREAM}", json.dumps({"seq": seq}).encode(), timeout=5
+            )
+            stored = json.loads(reply.data)["message"]
+        except (KeyError, ValueError, TimeoutError):
+            log.exception("could not dead-letter an exhausted message")
+            return
+        await publish_deadletter(
+            publisher,
+            source="writer",
+            reason="max_deliveries",
+            detail=f"stream sequence {seq} exceeded MaxDeliver",
+            payload=base64.b64decode(stored.get("data", "")),
+            msg_id=f"dlq.maxdeliver.{seq}",
+            extra={streams.HDR_TOPIC: stored.get("subject", "")},
+        )
+
+    subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{streams.TELEMETRY_STREAM}.{durable}"
+    await nc.subscribe(subject, cb=on_advisory)

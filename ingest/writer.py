@@ -15,89 +15,66 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from datetime import datetime, timedelta
+from typing import Any
 
 import msgspec
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from psycopg.adapt import Dumper
-from psycopg.pq import Format
 
-from ingest.jetstream import JetStreamPublisher, RawPuller, ensure_writer_consumer, publish_deadletter
+from ingest.jetstream import (
+    JetStreamPublisher,
+    RawPuller,
+    ensure_writer_consumer,
+    forward_max_deliveries,
+    publish_deadletter,
+)
+from ingest.storage import (
+    EPOCH,
+    TOUCH_LAST_SEEN,
+    StorageRejected,
+    StoreResult,
+    prepare_connection,
+    store_rows,
+    to_rows,
+)
 from kestrel_core import streams
 from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.telemetry import TelemetryEnvelope, decode_envelope
 from kestrel_core.ratelimit import TokenBuckets
+from kestrel_core.retry import Backoff
 
 log = logging.getLogger("kestrel.ingest.writer")
-
-EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-STAGE_DDL: Final = (
-    "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage ("
-    " tenant_id text, device_id text, stream text, ts timestamptz, seq bigint, metrics jsonb,"
-    " received_at timestamptz) ON COMMIT DELETE ROWS"
-)
-COPY_STAGE: Final = (
-    "COPY telemetry_stage (tenant_id, device_id, stream, ts, seq, metrics, received_at) FROM STDIN (FORMAT BINARY)"
-)
-COPY_TYPES: Final = ["text", "text", "text", "timestamptz", "int8", "jsonb", "timestamptz"]
-INSERT_FROM_STAGE: Final = """
-WITH inserted AS (
-    INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)
-    SELECT s.tenant_id, s.device_id, s.stream, s.ts, s.seq, s.metrics, s.received_at
-    FROM telemetry_stage s
-    JOIN devices d ON d.device_id = s.device_id AND d.tenant_id = s.tenant_id
-    ON CONFLICT DO NOTHING
-    RETURNING 1)
-SELECT count(*) FROM inserted
-"""
-UNKNOWN_DEVICES: Final = """
-SELECT DISTINCT s.tenant_id, s.device_id FROM telemetry_stage s
-WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.device_id = s.device_id AND d.tenant_id = s.tenant_id)
-"""
-STAGE_BOUNDS: Final = "SELECT min(ts), max(ts) FROM telemetry_stage"
-#: "Last seen" is when the platform last heard from a device, telemetry included (issue 10): the receive time, never
-#: moved back.
-TOUCH_LAST_SEEN: Final = """
-INSERT INTO device_presence (tenant_id, device_id, last_seen)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[])
-ON CONFLICT (device_id) DO UPDATE SET last_seen = greatest(device_presence.last_seen, EXCLUDED.last_seen)
-"""
 
 
 class WriterSettings(msgspec.Struct, frozen=True, kw_only=True):
     """``KESTREL_WRITER_*``; the database comes from ``KESTREL_DATABASE_URL``."""
 
+    #: NATS JetStream (the TELEMETRY stream).
     nats_url: str = "nats://127.0.0.1:4222"
+    #: The durable consumer's name: writers with the same name share the work.
     durable: str = streams.WRITER_DURABLE
+    #: Most messages stored in one transaction.
     batch_size: int = 5000
+    #: A partial batch is stored after this long.
     flush_interval_s: float = 0.05
     ack_wait_s: float = 30.0  # redelivery delay after a writer crash; far above the p99 batch time
+    #: A message redelivered this often is dead-lettered.
     max_deliver: int = 200
+    #: Most messages delivered and not yet acknowledged.
     max_ack_pending: int = 50_000
+    #: Longest back-off before a batch the database refused is redelivered.
     max_nak_delay_s: float = 30.0
+    #: How often tomorrow's partitions are created and quotas re-read.
     maintenance_interval_s: float = 3600.0
     #: A device's "last seen" is written at most this often (telemetry of one device costs no write per message).
     last_seen_interval_s: float = 10.0
+    #: Prometheus metrics (/metrics) listen here; port 0 turns them off.
     metrics_host: str = "127.0.0.1"
+    #: 0: no metrics endpoint.
     metrics_port: int = 9102
-
-
-class RawJson(bytes):
-    """JSON text that is already valid; written to jsonb without re-encoding."""
-
-
-class RawJsonbBinaryDumper(Dumper):
-    """jsonb's binary format is a version byte (1) followed by the JSON text."""
-
-    format = Format.BINARY
-
-    def dump(self, obj: Any) -> bytes:
-        return b"\x01" + bytes(obj)
 
 
 class WriterMetrics:
@@ -131,67 +108,6 @@ class Decoded:
     envelope: TelemetryEnvelope
 
 
-#: tenant, device, stream, ts, seq, metrics, received_at: one staging row
-Row = tuple[str, str, str, datetime, int, RawJson, datetime]
-StoreResult = tuple[int, int, set[tuple[str, str]]]  # rows staged, rows inserted, unknown (tenant, device)
-
-
-def to_rows(envelope: TelemetryEnvelope) -> list[Row]:
-    """The staging rows of one envelope (pure)."""
-    received = EPOCH + timedelta(microseconds=envelope.received_us)
-    return [
-        (
-            envelope.tenant,
-            envelope.device,
-            envelope.stream,
-            EPOCH + timedelta(microseconds=p.ts_us),
-            p.seq,
-            RawJson(p.metrics),
-            received,
-        )
-        for p in envelope.points
-    ]
-
-
-async def prepare_connection(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Raw-JSON jsonb dumping and the session's staging table; once per connection."""
-    RawJsonbBinaryDumper.oid = conn.adapters.types["jsonb"].oid
-    conn.adapters.register_dumper(RawJson, RawJsonbBinaryDumper)
-    await conn.execute(STAGE_DDL)
-    await conn.commit()
-
-
-async def store_rows(conn: psycopg.AsyncConnection[Any], rows: list[Row]) -> StoreResult:
-    """Binary COPY into staging, idempotent insert of known devices' rows, commit.
-
-    Returns (rows staged, rows inserted, unknown devices). A missing daily partition is created and the
-    batch retried once; content PostgreSQL refuses raises ``StorageRejected``.
-    """
-    for attempt in (1, 2):
-        try:
-            async with conn.cursor() as cur:
-                async with cur.copy(COPY_STAGE) as copy:
-                    copy.set_types(COPY_TYPES)
-                    for row in rows:
-                        await copy.write_row(row)
-                inserted_row = await (await cur.execute(INSERT_FROM_STAGE)).fetchone()
-                unknown = {(t, d) for t, d in await (await cur.execute(UNKNOWN_DEVICES)).fetchall()}
-            await conn.commit()
-            return len(rows), int(inserted_row[0]) if inserted_row else 0, unknown
-        except psycopg.errors.CheckViolation:
-            # "no partition of relation found": create the days this batch needs, then retry once.
-            await conn.rollback()
-            if attempt == 2:
-                raise StorageRejected("no partition for the batch") from None
-            times = [row[3] for row in rows]
-            await conn.execute("SELECT telemetry_ensure_partitions(%s, %s)", (min(times), max(times)))
-            await conn.commit()
-        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
-            await conn.rollback()
-            raise StorageRejected(str(exc).splitlines()[0]) from exc
-    raise AssertionError("unreachable")
-
-
 def delivery_count(msg: Msg) -> int:
     """Number of deliveries of ``msg`` from its ``$JS.ACK`` reply subject (1 when unknown)."""
     tokens = msg.reply.split(".")
@@ -222,10 +138,6 @@ class LastSeen:
         for device in newest:
             self._next[device] = now + self.interval_s
         return [(e.tenant, e.device, EPOCH + timedelta(microseconds=e.received_us)) for e in newest.values()]
-
-
-class StorageRejected(Exception):
-    """The database refused a batch for its content (not a transient failure)."""
 
 
 QUOTA_REFRESH_S = 10.0
@@ -402,41 +314,11 @@ class Writer:
                 await self.conn.close()
             self.conn = None
         for item in decoded:
-            delay = min(0.5 * 2 ** (delivery_count(item.msg) - 1), self.settings.max_nak_delay_s)
+            delay = Backoff(base_s=0.5, cap_s=self.settings.max_nak_delay_s).delay(delivery_count(item.msg))
             with contextlib.suppress(Exception):
                 await self.nc.publish(item.msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
         self.metrics.messages.labels("nak").inc(len(decoded))
         await asyncio.sleep(0.5)
-
-
-async def forward_max_deliveries(nc: NATS, publisher: JetStreamPublisher, durable: str) -> None:
-    """Copy messages that exhausted MaxDeliver into the dead-letter stream (nothing is silently dropped)."""
-
-    async def on_advisory(msg: Msg) -> None:
-        try:
-            advisory = json.loads(msg.data)
-            seq = int(advisory["stream_seq"])
-            reply = await nc.request(
-                f"$JS.API.STREAM.MSG.GET.{streams.TELEMETRY_STREAM}", json.dumps({"seq": seq}).encode(), timeout=5
-            )
-            stored = json.loads(reply.data)["message"]
-        except (KeyError, ValueError, TimeoutError):
-            log.exception("could not dead-letter an exhausted message")
-            return
-        import base64  # noqa: PLC0415 - only on this rare path
-
-        await publish_deadletter(
-            publisher,
-            source="writer",
-            reason="max_deliveries",
-            detail=f"stream sequence {seq} exceeded MaxDeliver",
-            payload=base64.b64decode(stored.get("data", "")),
-            msg_id=f"dlq.maxdeliver.{seq}",
-            extra={streams.HDR_TOPIC: stored.get("subject", "")},
-        )
-
-    subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{streams.TELEMETRY_STREAM}.{durable}"
-    await nc.subscribe(subject, cb=on_advisory)
 
 
 async def run_writer(

@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 
 from kestrel.runtime.service import run_service, stop_event
+from kestrel.store import DatabaseSettings
 from kestrel_core.settings import from_env
-from pki.cli import open_ca
 from pki.provisioner import ProvisionerSettings, run_provisioner
+from pki.settings import PkiSettings, open_ca
 
 
 async def amain() -> None:
     settings = from_env(ProvisionerSettings, "KESTREL_PROVISIONER")
-    await run_provisioner(settings, open_ca(), stop_event())
+    database = from_env(DatabaseSettings, "KESTREL_DATABASE").url.reveal()
+    await run_provisioner(settings, open_ca(database, from_env(PkiSettings, "KESTREL_PKI")), stop_event())
 
 
 def main(argv: list[str]) -> int:

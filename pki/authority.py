@@ -8,10 +8,7 @@ Subclasses implement the signing hooks only.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -23,60 +20,7 @@ from psycopg.rows import dict_row
 from kestrel_core.errors import Conflict, InvalidInput, NotFound
 from kestrel_core.topics import require_id
 from pki import x509 as px
-
-
-@dataclass(frozen=True)
-class IssuedCertificate:
-    serial: str
-    tenant: str
-    device: str
-    not_after: dt.datetime
-    cert_pem: str
-    chain_pem: str  # tenant CA, then root
-
-    @property
-    def _chain(self) -> tuple[str, str]:
-        end = "-----END CERTIFICATE-----\n"
-        tenant_ca, _, root = self.chain_pem.partition(end)
-        return tenant_ca + end, root
-
-    @property
-    def root_pem(self) -> str:
-        """The root certificate: what devices (``--cafile``) and brokers trust."""
-        return self._chain[1]
-
-    @property
-    def full_chain_pem(self) -> str:
-        """The device certificate followed by its tenant CA: what a device presents in its TLS handshake,
-        so brokers need to trust only the root."""
-        return self.cert_pem + self._chain[0]
-
-
-@dataclass(frozen=True)
-class NewAuthority:
-    certificate: x509.Certificate
-    key_encrypted: str | None  # None when the backend holds the key (Vault/OpenBao)
-
-
-def audit(
-    conn: psycopg.Connection[Any],
-    actor: str,
-    action: str,
-    *,
-    tenant: str | None = None,
-    device: str | None = None,
-    serial: str | None = None,
-    **detail: object,
-) -> None:
-    conn.execute(
-        "INSERT INTO pki_audit (actor, action, tenant_id, device_id, serial, detail) VALUES (%s, %s, %s, %s, %s, %s)",
-        (actor, action, tenant, device, serial, json.dumps(detail, default=str)),
-    )
-
-
-def check_reason(reason: str) -> None:
-    if reason not in px.REASONS:
-        raise InvalidInput("bad_reason", f"reason must be one of: {', '.join(px.REASONS)}")
+from pki.records import IssuedCertificate, NewAuthority, audit, check_reason
 
 
 class DatabaseCA(ABC):
@@ -123,8 +67,9 @@ class DatabaseCA(ABC):
 
     # ------------------------------------------------------------------------------- authorities
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.conninfo)
+    def _connect(self) -> psycopg.Connection[dict[str, Any]]:
+        """A connection whose rows are read by name."""
+        return psycopg.connect(self.conninfo, row_factory=dict_row)
 
     def _record_authority(
         self, conn: psycopg.Connection[Any], ca_id: str, tenant: str | None, new: NewAuthority
@@ -166,9 +111,9 @@ class DatabaseCA(ABC):
             what = "root CA" if ca_id == "root" else f"CA of tenant {ca_id.removeprefix('tenant:')}"
             hint = "`kestrel pki init`" if ca_id == "root" else "`kestrel pki tenant-ca TENANT`"
             raise NotFound(f"the {what} does not exist; create it with {hint}")
-        if row[2] != "active":
+        if row["status"] != "active":
             raise Conflict(f"the {'root CA' if ca_id == 'root' else 'tenant CA'} is revoked; nothing can be signed")
-        return str(row[0]), row[1]
+        return str(row["cert_pem"]), row["key_encrypted"]
 
     def create_tenant_ca(self, tenant: str, actor: str) -> str:
         require_id("tenant", tenant)
@@ -199,7 +144,7 @@ class DatabaseCA(ABC):
             row = conn.execute("SELECT cert_pem FROM pki_authorities WHERE ca_id = 'root'").fetchone()
         if row is None:
             raise NotFound("the root CA does not exist; create it with `kestrel pki init`")
-        return str(row[0])
+        return str(row["cert_pem"])
 
     def chain(self, tenant: str) -> str:
         """PEM of the tenant CA followed by the root."""
@@ -210,7 +155,7 @@ class DatabaseCA(ABC):
             ).fetchall()
         if len(rows) != 2:
             raise NotFound(f"tenant {tenant} has no CA")
-        return "".join(r[0] for r in rows)
+        return "".join(r["cert_pem"] for r in rows)
 
     def issue_server(self, hostnames: list[str], addresses: list[str], days: int, actor: str) -> tuple[str, str]:
         """A broker server certificate signed by the root, its key generated here (it is our own server).
@@ -268,18 +213,22 @@ class DatabaseCA(ABC):
             conn, actor, action, tenant=tenant, device=device, serial=serial, not_after=cert.not_valid_after_utc,
             backend=self.backend, **detail,
         )  # fmt: skip
-        root = conn.execute("SELECT cert_pem FROM pki_authorities WHERE ca_id = 'root'").fetchone()
-        chain = ca_pem + (root[0] if root else "")
+        chain = ca_pem + self._root_pem(conn)
         return IssuedCertificate(serial, tenant, device, cert.not_valid_after_utc, px.pem(cert), chain)
+
+    @staticmethod
+    def _root_pem(conn: psycopg.Connection[Any]) -> str:
+        root = conn.execute("SELECT cert_pem FROM pki_authorities WHERE ca_id = 'root'").fetchone()
+        return str(root["cert_pem"]) if root else ""
 
     @staticmethod
     def _device_tenant(conn: psycopg.Connection[Any], device: str) -> str:
         row = conn.execute("SELECT tenant_id, status FROM devices WHERE device_id = %s", (device,)).fetchone()
         if row is None:
             raise NotFound(f"device {device} is not registered")
-        if row[1] in ("suspended", "decommissioned"):
-            raise Conflict(f"device {device} is {row[1]}; it cannot get a certificate")
-        return str(row[0])
+        if row["status"] in ("suspended", "decommissioned"):
+            raise Conflict(f"device {device} is {row['status']}; it cannot get a certificate")
+        return str(row["tenant_id"])
 
     def sign_csr(self, csr: bytes, device: str, days: int, actor: str) -> IssuedCertificate:
         request = px.load_csr(csr)
@@ -299,39 +248,40 @@ class DatabaseCA(ABC):
         px.check_device_csr(request, device)
         with self._connect() as conn, conn.transaction():
             claim = conn.execute(
-                "SELECT tenant_id, status, used, max_uses, expires_at > now(), group_id, tags"
+                "SELECT tenant_id, status, used, max_uses, expires_at > now() AS current, group_id, tags"
                 " FROM provisioning_claims WHERE claim_id = %s FOR UPDATE",
                 (claim_id,),
             ).fetchone()
-            if claim is None or claim[0] != tenant:
+            if claim is None or claim["tenant_id"] != tenant:
                 raise NotFound("no such provisioning claim")
             existing = conn.execute(
                 "SELECT tenant_id, claim_id FROM devices WHERE device_id = %s", (device,)
             ).fetchone()
             if existing is not None:
-                again = self._issued_for_key(conn, device, request) if tuple(existing) == (tenant, claim_id) else None
+                mine = (existing["tenant_id"], existing["claim_id"]) == (tenant, claim_id)
+                again = self._issued_for_key(conn, device, request) if mine else None
                 if again is not None:
                     return again
                 raise Conflict(f"device id {device} is already registered")
-            if claim[1] != "active" or not claim[4] or claim[2] >= claim[3]:
+            if claim["status"] != "active" or not claim["current"] or claim["used"] >= claim["max_uses"]:
                 raise Conflict("the provisioning claim is revoked, expired or used up")
             quota = conn.execute(
-                "SELECT t.max_devices, (SELECT count(*) FROM devices d WHERE d.tenant_id = t.tenant_id)"
+                "SELECT t.max_devices, (SELECT count(*) FROM devices d WHERE d.tenant_id = t.tenant_id) AS devices"
                 " FROM tenants t WHERE t.tenant_id = %s AND t.status = 'active'",
                 (tenant,),
             ).fetchone()
-            if quota is None or (quota[0] is not None and quota[1] >= quota[0]):
+            if quota is None or (quota["max_devices"] is not None and quota["devices"] >= quota["max_devices"]):
                 raise Conflict("the tenant is suspended or its device quota is reached")
             conn.execute("UPDATE provisioning_claims SET used = used + 1 WHERE claim_id = %s", (claim_id,))
             conn.execute(
                 "INSERT INTO devices (device_id, tenant_id, tags, claim_id) VALUES (%s, %s, %s, %s)",
-                (device, tenant, claim[6], claim_id),
+                (device, tenant, claim["tags"], claim_id),
             )
-            if claim[5]:
+            if claim["group_id"]:
                 conn.execute(
                     "INSERT INTO device_group_members (tenant_id, group_id, device_id) SELECT %s, %s, %s"
                     " WHERE EXISTS (SELECT 1 FROM device_groups WHERE tenant_id = %s AND group_id = %s)",
-                    (tenant, claim[5], device, tenant, claim[5]),
+                    (tenant, claim["group_id"], device, tenant, claim["group_id"]),
                 )
             return self._issue(
                 conn, request, request.public_key(), tenant, device, days, actor, "certificate_provisioned",
@@ -342,15 +292,16 @@ class DatabaseCA(ABC):
         self, conn: psycopg.Connection[Any], device: str, request: x509.CertificateSigningRequest
     ) -> IssuedCertificate | None:
         wanted = px.public_key_der(request.public_key())
-        for serial, tenant, pem, not_after in conn.execute(
+        for row in conn.execute(
             "SELECT serial, tenant_id, cert_pem, not_after FROM pki_certificates"
             " WHERE device_id = %s AND status = 'active' ORDER BY created_at DESC",
             (device,),
         ).fetchall():
-            if px.public_key_der(px.load_certificate(pem).public_key()) == wanted:
+            if px.public_key_der(px.load_certificate(row["cert_pem"]).public_key()) == wanted:
+                tenant = row["tenant_id"]
                 ca_pem, _ = self._authority_row(conn, f"tenant:{tenant}")
-                root = conn.execute("SELECT cert_pem FROM pki_authorities WHERE ca_id = 'root'").fetchone()
-                return IssuedCertificate(serial, tenant, device, not_after, pem, ca_pem + (root[0] if root else ""))
+                chain = ca_pem + self._root_pem(conn)
+                return IssuedCertificate(row["serial"], tenant, device, row["not_after"], row["cert_pem"], chain)
         return None
 
     def renew(self, serial: str, days: int, actor: str, csr: bytes | None = None) -> IssuedCertificate:
@@ -362,16 +313,17 @@ class DatabaseCA(ABC):
             ).fetchone()
             if row is None:
                 raise NotFound(f"no certificate with serial {serial}")
-            if row[3] != "active":
+            if row["status"] != "active":
                 raise Conflict(f"certificate {serial} is revoked; enrol the device again with a new CSR")
-            self._device_tenant(conn, row[1])
+            device = row["device_id"]
+            self._device_tenant(conn, device)
             request = None
             if csr is not None:
                 request = px.load_csr(csr)
-                px.check_device_csr(request, row[1])
-            key = request.public_key() if request else px.load_certificate(row[2]).public_key()
+                px.check_device_csr(request, device)
+            key = request.public_key() if request else px.load_certificate(row["cert_pem"]).public_key()
             return self._issue(
-                conn, request, key, row[0], row[1], days, actor, "certificate_renewed", renews=serial.lower()
+                conn, request, key, row["tenant_id"], device, days, actor, "certificate_renewed", renews=serial.lower()
             )
 
     def revoke(self, serial: str, reason: str, actor: str) -> None:
@@ -390,7 +342,7 @@ class DatabaseCA(ABC):
             ).fetchall()
             if not rows:
                 raise NotFound(f"device {device} has no active certificate")
-            revoked = [(self._revoke(conn, r[0], reason, actor), r[0]) for r in rows]
+            revoked = [(self._revoke(conn, r["serial"], reason, actor), r["serial"]) for r in rows]
         for tenant, serial in revoked:
             self._revoked(tenant, serial)
         return [serial for _, serial in revoked]
@@ -404,15 +356,16 @@ class DatabaseCA(ABC):
         ).fetchone()
         if row is None:
             raise NotFound(f"no active certificate with serial {serial}")
-        audit(conn, actor, "certificate_revoked", tenant=row[0], device=row[1], serial=serial, reason=reason)
-        return str(row[0])
+        audit(conn, actor, "certificate_revoked", tenant=row["tenant_id"], device=row["device_id"], serial=serial,
+              reason=reason)  # fmt: skip
+        return str(row["tenant_id"])
 
     def crl(self, tenant: str) -> bytes:
         with self._connect() as conn, conn.transaction():
             self._authority_row(conn, f"tenant:{tenant}")
             revoked = [
-                px.Revoked(s, at, reason)
-                for s, at, reason in conn.execute(
+                px.Revoked(r["serial"], r["revoked_at"], r["revocation_reason"])
+                for r in conn.execute(
                     "SELECT serial, revoked_at, revocation_reason FROM pki_certificates"
                     " WHERE issuer_ca = %s AND status = 'revoked' ORDER BY revoked_at",
                     (f"tenant:{tenant}",),
@@ -424,8 +377,7 @@ class DatabaseCA(ABC):
         self, *, tenant: str | None = None, device: str | None = None, status: str | None = None
     ) -> list[dict[str, Any]]:
         with self._connect() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            return cur.execute(
+            return conn.execute(
                 "SELECT serial, tenant_id, device_id, status, not_before, not_after, revoked_at, revocation_reason,"
                 " fingerprint_sha256 FROM pki_certificates"
                 " WHERE (%(t)s::text IS NULL OR tenant_id = %(t)s) AND (%(d)s::text IS NULL OR device_id = %(d)s)"

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from pki import x509 as px
-from pki.authority import DatabaseCA, NewAuthority
+from pki.authority import DatabaseCA
+from pki.records import NewAuthority
 
 
 class BuiltinCA(DatabaseCA):
@@ -65,6 +66,6 @@ class BuiltinCA(DatabaseCA):
 
     def _crl(self, conn: psycopg.Connection[Any], tenant: str, revoked: list[px.Revoked]) -> bytes:
         ca_key, ca = self._key_and_cert(conn, f"tenant:{tenant}")
-        number = conn.execute("SELECT nextval('pki_crl_number')").fetchone()
-        crl = px.build_crl(revoked, ca_key, ca, int(number[0]) if number else 1)
+        number = conn.execute("SELECT nextval('pki_crl_number') AS number").fetchone()
+        crl = px.build_crl(revoked, ca_key, ca, int(number["number"]) if number else 1)
         return crl.public_bytes(serialization.Encoding.PEM)

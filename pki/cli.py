@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -14,20 +12,21 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kestrel.cli import database_url, state_dir
+from kestrel.cli.env import database_url, state_dir
+from kestrel.store.session import operator
 from kestrel_core.errors import Conflict, InvalidInput, NotFound
+from kestrel_core.settings import from_env
+from pki import settings
 from pki import x509 as px
-from pki.authority import DatabaseCA, IssuedCertificate
-from pki.builtin import BuiltinCA
+from pki.authority import DatabaseCA
+from pki.records import IssuedCertificate
 
 app = typer.Typer(no_args_is_help=True, help="Certificate authorities and device certificates.")
 REASON_HELP = f"One of: {', '.join(px.REASONS)}"
 
 
 def _passphrase(generate: bool = False) -> str:
-    """``KESTREL_PKI_PASSPHRASE``, else the embedded default's ``pki-passphrase`` file (0600)."""
-    if value := os.environ.get("KESTREL_PKI_PASSPHRASE"):
-        return value
+    """The embedded default's ``pki-passphrase`` file (0600), when ``KESTREL_PKI_PASSPHRASE`` is not set."""
     path = state_dir() / "pki-passphrase"
     if path.exists():
         return path.read_text().strip()
@@ -41,23 +40,14 @@ def _passphrase(generate: bool = False) -> str:
 
 
 def open_ca(generate: bool = False) -> DatabaseCA:
-    """``KESTREL_PKI_BACKEND``: ``builtin`` (default; keys encrypted in PostgreSQL) or ``openbao``
-    (``KESTREL_PKI_OPENBAO_ADDR`` and ``KESTREL_PKI_OPENBAO_TOKEN``; Vault works the same)."""
-    backend = os.environ.get("KESTREL_PKI_BACKEND", "builtin")
-    if backend == "builtin":
-        return BuiltinCA(database_url(), _passphrase(generate))
-    if backend == "openbao":
-        from pki.openbao import OpenBaoCA  # noqa: PLC0415 - hvac only when used
-
-        addr, token = os.environ.get("KESTREL_PKI_OPENBAO_ADDR"), os.environ.get("KESTREL_PKI_OPENBAO_TOKEN")
-        if not addr or not token:
-            raise InvalidInput("no_openbao", "set KESTREL_PKI_OPENBAO_ADDR and KESTREL_PKI_OPENBAO_TOKEN")
-        return OpenBaoCA(database_url(), addr, token, prefix=os.environ.get("KESTREL_PKI_OPENBAO_PREFIX", "kestrel"))
-    raise InvalidInput("bad_backend", "KESTREL_PKI_BACKEND must be builtin or openbao")
+    """The backend ``KESTREL_PKI_*`` configures (``pki.settings``), on the CLI's database."""
+    return settings.open_ca(
+        database_url(), from_env(settings.PkiSettings, "KESTREL_PKI"), lambda: _passphrase(generate)
+    )
 
 
 def _actor() -> str:
-    return f"cli:{getpass.getuser()}"
+    return operator().name
 
 
 @app.command()

@@ -22,7 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from kestrel_core.errors import InvalidInput, Unavailable
 from pki import x509 as px
-from pki.authority import DatabaseCA, NewAuthority
+from pki.authority import DatabaseCA
+from pki.records import NewAuthority
 
 DEVICE_ROLE = "device"
 SERVER_ROLE = "server"

@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 import gmqtt
 import msgspec
 
-from kestrel.runtime.mqtt import Ack, install_manual_ack
+from kestrel.runtime.mqtt import Ack, backend_client, connect
 from kestrel_core.errors import InvalidInput, KestrelError
-from kestrel_core.settings import Secret
+from kestrel_core.messages.twin import ProvisionDenied, ProvisionGranted, ProvisionRequest
+from kestrel_core.settings import MqttSettings
 from kestrel_core.topics import (
     PROVISION_REQUEST_FILTER,
     PROVISION_SHARE_GROUP,
@@ -34,24 +34,21 @@ from pki.authority import DatabaseCA
 log = logging.getLogger("kestrel.pki.provisioner")
 
 
-class ProvisionerSettings(msgspec.Struct, frozen=True, kw_only=True):
+class ProvisionerSettings(MqttSettings, frozen=True, kw_only=True):
     """``KESTREL_PROVISIONER_*``."""
 
-    mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1883
     client_id: str = "svc:provisioner:1"
-    mqtt_username: str = ""
-    mqtt_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    #: Shared subscription group: provisioners in the same group split the requests.
     share_group: str = PROVISION_SHARE_GROUP
+    #: Lifetime of a provisioned device certificate.
     certificate_days: int = 365
+    #: Larger provisioning requests are refused.
     max_csr_bytes: int = 16 * 1024
 
 
-class ProvisionRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    csr: str
-
-
-def answer(topic: str, payload: bytes, ca: DatabaseCA, settings: ProvisionerSettings) -> tuple[str, dict[str, Any]]:
+def answer(
+    topic: str, payload: bytes, ca: DatabaseCA, settings: ProvisionerSettings
+) -> tuple[str, ProvisionGranted | ProvisionDenied]:
     """The response topic and body for one request (blocking: signs in the database, maybe in OpenBao)."""
     uplink = parse_uplink(topic)
     if uplink.kind != "provision":
@@ -71,29 +68,28 @@ def answer(topic: str, payload: bytes, ca: DatabaseCA, settings: ProvisionerSett
     except KestrelError as exc:
         reason = exc.reason if isinstance(exc, InvalidInput) else exc.kind
         log.info("provisioning refused", extra={"reason": reason, "device": uplink.device, "claim": uplink.arg})
-        return response_topic, {"status": "error", "error": reason, "detail": exc.detail}
+        return response_topic, ProvisionDenied(error=reason, detail=exc.detail)
     log.info("device provisioned", extra={"device": uplink.device, "claim": uplink.arg, "serial": issued.serial})
-    return response_topic, {
-        "status": "ok",
-        "device_id": uplink.device,
-        "serial": issued.serial,
-        "certificate": issued.cert_pem,
-        "chain": issued.full_chain_pem,
-        "root": issued.root_pem,
-    }
+    return response_topic, ProvisionGranted(
+        device_id=uplink.device,
+        serial=issued.serial,
+        certificate=issued.cert_pem,
+        chain=issued.full_chain_pem,
+        root=issued.root_pem,
+    )
 
 
 async def run_provisioner(
     settings: ProvisionerSettings, ca: DatabaseCA, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
-    client = gmqtt.Client(
-        settings.client_id, clean_session=False, optimistic_acknowledgement=False, session_expiry_interval=86400
-    )
-    client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
-    if settings.mqtt_username:
-        client.set_auth_credentials(settings.mqtt_username, settings.mqtt_password.reveal() or None)
     queue: asyncio.Queue[tuple[str, bytes, Ack]] = asyncio.Queue()
-    install_manual_ack(client, lambda topic, payload, _properties, ack: queue.put_nowait((topic, payload, ack)))
+    subscriptions = [gmqtt.Subscription(shared_filter(settings.share_group, PROVISION_REQUEST_FILTER), qos=1)]
+    client = backend_client(
+        "provisioner",
+        settings,
+        lambda topic, payload, _properties, ack: queue.put_nowait((topic, payload, ack)),
+        subscriptions,
+    )
 
     async def work() -> None:
         while True:
@@ -110,13 +106,8 @@ async def run_provisioner(
             client.publish(response_topic, msgspec.json.encode(body), qos=1)
             ack()
 
-    def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
-        c.subscribe([gmqtt.Subscription(shared_filter(settings.share_group, PROVISION_REQUEST_FILTER), qos=1)])
-        log.info("provisioner connected", extra={"client_id": settings.client_id})
-
-    client.on_connect = on_connect
-    worker = asyncio.create_task(work())
-    await client.connect(settings.mqtt_host, settings.mqtt_port, keepalive=30, version=gmqtt.constants.MQTTv50)
+    worker = asyncio.create_task(work(), name="provisioner-worker")
+    await connect(client, settings)
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -22,6 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import (
     ManagedProcess,
     MosquittoServer,
@@ -33,7 +34,6 @@ from kestrel.devtools.servers import (
     free_port,
     http_ok,
 )
-from kestrel.store import registry
 from kestrel.store.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +95,29 @@ def platform_url_for(postgres: PostgresServer, database_url: str) -> str:
     return postgres.platform_url.rsplit("/", 1)[0] + "/" + database_url.rsplit("/", 1)[1]
 
 
+def start_api(postgres: PostgresServer, database_url: str, root: Path, admin_token: str) -> tuple[ServiceProcess, int]:
+    """``python -m api`` (uvicorn, a free loopback port) on ``database_url`` as the API's and the platform's roles,
+    with an OAuth signing key; started and ready."""
+    from api.auth.access_tokens import new_signing_key_pem  # noqa: PLC0415 - only the tests that run an API
+
+    port = free_port()
+    key = root / "signing.key"
+    key.write_bytes(new_signing_key_pem())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")} | {
+        "KESTREL_API_DATABASE_URL": api_url_for(postgres, database_url),
+        "KESTREL_API_PLATFORM_DATABASE_URL": platform_url_for(postgres, database_url),
+        "KESTREL_API_ADMIN_TOKEN": admin_token,
+        "KESTREL_API_PORT": str(port),
+        "KESTREL_API_SIGNING_KEY_FILE": str(key),
+    }
+    api = ServiceProcess(name="api", log_path=root / "api.log", argv=[sys.executable, "-m", "api"], env=env)
+    api.start()
+    if not wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 30):
+        api.stop()
+        raise AssertionError("api did not start")
+    return api, port
+
+
 @pytest.fixture
 def api_database_url(postgres: PostgresServer) -> str:
     """The session database as the API's role (no table owned, no BYPASSRLS)."""
@@ -105,7 +128,7 @@ def tenant_token(database_url: str, tenant: str, *scopes: str) -> dict[str, str]
     """Authorization headers with a fresh API token of ``tenant`` (every scope unless some are named)."""
     from kestrel_core.tokens import SCOPES  # noqa: PLC0415
 
-    _, token = registry.create_api_token(database_url, tenant, list(scopes or SCOPES), name="test")
+    _, token = seed.create_api_token(database_url, tenant, list(scopes or SCOPES), name="test")
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -177,8 +200,8 @@ def new_tenant(database_url: str, devices: int = 3, prefix: str = "t") -> Tenant
     """A registered tenant with ``devices`` registered devices, ids unique to this call."""
     tag = uuid.uuid4().hex[:10]
     tenant = Tenant(f"{prefix}-{tag}", [f"{prefix}-{tag}-{i}" for i in range(devices)])
-    registry.create_tenant(database_url, tenant.id)
-    registry.create_devices(database_url, tenant.id, tenant.devices)
+    seed.create_tenant(database_url, tenant.id)
+    seed.create_devices(database_url, tenant.id, tenant.devices)
     return tenant
 
 

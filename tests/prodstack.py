@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psycopg
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
-from kestrel.store import registry
 from kestrel_core.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
 from kestrel_device.client import new_device_key
 from pki.builtin import BuiltinCA
@@ -56,8 +56,8 @@ class ProdStack:
     def tenant(self, devices: int = 0, prefix: str = "p") -> tuple[str, list[str]]:
         tag = uuid.uuid4().hex[:8]
         tenant, ids = f"{prefix}-{tag}", [f"{prefix}-{tag}-{i}" for i in range(devices)]
-        registry.create_tenant(self.url, tenant)
-        registry.create_devices(self.url, tenant, ids)
+        seed.create_tenant(self.url, tenant)
+        seed.create_devices(self.url, tenant, ids)
         self.ca.create_tenant_ca(tenant, "test")
         return tenant, ids
 
@@ -200,7 +200,7 @@ def prod_stack(
     (root / "server.key").write_text(key_pem)
     (root / "ca.pem").write_text(ca.root_pem())
     roles = {"authsvc": "control", "ingest": "ingest", "devicesvc": "devices", "provisioner": "provisioning"}
-    secrets = {name: registry.create_service_principal(url, name, role) for name, role in roles.items()}
+    secrets = {name: seed.create_service_principal(url, name, role) for name, role in roles.items()}
     ports = {name: free_port() for name in ("authsvc", "api", "bridge", "writer", "devicesvc")}
     auth = BrokerAuth(
         authn_url=f"http://127.0.0.1:{ports['authsvc']}/mqtt/authn",

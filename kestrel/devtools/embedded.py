@@ -28,7 +28,9 @@ import psycopg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from psycopg.rows import dict_row
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import (
     LOOPBACK,
     BrokerAuth,
@@ -42,7 +44,6 @@ from kestrel.devtools.servers import (
 )
 from kestrel.devtools.simulate import device_ids
 from kestrel.devtools.supervisor import Supervisor
-from kestrel.store import registry
 from kestrel.store.migrate import migrate
 from kestrel_core.tokens import SCOPES
 from kestrel_core.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
@@ -182,8 +183,8 @@ class EmbeddedStack:
         if not passphrase.exists():
             passphrase.write_text(secrets.token_urlsafe(32) + "\n")
             passphrase.chmod(0o600)
-        with psycopg.connect(self.postgres.url) as conn:
-            authorities = {r[0] for r in conn.execute("SELECT ca_id FROM pki_authorities")}
+        with psycopg.connect(self.postgres.url, row_factory=dict_row) as conn:
+            authorities = {r["ca_id"] for r in conn.execute("SELECT ca_id FROM pki_authorities")}
         if "root" not in authorities:
             self._kestrel("pki", "init")
         if f"tenant:{DEMO_TENANT}" not in authorities:
@@ -206,14 +207,12 @@ class EmbeddedStack:
             public = key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
-            kid_file.write_text(registry.add_jwt_key(self.postgres.url, DEMO_TENANT, public) + "\n")
+            kid_file.write_text(seed.add_jwt_key(self.postgres.url, DEMO_TENANT, public) + "\n")
         self.secrets = {
-            "ingest": registry.create_service_principal(self.postgres.url, "ingest", "ingest", rotate=True),
-            "authsvc": registry.create_service_principal(self.postgres.url, "authsvc", "control", rotate=True),
-            "devicesvc": registry.create_service_principal(self.postgres.url, "devicesvc", "devices", rotate=True),
-            "provisioner": registry.create_service_principal(
-                self.postgres.url, "provisioner", "provisioning", rotate=True
-            ),
+            "ingest": seed.create_service_principal(self.postgres.url, "ingest", "ingest", rotate=True),
+            "authsvc": seed.create_service_principal(self.postgres.url, "authsvc", "control", rotate=True),
+            "devicesvc": seed.create_service_principal(self.postgres.url, "devicesvc", "devices", rotate=True),
+            "provisioner": seed.create_service_principal(self.postgres.url, "provisioner", "provisioning", rotate=True),
             "broker-key": "bk_" + secrets.token_urlsafe(32),
         }
         self.mosquitto.auth = BrokerAuth(
@@ -244,9 +243,9 @@ class EmbeddedStack:
             server.start()
             self.supervisor.add(server.name, server, server.start)
         migrate(self.postgres.url)
-        registry.create_tenant(self.postgres.url, DEMO_TENANT, "Demo tenant", exist_ok=True)
+        seed.create_tenant(self.postgres.url, DEMO_TENANT, "Demo tenant", exist_ok=True)
         sims = device_ids("sim", self.devices)
-        registry.create_devices(self.postgres.url, DEMO_TENANT, [FIRST_DEVICE, *sims], exist_ok=True)
+        seed.create_devices(self.postgres.url, DEMO_TENANT, [FIRST_DEVICE, *sims], exist_ok=True)
         print("  provisioning PKI and credentials ...", flush=True)
         self._provision()
         token = _read_or_create_token(self.state / "admin-token")
@@ -260,7 +259,7 @@ class EmbeddedStack:
             signing_key.chmod(0o600)
         demo_token = self.state / "demo-token"  # an admin-scoped API token of the demo tenant, for curl
         if not demo_token.exists():
-            _, value = registry.create_api_token(
+            _, value = seed.create_api_token(
                 self.postgres.url, DEMO_TENANT, list(SCOPES), name="embedded default", days=365
             )
             demo_token.write_text(value + "\n")
@@ -283,7 +282,9 @@ class EmbeddedStack:
         self._service("bridge", [py, "-m", "ingest", "bridge"], env)
         self._service("api", [py, "-m", "api"], env)
         self._service("devicesvc", [py, "-m", "devicesvc"], env)
-        self._service("provisioner", [py, "-m", "pki", "provisioner"], env)
+        # The provisioner alone holds the CA passphrase (ADR-0013); the other services never see it.
+        pki = {"KESTREL_PKI_PASSPHRASE": (self.state / "pki-passphrase").read_text().strip()}
+        self._service("provisioner", [py, "-m", "pki", "provisioner"], env | pki)
         if self.simulator and self.devices:
             sim = [py, "-m", "kestrel", "simulate", "--port", str(self.ports.mqtt), "--tenant", DEMO_TENANT]
             sim += ["--devices", str(self.devices), "--rate", str(self.rate)]

@@ -20,7 +20,11 @@ import msgspec
 
 from kestrel.runtime.mqttclient import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
 from kestrel_core.errors import InvalidInput
+from kestrel_core.retry import Backoff
 from kestrel_core.topics import MQTT_JWT_AUDIENCE, telemetry_topic
+
+#: A simulated device that lost the broker tries again soon, but not in step with the rest of the fleet.
+RECONNECT = Backoff(base_s=0.25, cap_s=2.0)
 
 
 @dataclass
@@ -151,6 +155,7 @@ class Fleet:
         return self.stats
 
     async def _reconnect(self, index: int) -> None:
+        failures = 0
         try:
             while not self._stop.is_set():
                 device = self.device_ids[index]
@@ -171,7 +176,8 @@ class Fleet:
                     if isinstance(exc, MqttError) and exc.reason_code == CLOSED_WITHOUT_CONNACK:
                         self.stats.closed_without_connack += 1
                     self.stats.reconnects += 1
-                    await asyncio.sleep(0.5)
+                    failures += 1
+                    await asyncio.sleep(RECONNECT.delay(failures))
                     continue
                 old, self._clients[index] = self._clients[index], client
                 if old is not None:

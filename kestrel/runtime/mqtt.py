@@ -10,6 +10,8 @@ from typing import Any
 
 import gmqtt
 
+from kestrel_core.settings import MqttSettings
+
 log = logging.getLogger("kestrel.runtime.mqtt")
 
 Ack = Callable[[], None]
@@ -59,3 +61,48 @@ def install_manual_ack(client: gmqtt.Client, handle: Callable[[str, bytes, Any, 
 
     handler._handle_qos_1_publish_packet = on_qos1  # noqa: SLF001
     client.on_message = lambda c, topic, payload, qos, properties: handle(topic, payload, properties, _noop)  # QoS 0
+
+
+def backend_client(
+    name: str,
+    settings: MqttSettings,
+    handle: Callable[[str, bytes, Any, Ack], None],
+    subscriptions: list[gmqtt.Subscription],
+    *,
+    receive_maximum: int | None = None,
+) -> gmqtt.Client:
+    """A backend principal's client: persistent session, PUBACK after the work (``install_manual_ack``), reconnects
+    forever, subscribes on every (re)connect (logging "``name`` connected") and says so loudly when the broker refuses
+    a subscription."""
+    extra = {} if receive_maximum is None else {"receive_maximum": receive_maximum}
+    client = gmqtt.Client(
+        settings.client_id,
+        clean_session=False,
+        optimistic_acknowledgement=False,
+        session_expiry_interval=settings.session_expiry_s,
+        **extra,
+    )
+    client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
+    if settings.mqtt_username:
+        client.set_auth_credentials(settings.mqtt_username, settings.mqtt_password.reveal() or None)
+    install_manual_ack(client, handle)
+
+    def on_connect(c: Any, flags: Any, rc: Any, properties: Any) -> None:
+        c.subscribe(subscriptions)
+        log.info(f"{name} connected", extra={"client_id": settings.client_id})
+
+    def on_subscribe(c: Any, mid: Any, granted: Any, properties: Any) -> None:
+        if any(code >= 0x80 for code in granted):
+            # Nothing would ever arrive: say so rather than run idle (a principal without the role, or an ACL change).
+            log.error(
+                "the broker refused subscriptions", extra={"client_id": settings.client_id, "codes": list(granted)}
+            )
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    return client
+
+
+async def connect(client: gmqtt.Client, settings: MqttSettings) -> None:
+    """MQTT 5, keep-alive 30 s."""
+    await client.connect(settings.mqtt_host, settings.mqtt_port, keepalive=30, version=gmqtt.constants.MQTTv50)

@@ -11,6 +11,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from kestrel_core import streams
+from kestrel_core.retry import Backoff
 
 log = logging.getLogger("kestrel.runtime.nats")
 
@@ -21,8 +22,10 @@ async def connect_nats(url: str, name: str) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
-    delay = 0.2
+    backoff = Backoff(base_s=0.2, cap_s=5.0)
+    attempt = 0
     while True:
+        attempt += 1
         try:
             return await nats.connect(
                 url,
@@ -35,8 +38,7 @@ async def connect_nats(url: str, name: str) -> NATS:
             )
         except Exception as exc:  # noqa: BLE001 - any failure to reach NATS is retried
             log.warning("nats not reachable yet: %s", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff.delay(attempt))
 
 
 def deadletter_config(max_age_s: int = 14 * 86400) -> StreamConfig:

@@ -13,10 +13,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
+from psycopg.rows import dict_row
 
+from kestrel.store.rows import fetch_maybe
 from kestrel_core.errors import Conflict
 
 Variant = Literal["native", "timescale"]
@@ -87,10 +89,8 @@ def migrate(conninfo: str) -> list[Migration]:
                 " version integer PRIMARY KEY, name text NOT NULL, variant text NOT NULL,"
                 " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = {
-                row[0]: (row[1], row[2])
-                for row in conn.execute("SELECT version, checksum, variant FROM schema_migrations")
-            }
+            rows = conn.cursor(row_factory=dict_row).execute("SELECT version, checksum, variant FROM schema_migrations")
+            done = {row["version"]: (row["checksum"], row["variant"]) for row in rows}
             variant = detect_variant(conn)
             for migration in available_migrations(variant):
                 if migration.version in done:
@@ -121,3 +121,21 @@ def _apply(conn: psycopg.Connection, migration: Migration) -> None:
     with conn.transaction():
         conn.execute(migration.sql.encode())
         conn.execute(*record)
+
+
+async def schema_version(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The newest migration applied (0 on an empty database)."""
+    row = await fetch_maybe(conn, "SELECT coalesce(max(version), 0) AS version FROM schema_migrations")
+    return int(row["version"]) if row else 0
+
+
+async def privileged(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """True when the connection's role owns tables or bypasses row-level security: tenant isolation rests on RLS,
+    which such a role would skip (ADR-0012)."""
+    row = await fetch_maybe(
+        conn,
+        "SELECT r.rolsuper OR r.rolbypassrls OR EXISTS (SELECT 1 FROM pg_tables t"
+        " WHERE t.schemaname = 'public' AND t.tableowner = current_user) AS privileged"
+        " FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    return row is not None and bool(row["privileged"])

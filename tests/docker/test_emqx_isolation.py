@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import PostgresServer, free_port, http_ok
 from kestrel.runtime.mqttclient import MqttPublisher
-from kestrel.store import registry
 from pki.builtin import BuiltinCA
 from tests.conftest import REPO, ServiceProcess, isolated_database, wait_until
 from tests.docker import docker_unavailable
@@ -48,8 +48,8 @@ class EmqxStack:
     def device(self) -> tuple[str, str, Path, Path]:
         tag = uuid.uuid4().hex[:8]
         tenant, device = f"t-{tag}", f"d-{tag}"
-        registry.create_tenant(self.url, tenant)
-        registry.create_devices(self.url, tenant, [device, f"{device}-b"])
+        seed.create_tenant(self.url, tenant)
+        seed.create_devices(self.url, tenant, [device, f"{device}-b"])
         self.ca.create_tenant_ca(tenant, "test")
         out = self.root / device
         out.mkdir()

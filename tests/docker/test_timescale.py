@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from kestrel.store import registry
+from kestrel.devtools import seed
 from kestrel.store.migrate import migrate
 from tests.docker import docker_unavailable
 
@@ -51,11 +51,11 @@ def test_timescale_variant_is_applied(timescale_url: str) -> None:
 
 
 def test_writer_insert_path_and_api_queries_on_a_hypertable(timescale_url: str) -> None:
-    from api import queries  # noqa: PLC0415
-    from ingest.writer import RawJson, prepare_connection, store_rows  # noqa: PLC0415
+    from ingest.storage import RawJson, prepare_connection, store_rows  # noqa: PLC0415
+    from kestrel.store import telemetry  # noqa: PLC0415
 
-    registry.create_tenant(timescale_url, "ts-tenant", exist_ok=True)
-    registry.create_devices(timescale_url, "ts-tenant", ["ts-dev"], exist_ok=True)
+    seed.create_tenant(timescale_url, "ts-tenant", exist_ok=True)
+    seed.create_devices(timescale_url, "ts-tenant", ["ts-dev"], exist_ok=True)
     now = datetime.now(UTC)
     start = now.replace(minute=now.minute - now.minute % 5, second=0, microsecond=0) - timedelta(minutes=30)
     rows = [
@@ -77,7 +77,7 @@ def test_writer_insert_path_and_api_queries_on_a_hypertable(timescale_url: str) 
         inserted = 0
         for _ in range(2):  # the second pass must insert nothing (idempotent)
             inserted += (await store_rows(conn, rows))[1]
-        points = await queries.raw_points(
+        points = await telemetry.raw_points(
             conn,
             tenant="ts-tenant",
             device="ts-dev",
@@ -87,7 +87,7 @@ def test_writer_insert_path_and_api_queries_on_a_hypertable(timescale_url: str) 
             after=None,
             limit=100,
         )
-        buckets = await queries.buckets(
+        buckets = await telemetry.buckets(
             conn,
             tenant="ts-tenant",
             device="ts-dev",

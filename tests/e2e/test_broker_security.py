@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import BrokerAuth, MosquittoServer, OpenBaoServer, PostgresServer, free_port, http_ok
 from kestrel.runtime.mqttclient import CLOSED_WITHOUT_CONNACK, MqttError, MqttPublisher
-from kestrel.store import registry
 from pki import x509 as px
 from pki.authority import DatabaseCA
 from pki.builtin import BuiltinCA
@@ -59,8 +59,8 @@ class Stack:
     def tenant(self, devices: int = 2) -> tuple[str, list[str]]:
         tag = uuid.uuid4().hex[:8]
         tenant, ids = f"t-{tag}", [f"d-{tag}-{i}" for i in range(devices)]
-        registry.create_tenant(self.url, tenant)
-        registry.create_devices(self.url, tenant, ids)
+        seed.create_tenant(self.url, tenant)
+        seed.create_devices(self.url, tenant, ids)
         self.ca.create_tenant_ca(tenant, "test")
         return tenant, ids
 
@@ -114,7 +114,7 @@ def stack(
     (root / "server.crt").write_text(cert_pem)
     (root / "server.key").write_text(key_pem)
     (root / "ca.pem").write_text(ca.root_pem())
-    control_secret = registry.create_service_principal(url, "authsvc", "control")
+    control_secret = seed.create_service_principal(url, "authsvc", "control")
     broker_key = "bk-" + uuid.uuid4().hex
     plain, authsvc_port = free_port(), free_port()
     auth = BrokerAuth(
@@ -188,7 +188,7 @@ async def refused(client: MqttPublisher) -> str:
 def test_device_enrolled_by_cli_publishes_with_mosquitto_pub_and_the_backend_receives(stack: Stack) -> None:
     tenant, (device, _) = stack.tenant()
     crt, key, _ = stack.issue(device)
-    ingest_secret = registry.create_service_principal(stack.url, f"ingest-{uuid.uuid4().hex[:6]}", "ingest")
+    ingest_secret = seed.create_service_principal(stack.url, f"ingest-{uuid.uuid4().hex[:6]}", "ingest")
     name = next(
         row[0]
         for row in psycopg.connect(stack.url).execute(
@@ -426,13 +426,13 @@ def test_jwt_devices_admitted_and_refused(stack: Stack) -> None:
     other, _ = stack.tenant(1)
     key = ed25519.Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    kid = registry.add_jwt_key(stack.url, tenant, pub)
+    kid = seed.add_jwt_key(stack.url, tenant, pub)
     stranger = ed25519.Ed25519PrivateKey.generate()
     other_key = ec.generate_private_key(ec.SECP256R1())
     other_pub = other_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    other_kid = registry.add_jwt_key(stack.url, other, other_pub)
+    other_kid = seed.add_jwt_key(stack.url, other, other_pub)
     now = int(dt.datetime.now(dt.UTC).timestamp())
     good = _token(key, kid, "EdDSA", iss=tenant, sub=a)
     unsigned = jwt.encode({"aud": "kestrel-mqtt", "iss": tenant, "sub": a, "exp": now + 600}, None, algorithm="none",
@@ -470,7 +470,7 @@ def test_jwt_devices_admitted_and_refused(stack: Stack) -> None:
 def test_backend_principals_have_only_their_role(stack: Stack) -> None:
     tenant, (device, _) = stack.tenant()
     name = f"ingest-{uuid.uuid4().hex[:6]}"
-    secret = registry.create_service_principal(stack.url, name, "ingest")
+    secret = seed.create_service_principal(stack.url, name, "ingest")
 
     async def scenario() -> dict[str, str]:
         svc = await connected(stack.client(f"svc:{name}:1", port=stack.broker.port, username=name, password=secret))
@@ -531,7 +531,7 @@ def test_suspending_a_device_cuts_off_its_jwt_session(stack: Stack) -> None:
     tenant, (device,) = stack.tenant(1)
     key = ec.generate_private_key(ec.SECP256R1())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    kid = registry.add_jwt_key(stack.url, tenant, pub, device=device)
+    kid = seed.add_jwt_key(stack.url, tenant, pub, device=device)
     token = _token(key, kid, "ES256", iss=tenant, sub=device)
 
     def client() -> MqttPublisher:
@@ -539,10 +539,10 @@ def test_suspending_a_device_cuts_off_its_jwt_session(stack: Stack) -> None:
 
     async def scenario() -> None:
         live = await connected(client())
-        registry.set_device_status(stack.url, device, "suspended")
+        seed.set_device_status(stack.url, device, "suspended")
         assert await _closed_within(live, 10), "the suspended device is still connected"
         assert await refused(client()) == f"connack {NOT_AUTHORIZED:#x}"
-        registry.set_device_status(stack.url, device, "active")
+        seed.set_device_status(stack.url, device, "active")
         again = await connected(client())  # the cache did not keep the suspension either
         await again.close()
 
@@ -553,7 +553,7 @@ def test_a_session_ends_when_its_token_expires(stack: Stack) -> None:
     tenant, (device, other) = stack.tenant(2)
     key = ed25519.Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    kid = registry.add_jwt_key(stack.url, tenant, pub)
+    kid = seed.add_jwt_key(stack.url, tenant, pub)
     exp = int(dt.datetime.now(dt.UTC).timestamp()) + 3
     token = _token(key, kid, "EdDSA", iss=tenant, sub=device, exp=exp)
 
@@ -595,7 +595,7 @@ def test_with_authsvc_stopped_nobody_new_gets_in(stack: Stack) -> None:
 
 def _ingest_principal(stack: Stack) -> tuple[str, str]:
     name = f"ingest-{uuid.uuid4().hex[:6]}"
-    return name, registry.create_service_principal(stack.url, name, "ingest")
+    return name, seed.create_service_principal(stack.url, name, "ingest")
 
 
 def test_wills_are_authorized_like_publishes(stack: Stack) -> None:
@@ -668,7 +668,7 @@ def test_a_certificate_decides_even_with_a_token_in_the_password(stack: Stack) -
     crt_a, key_a, _ = stack.issue(a)
     key = ed25519.Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    kid = registry.add_jwt_key(stack.url, tenant, pub)
+    kid = seed.add_jwt_key(stack.url, tenant, pub)
     token_b = _token(key, kid, "EdDSA", iss=tenant, sub=b)
 
     async def scenario() -> str:

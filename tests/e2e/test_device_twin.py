@@ -25,9 +25,10 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from kestrel.devtools import seed
 from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
 from kestrel.runtime.mqttclient import MqttError, MqttPublisher
-from kestrel.store import registry
+from kestrel_core.messages.twin import CommandResponse, ProvisionGranted
 from kestrel_device.client import DeviceClient, ProvisioningRefused, new_device_key, provision
 from pki.builtin import BuiltinCA
 from tests.conftest import ServiceProcess, api_url_for, isolated_database, tenant_token, wait_until
@@ -54,7 +55,7 @@ class Stack:
 
     def tenant(self) -> tuple[str, dict[str, str]]:
         tenant = f"t-{uuid.uuid4().hex[:8]}"
-        registry.create_tenant(self.url, tenant)
+        seed.create_tenant(self.url, tenant)
         self.ca.create_tenant_ca(tenant, "test")
         return tenant, tenant_token(self.url, tenant)
 
@@ -101,7 +102,7 @@ def stack(
     (root / "server.key").write_text(key_pem)
     (root / "ca.pem").write_text(ca.root_pem())
     secrets = {
-        name: registry.create_service_principal(url, name, role)
+        name: seed.create_service_principal(url, name, role)
         for name, role in (("authsvc", "control"), ("devicesvc", "devices"), ("provisioner", "provisioning"))
     }
     broker_key = "bk-" + uuid.uuid4().hex
@@ -532,7 +533,7 @@ class LossyDevice(DeviceClient):
 
     lose = 2
 
-    def _publish_response(self, topic: str, body: dict[str, Any], correlation: bytes | None) -> None:
+    def _publish_response(self, topic: str, body: CommandResponse, correlation: bytes | None) -> None:
         if self.lose > 0:
             self.lose -= 1
             return
@@ -654,7 +655,7 @@ async def test_jit_provisioning_issues_exactly_the_claims_uses(stack: Stack, htt
     keys = {d: new_device_key(d) for d in devices}
     context = stack.tls()
 
-    async def attempt(device: str) -> dict[str, Any] | str:
+    async def attempt(device: str) -> ProvisionGranted | str:
         try:
             return await provision(tenant, token, device, "127.0.0.1", stack.auth.jwt_port, context, keys[device][1])
         except ProvisioningRefused as exc:
@@ -663,9 +664,9 @@ async def test_jit_provisioning_issues_exactly_the_claims_uses(stack: Stack, htt
             return f"refused at connect: {exc!r}"
 
     results = await asyncio.gather(*[attempt(d) for d in devices])
-    issued = {d: r for d, r in zip(devices, results, strict=True) if isinstance(r, dict)}
+    issued = {d: r for d, r in zip(devices, results, strict=True) if isinstance(r, ProvisionGranted)}
     assert len(issued) == 3, results
-    assert all(isinstance(r, str) for r in results if not isinstance(r, dict))
+    assert all(isinstance(r, str) for r in results if not isinstance(r, ProvisionGranted))
     claims = await get_json(http, "/provisioning-claims", headers)
     assert claims[0]["used"] == 3
 
@@ -674,7 +675,7 @@ async def test_jit_provisioning_issues_exactly_the_claims_uses(stack: Stack, htt
     folder = stack.root / "jit"
     folder.mkdir(exist_ok=True)
     (folder / "d.key").write_bytes(keys[device][0])
-    (folder / "d.crt").write_text(answer["chain"])
+    (folder / "d.crt").write_text(answer.chain)
     client = stack.device(tenant, device, stack.tls(folder / "d.crt", folder / "d.key"))
     await client.connect()
     shown = await get_json(http, f"/devices/{device}", headers)

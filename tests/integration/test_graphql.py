@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from litestar.testing import TestClient
 
-from api.app import ApiSettings, create_app
+from api.app import create_app
+from api.settings import ApiSettings
 from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 

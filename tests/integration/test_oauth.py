@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from litestar.testing import TestClient
 
-from api.app import ApiSettings, create_app
-from api.oauth import new_signing_key_pem
+from api.app import create_app
+from api.auth.access_tokens import new_signing_key_pem
+from api.settings import ApiSettings
 from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 

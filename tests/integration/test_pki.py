@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kestrel.store import registry
+from kestrel.devtools import seed
 from tests.conftest import Tenant, openssl_verify
 from tests.integration.test_cli import kestrel, one_line
 
@@ -201,9 +201,9 @@ def test_registry_device_in_two_tenants_is_refused(database_url: str, tenant_wit
     from kestrel_core.errors import Conflict  # noqa: PLC0415
 
     other = f"t-{uuid.uuid4().hex[:8]}"
-    registry.create_tenant(database_url, other)
+    seed.create_tenant(database_url, other)
     with pytest.raises(Conflict):
-        registry.create_devices(database_url, other, [tenant_with_ca.devices[0]])
+        seed.create_devices(database_url, other, [tenant_with_ca.devices[0]])
 
 
 def test_bulk_signing_reports_bad_csrs_and_keeps_the_good(

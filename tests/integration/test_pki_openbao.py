@@ -21,8 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from litestar.testing import TestClient
 
 from authsvc.app import AuthsvcSettings, create_app
+from kestrel.devtools import seed
 from kestrel.devtools.servers import OpenBaoServer, PostgresServer
-from kestrel.store import registry
 from kestrel_core.errors import Conflict, InvalidInput, Unavailable
 from kestrel_core.settings import Secret
 from pki import x509 as px
@@ -43,8 +43,8 @@ def ca(postgres: PostgresServer, openbao: OpenBaoServer) -> OpenBaoCA:
 def _tenant(ca: OpenBaoCA, devices: int = 2) -> tuple[str, list[str]]:
     tag = uuid.uuid4().hex[:8]
     tenant, ids = f"t-{tag}", [f"d-{tag}-{i}" for i in range(devices)]
-    registry.create_tenant(ca.conninfo, tenant)
-    registry.create_devices(ca.conninfo, tenant, ids)
+    seed.create_tenant(ca.conninfo, tenant)
+    seed.create_devices(ca.conninfo, tenant, ids)
     ca.create_tenant_ca(tenant, "test")
     return tenant, ids
 

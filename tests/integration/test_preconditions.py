@@ -11,8 +11,9 @@ import psycopg
 import pytest
 from litestar.testing import TestClient
 
-from api.app import ApiSettings, create_app
+from api.app import create_app
 from api.preconditions import IDEMPOTENCY_KEY_CHARS, IDEMPOTENCY_KEY_PATTERN, IF_MATCH_PATTERN
+from api.settings import ApiSettings
 from kestrel.devtools.servers import PostgresServer
 from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token

@@ -19,9 +19,10 @@ import pytest
 from litestar.testing import AsyncTestClient, TestClient
 
 from api.__main__ import openapi_document
-from api.app import ApiSettings, create_app
+from api.app import create_app
+from api.settings import ApiSettings
+from kestrel.devtools import seed
 from kestrel.devtools.servers import PostgresServer
-from kestrel.store import registry
 from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 
@@ -139,7 +140,7 @@ def test_tokens_fail_closed(client: TestClient, database_url: str) -> None:  # t
     token_id = token.split("_")[1]
     tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
     with psycopg.connect(database_url) as conn:
-        expired_id, expired = registry.create_api_token(database_url, tenant, ["devices:read"])
+        expired_id, expired = seed.create_api_token(database_url, tenant, ["devices:read"])
         conn.execute(
             "UPDATE api_tokens SET expires_at = now() - interval '1 second' WHERE token_id = %s", (expired_id,)
         )
@@ -378,9 +379,14 @@ def test_devices_groups_etags_idempotency_bulk_and_audit(client: TestClient, dat
     assert [d["device_id"] for d in in_group] == [f"{tenant}-c0"]
     tagged = client.get("/api/v1/devices", params={"tag": "a"}, headers=auth).json()["items"]
     assert len(tagged) == 3
-    actions = [e["action"] for e in client.get("/api/v1/audit", headers=auth).json()["items"]]
+    entries = client.get("/api/v1/audit", headers=auth).json()["items"]
+    actions = [e["action"] for e in entries if not e["actor"].startswith("cli:")]
     assert {"device.create", "device.update", "device.bulk_create", "group.create", "group.add_device"} <= set(actions)
     assert actions.count("device.create") == 1  # the replay wrote nothing
+    # The operator's registration of the tenant's first device (the same write path) is audited as the operator.
+    operator = {(e["action"], e["target"].partition(":")[0]) for e in entries if e["actor"].startswith("cli:")}
+    assert operator == {("tenant.create", "tenant"), ("device.create", "device"), ("token.create", "token")}
+    assert f"device:{devices[0]}" in {e["target"] for e in entries if e["actor"].startswith("cli:")}
 
 
 def test_device_quota_and_platform_tenant_management(client: TestClient, database_url: str) -> None:  # type: ignore[type-arg]

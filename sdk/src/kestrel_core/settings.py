@@ -59,3 +59,22 @@ def from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None
         return msgspec.convert(raw, cls, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise InvalidInput("bad_setting", f"{prefix}_*: {exc}") from exc
+
+
+class MqttSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How a backend service reaches the broker (``KESTREL_<SERVICE>_MQTT_HOST`` ...): each service's settings extend
+    this, so the names are the same everywhere. A principal's client id is ``svc:{mqtt_username}:{instance}``
+    (ADR-0010); its session persists for ``session_expiry_s``."""
+
+    #: The broker (Mosquitto with Kestrel's plugin, or EMQX).
+    mqtt_host: str = "127.0.0.1"
+    #: Its port for backend principals.
+    mqtt_port: int = 1883
+    #: ``svc:{mqtt_username}:{instance}``: unique per replica (ADR-0010).
+    client_id: str = "svc:kestrel:1"
+    #: The backend principal's name (``kestrel service create``); empty: an unsecured development broker.
+    mqtt_username: str = ""
+    #: The principal's secret, printed once by ``kestrel service create``.
+    mqtt_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    #: How long the broker keeps the session (and queues messages) while the service is away.
+    session_expiry_s: int = 86400

@@ -37,6 +37,8 @@ TOKEN_PREFIX: Final = "kst_"  # noqa: S105 - a recognisable prefix, not a secret
 TOKEN_PATTERN: Final = re.compile(r"\Akst_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
 
 
+#: Backend principals' secrets (ADR-0008): how authsvc tells a service's password from a device's.
+SERVICE_SECRET_PREFIX: Final = "ksvc_"  # noqa: S105 - a recognisable prefix, not a secret
 CLAIM_PREFIX: Final = "kpc_"
 CLAIM_PATTERN: Final = re.compile(r"\Akpc_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import gmqtt
 
+from kestrel_core.retry import Backoff
 from kestrel_device.client import DeviceClient, ProvisioningRefused, new_device_key, provision
 
 log = logging.getLogger("kestrel_device.agent")
@@ -48,7 +49,7 @@ async def provision_files(
     key_path, cert_path = out_dir / f"{device}.key", out_dir / f"{device}.crt"
     context = await asyncio.to_thread(_keep_key, key_path, key_pem, ca_file)
     answer = await provision(tenant, claim, device, host, port, context, csr_pem)
-    await asyncio.to_thread(cert_path.write_text, answer["chain"])
+    await asyncio.to_thread(cert_path.write_text, answer.chain)
     return cert_path, key_path
 
 
@@ -90,30 +91,37 @@ async def run_agent(
     print(f"{device}: connected; answering ping, echo, sleep; converging to desired state (Ctrl-C to stop)", flush=True)
     temp = 21.0
     stop = stop or asyncio.Event()
+    failures = 0
     while not stop.is_set():
         temp += random.uniform(-0.2, 0.2)  # noqa: S311 - simulation
         if client.client is not None and client.client.is_connected:
             await client.send_telemetry({"temp": round(temp, 2)})
+        elif await _reconnect(client, device):
+            failures = 0
         else:
-            await _reconnect(client, device)
+            failures += 1
         try:
             interval = float(state.get("interval", telemetry_every_s))
         except (TypeError, ValueError):
             interval = telemetry_every_s
+        wait = RECONNECT.delay(failures) if failures else max(0.5, interval)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), max(0.5, interval))
+            await asyncio.wait_for(stop.wait(), wait)
     await client.disconnect()
 
 
 #: CONNACK codes that retrying cannot fix: the broker (authsvc) refuses this device's credentials.
 REFUSED = frozenset({4, 5, 0x86, 0x87, 0x8C})
+#: After a lost connection: soon, then less often, never in step with the rest of a fleet.
+RECONNECT = Backoff(base_s=1.0, cap_s=60.0)
 
 
 class DeviceRefused(Exception):
     """The broker refuses the device: suspended, decommissioned or its credentials revoked."""
 
 
-async def _reconnect(client: DeviceClient, device: str) -> None:
+async def _reconnect(client: DeviceClient, device: str) -> bool:
+    """Connect again; False when the broker cannot be reached yet (``DeviceRefused`` when it refuses us)."""
     try:
         await client.connect()
     except gmqtt.MQTTConnectError as exc:
@@ -126,6 +134,8 @@ async def _reconnect(client: DeviceClient, device: str) -> None:
         log.warning("reconnect failed: %s", exc)
     else:
         print(f"{device}: reconnected", flush=True)
+        return True
+    return False
 
 
 def run(

@@ -33,6 +33,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from kestrel_core.messages.telemetry import Reading
+from kestrel_core.messages.twin import (
+    MAX_ERROR_CHARS,
+    CommandRequest,
+    CommandResponse,
+    DesiredDocument,
+    ProvisionDenied,
+    ProvisionGranted,
+    ProvisionRequest,
+    ProvisionResponse,
+    ReportedState,
+    StatusReport,
+)
 from kestrel_core.topics import (
     PROVISION_CLIENT_PREFIX,
     command_response_topic,
@@ -52,6 +65,12 @@ NO_RECONNECT = -2
 
 CommandHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 DesiredHandler = Callable[[str, dict[str, Any]], Any]
+DELIVERED = CommandResponse("delivered")
+ONLINE: bytes = msgspec.json.encode(StatusReport("online"))
+OFFLINE: bytes = msgspec.json.encode(StatusReport("offline"))
+_desired = msgspec.json.Decoder(DesiredDocument)
+_command = msgspec.json.Decoder(CommandRequest)
+_provisioned: msgspec.json.Decoder[ProvisionGranted | ProvisionDenied] = msgspec.json.Decoder(ProvisionResponse)
 
 
 class ProvisioningRefused(Exception):
@@ -84,7 +103,7 @@ class DeviceClient:
         self.seq = 0
         self.base = device_base(tenant, device)
         self.desired: dict[str, dict[str, Any]] = {}
-        self.executed: OrderedDict[str, dict[str, Any]] = OrderedDict()  # request id -> final answer
+        self.executed: OrderedDict[str, CommandResponse] = OrderedDict()  # request id -> final answer
         self.remembered = remembered
         self.running: set[str] = set()
         self.commands: dict[str, CommandHandler] = {}
@@ -105,7 +124,7 @@ class DeviceClient:
     async def connect(self, wait_s: float = 10.0) -> None:
         will = gmqtt.Message(
             status_topic(self.tenant, self.device),
-            b'{"status":"offline"}',
+            OFFLINE,
             qos=1,
             retain=True,
             **({"will_delay_interval": self.will_delay_s} if self.protocol == 5 else {}),
@@ -135,7 +154,7 @@ class DeviceClient:
             ]
         )
         await asyncio.wait_for(self.subscribed.wait(), wait_s)
-        client.publish(status_topic(self.tenant, self.device), b'{"status":"online"}', qos=1, retain=True)
+        client.publish(status_topic(self.tenant, self.device), ONLINE, qos=1, retain=True)
 
     async def disconnect(self) -> None:
         """Leave on purpose: say ``offline`` on the status topic, then a clean DISCONNECT (the broker discards the
@@ -165,7 +184,7 @@ class DeviceClient:
         """One reading (ADR-0005): the device's time and a sequence number, so it is stored exactly once."""
         assert self.client is not None
         self.seq += 1
-        body = {"ts": ts if ts is not None else time.time_ns() // 1_000_000, "seq": self.seq, "metrics": metrics}
+        body = Reading(ts=ts if ts is not None else time.time_ns() // 1_000_000, seq=self.seq, metrics=metrics)
         self.client.publish(telemetry_topic(self.tenant, self.device, stream).mqtt, msgspec.json.encode(body), qos=1)
 
     # --------------------------------------------------------------------------------------- shadow
@@ -173,7 +192,7 @@ class DeviceClient:
     async def report(self, state: dict[str, Any], *, shadow: str = "", ts: int | None = None) -> None:
         """Publish a reported-state merge patch, stamped with the device's time so reordering never regresses."""
         assert self.client is not None
-        body = {"state": state, "ts": ts if ts is not None else time.time_ns() // 1_000_000}
+        body = ReportedState(state=state, ts=ts if ts is not None else time.time_ns() // 1_000_000)
         self.client.publish(reported_topic(self.tenant, self.device, shadow), msgspec.json.encode(body), qos=1)
 
     async def wait_desired(
@@ -199,9 +218,13 @@ class DeviceClient:
         if tail[:2] == ["state", "desired"]:
             name = tail[2] if len(tail) == 3 else ""
             if payload:
-                doc = msgspec.json.decode(payload)
+                try:
+                    doc = msgspec.structs.asdict(_desired.decode(payload))
+                except (msgspec.DecodeError, RecursionError):
+                    log.warning("unreadable desired state ignored", extra={"shadow": name})
+                    return 0
                 current = self.desired.get(name)
-                if current is None or doc.get("version", 0) >= current.get("version", 0):
+                if current is None or doc["version"] >= current["version"]:
                     self.desired[name] = doc
                     for handler in self.desired_handlers:
                         handler(name, doc)
@@ -215,7 +238,7 @@ class DeviceClient:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _publish_response(self, topic: str, body: dict[str, Any], correlation: bytes | None) -> None:
+    def _publish_response(self, topic: str, body: CommandResponse, correlation: bytes | None) -> None:
         """Send one command answer (a test may override this to lose answers)."""
         assert self.client is not None
         extra = {"correlation_data": correlation} if correlation is not None and self.protocol == 5 else {}
@@ -223,11 +246,11 @@ class DeviceClient:
 
     async def _command(self, name: str, payload: bytes, properties: dict[str, Any]) -> None:
         try:
-            request = msgspec.json.decode(payload)
-            request_id = str(request["request_id"])
-        except (msgspec.DecodeError, KeyError, TypeError):
+            request = _command.decode(payload)
+        except (msgspec.DecodeError, RecursionError):
             log.warning("unreadable command ignored", extra={"command": name})
             return
+        request_id = request.request_id
         response_topic = _first(properties, "response_topic") or command_response_topic(
             self.tenant, self.device, request_id
         )
@@ -237,17 +260,17 @@ class DeviceClient:
             self._publish_response(response_topic, self.executed[request_id], correlation)
             return
         if request_id in self.running:
-            self._publish_response(response_topic, {"status": "delivered"}, correlation)
+            self._publish_response(response_topic, DELIVERED, correlation)
             return
         self.running.add(request_id)
-        self._publish_response(response_topic, {"status": "delivered"}, correlation)
+        self._publish_response(response_topic, DELIVERED, correlation)
         handler = self.commands.get(name)
-        answer: dict[str, Any] = {"status": "failed", "error": f"no handler for command {name}"}
+        answer = CommandResponse("failed", error=f"no handler for command {name}")
         if handler is not None:
             try:
-                answer = {"status": "succeeded", "result": await handler(request.get("params") or {})}
+                answer = CommandResponse("succeeded", result=await handler(request.params))
             except Exception as exc:  # noqa: BLE001 - any failure of the handler is the command's failure
-                answer = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                answer = CommandResponse("failed", error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
         self.running.discard(request_id)
         self.executed[request_id] = answer
         while len(self.executed) > self.remembered:
@@ -283,12 +306,12 @@ async def provision(
     ssl_context: ssl.SSLContext,
     csr_pem: bytes,
     wait_s: float = 15.0,
-) -> dict[str, Any]:
+) -> ProvisionGranted:
     """Just-in-time provisioning: connect with the claim as ``prov:{device}``, send the CSR, return the answer
     (``certificate``, ``chain``, ``root``). Raises ``ProvisioningRefused`` with the provisioner's reason."""
     claim_id = claim_token.split("_")[1]
     request_topic, response_topic = provision_topics(tenant, claim_id, device)
-    answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    answer: asyncio.Future[ProvisionGranted | ProvisionDenied] = asyncio.get_running_loop().create_future()
     subscribed = asyncio.Event()
     client = gmqtt.Client(f"{PROVISION_CLIENT_PREFIX}{device}", clean_session=True)
     client.set_config({"reconnect_retries": NO_RECONNECT})
@@ -296,7 +319,10 @@ async def provision(
 
     def on_message(c: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
         if not answer.done():
-            answer.set_result(msgspec.json.decode(payload))
+            try:
+                answer.set_result(_provisioned.decode(payload))
+            except (msgspec.DecodeError, RecursionError) as exc:
+                answer.set_exception(ProvisioningRefused("bad_response", f"unreadable provisioning answer: {exc}"))
         return 0
 
     client.on_message = on_message
@@ -305,10 +331,10 @@ async def provision(
     try:
         client.subscribe(response_topic, qos=1)
         await asyncio.wait_for(subscribed.wait(), wait_s)
-        client.publish(request_topic, msgspec.json.encode({"csr": csr_pem.decode()}), qos=1)
+        client.publish(request_topic, msgspec.json.encode(ProvisionRequest(csr_pem.decode())), qos=1)
         result = await asyncio.wait_for(answer, wait_s)
     finally:
         await client.disconnect()
-    if result.get("status") != "ok":
-        raise ProvisioningRefused(str(result.get("error")), str(result.get("detail")))
+    if isinstance(result, ProvisionDenied):
+        raise ProvisioningRefused(result.error, result.detail)
     return result

@@ -1,12 +1,9 @@
-"""Shadow and command rows (ADR-0013), shared by the API (inside its tenant's RLS transaction) and devicesvc.
-
-Every command transition is one ``UPDATE ... WHERE status IN (predecessors)``: of two racing transitions only
-one matches, so a command reaches exactly one terminal state and late or repeated answers change nothing.
+"""Shadows (ADR-0013): desired and reported state per device and name, versioned, with their history. Shared by the
+API and the CLI (desired state, audited) and devicesvc (reported state, many shadows per transaction).
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,22 +14,13 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from kestrel.store import audit, devices
+from kestrel.store.rows import fetch_all
+from kestrel.store.session import Actor
 from kestrel_core import shadow
 from kestrel_core.errors import Conflict, InvalidInput, PreconditionFailed
-from kestrel_core.jsondoc import check_document
 
-TERMINAL: Final = frozenset({"succeeded", "failed", "timed_out", "expired", "cancelled"})
-OPEN: Final = ("queued", "sent", "delivered")
-#: Which states each state may be reached from.
-PREDECESSORS: Final[dict[str, tuple[str, ...]]] = {
-    "sent": ("queued", "sent"),
-    "delivered": ("queued", "sent"),
-    "succeeded": OPEN,
-    "failed": OPEN,
-    "timed_out": ("sent", "delivered"),
-    "expired": ("queued", "sent"),
-    "cancelled": OPEN,
-}
+SHADOW_COLUMNS: Final = "device_id, name, version, desired, reported, metadata, updated_at"
 
 
 class Shadow(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,38 +34,8 @@ class Shadow(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime | None
 
 
-class Command(msgspec.Struct, frozen=True, kw_only=True):
-    command_id: str
-    device_id: str
-    name: str
-    params: dict[str, Any]
-    status: str
-    timeout_s: int
-    expires_at: datetime
-    attempts: int
-    max_attempts: int
-    result: Any
-    error: str | None
-    created_by: str
-    created_at: datetime
-    sent_at: datetime | None
-    delivered_at: datetime | None
-    completed_at: datetime | None
-
-
-#: A command's parameters: far below the broker's packet limit, as large as a device should have to parse.
-COMMAND_PARAMS_MAX_BYTES: Final = 32 * 1024
-COMMAND_PARAMS_MAX_DEPTH: Final = 8
-COMMAND_COLUMNS: Final = ", ".join(Command.__struct_fields__)
-SHADOW_COLUMNS: Final = "device_id, name, version, desired, reported, metadata, updated_at"
-
-
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def new_command_id() -> str:
-    return "c" + secrets.token_hex(12)
 
 
 def _shadow(row: dict[str, Any]) -> Shadow:
@@ -98,7 +56,7 @@ def empty_shadow(device: str, name: str) -> Shadow:
 
 
 async def read_shadow(conn: AsyncConnection[Any], device: str, name: str) -> Shadow | None:
-    query = f"SELECT {SHADOW_COLUMNS} FROM device_shadows WHERE device_id = %s AND name = %s"  # noqa: S608 - fixed
+    query = f"SELECT {SHADOW_COLUMNS} FROM device_shadows WHERE device_id = %s AND name = %s"
     cur = conn.cursor(row_factory=dict_row)
     row = await (await cur.execute(query, (device, name))).fetchone()
     return None if row is None else _shadow(row)
@@ -136,7 +94,7 @@ async def apply_patches(conn: AsyncConnection[Any], patches: list[Patch]) -> lis
     cur = conn.cursor(row_factory=dict_row)
     rows = await (
         await cur.execute(
-            f"SELECT {SHADOW_COLUMNS} FROM device_shadows WHERE (device_id, name) IN"  # noqa: S608 - fixed columns
+            f"SELECT {SHADOW_COLUMNS} FROM device_shadows WHERE (device_id, name) IN"
             " (SELECT * FROM unnest(%s::text[], %s::text[])) ORDER BY device_id, name FOR UPDATE",
             ([k[0] for k in keys], [k[1] for k in keys]),
         )
@@ -208,71 +166,45 @@ async def update_shadow(
     return result
 
 
-async def insert_command(
+async def set_desired(
     conn: AsyncConnection[Any],
+    actor: Actor,
     tenant: str,
     device: str,
     name: str,
-    params: dict[str, Any],
+    patch: dict[str, Any],
     *,
-    timeout_s: int,
-    expires_at: datetime,
-    max_attempts: int,
-    actor: str,
-) -> Command:
-    """Queue a command (devicesvc is woken by the insert's notification) and record its first event. Parameters
-    beyond the command limits are refused (``InvalidInput``/``ContentTooLarge``) before anything is written."""
-    check_document(
-        params, what="command params", max_depth=COMMAND_PARAMS_MAX_DEPTH, max_bytes=COMMAND_PARAMS_MAX_BYTES,
-        reason_prefix="params_",
+    expected_version: int | None = None,
+    if_match: int | None = None,
+) -> Shadow:
+    """Merge ``patch`` into the desired state (devicesvc delivers the delta); audited when it changed anything."""
+    found = await devices.get(conn, tenant, device)
+    if found["status"] == "decommissioned":
+        raise Conflict(f"device {device} is decommissioned")
+    updated, changed = await update_shadow(
+        conn, tenant, device, name, "desired", patch, ts_ms=now_ms(), actor=actor.name,
+        expected_version=expected_version, if_match=if_match,
     )  # fmt: skip
-    command_id = new_command_id()
-    cur = conn.cursor(row_factory=dict_row)
-    row = await (
-        await cur.execute(
-            "INSERT INTO commands (command_id, tenant_id, device_id, name, params, timeout_s, expires_at, max_attempts,"  # noqa: S608 - fixed columns
-            f" created_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {COMMAND_COLUMNS}",
-            (command_id, tenant, device, name, Jsonb(params), timeout_s, expires_at, max_attempts, actor),
-        )
-    ).fetchone()
-    assert row is not None
-    await command_event(conn, tenant, command_id, "queued")
-    return Command(**row)
+    if changed:
+        after = {"desired": patch, "version": expected_version}
+        await audit.record(conn, actor, tenant, "shadow.desired", f"device:{device}/shadow:{name}", after=after)
+    return updated
 
 
-async def command_event(
-    conn: AsyncConnection[Any], tenant: str, command_id: str, event: str, detail: dict[str, Any] | None = None
-) -> None:
-    await conn.execute(
-        "INSERT INTO command_events (tenant_id, command_id, event, detail) VALUES (%s, %s, %s, %s)",
-        (tenant, command_id, event, Jsonb(detail) if detail is not None else None),
+async def get(conn: AsyncConnection[Any], tenant: str, device: str, name: str) -> Shadow:
+    """A device's shadow (version 0 and empty when it has none); ``NotFound`` for another tenant's device."""
+    await devices.get(conn, tenant, device)
+    return await read_shadow(conn, device, name) or empty_shadow(device, name)
+
+
+async def history(
+    conn: AsyncConnection[Any], tenant: str, device: str, name: str, *, limit: int
+) -> list[dict[str, Any]]:
+    """Changes of one shadow, newest first."""
+    await devices.get(conn, tenant, device)
+    return await fetch_all(
+        conn,
+        "SELECT version, side, patch, actor, at FROM shadow_history WHERE device_id = %s AND name = %s"
+        " AND tenant_id = %s ORDER BY id DESC LIMIT %s",
+        (device, name, tenant, limit),
     )
-
-
-async def transition(
-    conn: AsyncConnection[Any], command_id: str, to: str, *, detail: dict[str, Any] | None = None, **fields: Any
-) -> Command | None:
-    """Move a command to ``to`` if it is in one of its predecessor states; None when it is not (a race lost, a
-    duplicate or a late answer). Records the event and stamps the matching ``*_at`` column."""
-    sets = ["status = %s", "updated_at = now()"]
-    values: list[Any] = [to]
-    stamp = {"sent": "sent_at", "delivered": "delivered_at"}.get(to, "completed_at")
-    sets.append(f"{stamp} = coalesce({stamp}, now())")
-    for column, value in fields.items():
-        if column not in ("result", "error", "attempts", "next_attempt_at"):
-            raise ValueError(column)
-        sets.append(f"{column} = %s")
-        values.append(Jsonb(value) if column == "result" else value)
-    cur = conn.cursor(row_factory=dict_row)
-    row = await (
-        await cur.execute(
-            f"UPDATE commands SET {', '.join(sets)} WHERE command_id = %s AND status = ANY(%s)"  # noqa: S608
-            f" RETURNING tenant_id, {COMMAND_COLUMNS}",
-            (*values, command_id, list(PREDECESSORS[to])),
-        )
-    ).fetchone()
-    if row is None:
-        return None
-    tenant = row.pop("tenant_id")
-    await command_event(conn, tenant, command_id, to, detail)
-    return Command(**row)
