@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install plugin run test lint bench bench-smoke openapi clean
+.PHONY: install plugin run test lint hooks bench bench-smoke openapi clean
 
 install:
 	./bootstrap.sh
@@ -17,11 +17,17 @@ run: install
 test: install lint bench-smoke
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The pre-commit hooks on every tracked file (what contributors run on each commit), then the tree-wide checks that
+# also see files git does not track yet.
 lint:
+	.venv/bin/pre-commit run --all-files --show-diff-on-failure
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
-	.venv/bin/lint-imports --no-cache
+
+# Install the pre-commit hooks in this clone (one command, after `make install`).
+hooks: install
+	.venv/bin/pre-commit install
 
 # Every benchmark in smoke mode (seconds): each must run end to end and print its ratios (bench/smoke.py).
 bench-smoke: install
@@ -33,11 +39,9 @@ bench: install
 	$(PY) bench/api_bench.py
 	$(PY) bench/twin_bench.py
 
+# Regenerate the committed documents: OpenAPI, GraphQL SDL, AsyncAPI, the services' KESTREL_* tables.
 openapi: install
-	$(PY) -m api openapi > api/openapi.json
-	$(PY) -m api graphql-schema > api/schema.graphql
-	$(PY) -m kestrel.devtools.asyncapi > api/asyncapi.json
-	$(PY) -m kestrel.devtools.envdoc
+	$(PY) -m kestrel.devtools.contracts --write
 
 clean:
 	rm -rf .venv .venv-tools node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -13,7 +13,7 @@ from api import openapi
 from api.app import PRIVILEGED_DETAIL, create_app
 from api.graphql import build_schema
 from api.settings import ApiSettings
-from kestrel.runtime.logs import configure_logging
+from kestrel.runtime.logs import announce, configure_logging
 from kestrel.store.migrate import privileged
 from kestrel_core.errors import InvalidInput
 from kestrel_core.settings import from_env
@@ -70,6 +70,7 @@ def main(argv: list[str]) -> int:
     except InvalidInput as exc:
         print(f"kestrel api: {exc.detail}", file=sys.stderr)
         return 2
+    announce("api")
     app = create_app(settings, settings.database_url.reveal())
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="uvloop", lifespan="on"

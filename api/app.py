@@ -135,7 +135,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
 
     api_v1 = Router(
         path="/api/v1",
-        route_handlers=[*_routes(), oauth.token, graphql_controller(settings.graphql_introspection)],
+        route_handlers=[*_routes(), oauth.token, health.version, graphql_controller(settings.graphql_introspection)],
         dependencies={"principal": Provide(provide_principal)},
         security=[{"bearerAuth": []}],
         before_request=require_media_type,

@@ -50,4 +50,19 @@ async def readyz(request: Request[Any, Any, Any]) -> Health:
     return Health("ready")
 
 
+class Version(msgspec.Struct, frozen=True):
+    version: str = __version__
+
+
+@get(
+    "/version",
+    operation_id="getVersion",
+    summary="The platform's version (no credentials needed)",
+    tags=["health"],
+    security=[{}],
+)
+async def version() -> Version:
+    return Version()
+
+
 ROUTES: list[ControllerRouterHandler] = [healthz, readyz, MetricsController]

@@ -7,7 +7,7 @@ import sys
 import uvicorn
 
 from authsvc.app import AuthsvcSettings, create_app
-from kestrel.runtime.logs import configure_logging
+from kestrel.runtime.logs import announce, configure_logging
 from kestrel.store import DatabaseSettings
 from kestrel_core.errors import InvalidInput
 from kestrel_core.settings import from_env
@@ -24,6 +24,7 @@ def main() -> int:
     if not settings.broker_key:
         print("kestrel authsvc: KESTREL_AUTHSVC_BROKER_KEY is not set; brokers must authenticate", file=sys.stderr)
         return 2
+    announce("authsvc")
     uvicorn.run(
         create_app(settings, database.url.reveal()),
         host=settings.host,

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from devicesvc.service import run_devicesvc
 from devicesvc.settings import DeviceSettings
+from kestrel.runtime.logs import announce
 from kestrel.runtime.nats import connect_nats
 from kestrel.runtime.service import run_service, stop_event
 from kestrel.store import DatabaseSettings
@@ -19,6 +20,7 @@ from kestrel_core.settings import from_env
 async def amain() -> None:
     settings = from_env(DeviceSettings, "KESTREL_DEVICES")
     database = from_env(DatabaseSettings, "KESTREL_DATABASE")
+    announce("devicesvc")
     registry = CollectorRegistry()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ingest.bridge import BridgeSettings, run_bridge
 from ingest.jetstream import ensure_streams
 from ingest.writer import WriterSettings, run_writer
+from kestrel.runtime.logs import announce
 from kestrel.runtime.nats import connect_nats
 from kestrel.runtime.service import run_service, stop_event
 from kestrel.store import DatabaseSettings
@@ -20,6 +21,7 @@ log = logging.getLogger("kestrel.ingest")
 
 async def bridge_main() -> None:
     settings = from_env(BridgeSettings, "KESTREL_BRIDGE")
+    announce("ingest-bridge")
     registry = CollectorRegistry()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
@@ -33,6 +35,7 @@ async def bridge_main() -> None:
 async def writer_main() -> None:
     settings = from_env(WriterSettings, "KESTREL_WRITER")
     database = from_env(DatabaseSettings, "KESTREL_DATABASE")
+    announce("ingest-writer")
     registry = CollectorRegistry()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)

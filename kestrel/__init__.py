@@ -1,9 +1,14 @@
-"""Kestrel's shared package: the only import services share (ADR-0001).
+"""Kestrel's server side (ADR-0014): storage (``store``), process plumbing (``runtime``), development machinery
+(``devtools``) and the operator's command (``cli``). The pure core and the device SDK are the ``kestrel-device``
+distribution (``sdk/``).
 
-Pure domain modules (no I/O): ``topics``, ``wire``, ``errors``, ``settings``, ``streams``.
-Shared adapters used by more than one service or by the operator CLI: ``kestrel.store``
-(migrations, registry), ``kestrel.devtools.servers`` (launching PostgreSQL, NATS and Mosquitto for the
-embedded default and the tests), ``kestrel.devtools.simulate`` and ``kestrel.cli``.
+``__version__`` is the one version number: the installed package's (pyproject.toml), shown by ``kestrel --version``,
+``GET /api/v1/version`` and every service's first log line.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kestrel")
+except PackageNotFoundError:  # running from a tree that was never installed
+    __version__ = "0+unknown"

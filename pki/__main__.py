@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from kestrel.runtime.logs import announce
 from kestrel.runtime.service import run_service, stop_event
 from kestrel.store import DatabaseSettings
 from kestrel_core.settings import from_env
@@ -14,6 +15,7 @@ from pki.settings import PkiSettings, open_ca
 async def amain() -> None:
     settings = from_env(ProvisionerSettings, "KESTREL_PROVISIONER")
     database = from_env(DatabaseSettings, "KESTREL_DATABASE").url.reveal()
+    announce("pki-provisioner")
     await run_provisioner(settings, open_ca(database, from_env(PkiSettings, "KESTREL_PKI")), stop_event())
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from kestrel import __version__
 from kestrel.cli import commands, devices, stack, tenants
 from kestrel_core.errors import InvalidInput, KestrelError
 
@@ -36,8 +37,17 @@ for command in (stack.agent, stack.simulate, stack.run):
     app.command()(command)
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"kestrel {__version__}")
+        raise typer.Exit
+
+
 @app.callback()
 def options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
     state: Annotated[
         Path | None,
         typer.Option(

@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from kestrel import __version__
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -37,3 +39,9 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("nats", "gmqtt"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def announce(service: str) -> None:
+    """A service's first log line, once its settings are valid: which code this is (CHANGELOG.md says what each
+    version changed). A refused setting stays the one line on stderr."""
+    logging.getLogger(f"kestrel.{service}").info("starting", extra={"version": __version__})

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from litestar.testing import TestClient
 
+import kestrel
 from api.app import create_app
 from api.settings import ApiSettings
 from kestrel_core.settings import Secret
@@ -200,6 +201,9 @@ def test_health_and_unknown_routes(
 ) -> None:  # type: ignore[type-arg]
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.get("/readyz").json()["status"] == "ready"
+    # The version, without credentials: the package's, as `kestrel --version` says it.
+    assert client.get("/api/v1/version").json() == {"version": kestrel.__version__}
+    assert client.get("/healthz").json()["version"] == kestrel.__version__
     assert_problem(client.get("/api/v1/nothing-here", headers=auth), 404, "not_found")
     assert_problem(client.put("/api/v1/devices", headers=auth), 405, "method_not_allowed")
 

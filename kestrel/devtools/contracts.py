@@ -1,0 +1,42 @@
+"""The committed generated documents, current or not: ``api/openapi.json``, ``api/schema.graphql``,
+``api/asyncapi.json`` and the ``KESTREL_*`` tables of the service READMEs. ``--check`` (a pre-commit hook) exits 1
+naming the stale ones; ``--write`` (``make openapi``) regenerates them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kestrel.devtools import asyncapi, envdoc
+
+REPO = envdoc.REPO
+
+
+def expected() -> dict[Path, str]:
+    from api.__main__ import openapi_document  # noqa: PLC0415 - the API is built only when asked
+    from api.graphql import build_schema  # noqa: PLC0415
+
+    documents = {
+        REPO / "api" / "openapi.json": openapi_document(),
+        REPO / "api" / "schema.graphql": build_schema(introspection=True).as_str() + "\n",
+        REPO / "api" / "asyncapi.json": asyncapi.render(),
+    }
+    return documents | envdoc.expected()
+
+
+def main(argv: list[str]) -> int:
+    if argv not in (["--check"], ["--write"]):
+        print("usage: python -m kestrel.devtools.contracts --check|--write", file=sys.stderr)
+        return 2
+    stale = [path for path, text in expected().items() if not path.exists() or path.read_text() != text]
+    if argv == ["--write"]:
+        for path, text in expected().items():
+            path.write_text(text)
+        return 0
+    for path in stale:
+        print(f"{path.relative_to(REPO)} is not what the code generates: run `make openapi`", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
