@@ -24,7 +24,8 @@ from litestar.datastructures import State
 from authsvc import acl
 from authsvc.contract import AuthnRequest, AuthnResponse, AuthzRequest, AuthzResponse
 from authsvc.decide import DEFAULT_AUDIENCE, authenticate, device_acl
-from authsvc.revocation import CachedIdentity, EmqxKicker, MosquittoKicker, listen_for_revocations
+from authsvc.journal import follow_identity_changes
+from authsvc.revocation import CachedIdentity, EmqxKicker, MosquittoKicker
 from authsvc.store import PostgresIdentity
 from kestrel.store.pool import checked_pool
 from kestrel_core.errors import InvalidInput
@@ -160,7 +161,7 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
                 await kicker.kick(clientids, usernames)
 
         listener = asyncio.create_task(
-            listen_for_revocations(database_url, cache, kick if kickers else None), name="revocations"
+            follow_identity_changes(database_url, cache, kick if kickers else None), name="revocations"
         )
         try:
             yield

@@ -1,9 +1,8 @@
-"""Revocation reaches live sessions: a short lookup cache that PostgreSQL notifications invalidate, and
-the kicker that disconnects affected clients (ADR-0010).
+"""Revocation reaches live sessions: a short lookup cache that identity notifications invalidate, and the kickers
+that disconnect affected clients (ADR-0010; what to kick comes from the journal, ``authsvc.journal``).
 
-Every status change of a tenant, device, certificate, CA, JWT key or service principal notifies channel
-``kestrel_identity`` from the changing transaction (migration 0006). The cache is used only while the
-LISTEN connection is up, so a missed notification can never keep a revoked credential cached.
+The cache is used only while the notification connection is up, so a missed notification can never keep a revoked
+credential cached; a lookup that was in flight when the cache was cleared is not kept either.
 """
 
 from __future__ import annotations
@@ -17,17 +16,14 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-import psycopg
 from cryptography import x509
 
 from authsvc.decide import CONTROL_TOPIC, Authority, Claim, DeviceRecord, IdentityLookup, JwtKey, ServicePrincipal
 from kestrel.runtime.mqttclient import MqttError, MqttPublisher
-from kestrel.store.rows import fetch_all
 from kestrel_core.retry import Backoff
 
 log = logging.getLogger("kestrel.authsvc")
 T = TypeVar("T")
-CHANNEL = "kestrel_identity"
 KICK_BATCH = 500
 KICK_RETRY = Backoff(base_s=0.5, cap_s=2.0)
 
@@ -42,17 +38,20 @@ class CachedIdentity:
         self.max_entries = max_entries
         self.enabled = False
         self._entries: dict[tuple[str, str], tuple[float, object]] = {}
+        self._generation = 0
 
     def clear(self) -> None:
         self._entries.clear()
+        self._generation += 1
 
     async def _get(self, kind: str, key: str, fetch: Callable[[], Awaitable[T | None]]) -> T | None:
         if self.enabled:
             hit = self._entries.get((kind, key))
             if hit is not None and hit[0] > time.monotonic():
                 return hit[1]  # type: ignore[return-value]
+        generation = self._generation
         value = await fetch()
-        if value is not None and self.enabled:
+        if value is not None and self.enabled and generation == self._generation:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
             self._entries[(kind, key)] = (time.monotonic() + self.ttl, value)
@@ -150,70 +149,3 @@ class EmqxKicker:
 
     async def close(self) -> None:
         await self._http.aclose()
-
-
-Kicker = Callable[[list[str], list[str]], Awaitable[None]]
-
-
-#: Statuses that do not withdraw access (a device moving along its lifecycle, ADR-0013).
-ADMITTED = frozenset({"active", "registered", "provisioned"})
-
-
-async def _targets(conn: psycopg.AsyncConnection[Any], event: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Client ids and usernames to disconnect for one status change (none when access was not withdrawn)."""
-    if event.get("status") in ADMITTED:
-        return [], []
-    scope = event.get("scope")
-    if scope == "device":
-        return [str(event["device"])], []
-    if scope == "service":
-        return [], [str(event["service"])]
-    if scope == "tenant":
-        rows = await fetch_all(conn, "SELECT device_id FROM devices WHERE tenant_id = %s", (event["tenant"],))
-        return [r["device_id"] for r in rows], []
-    if scope == "all":
-        rows = await fetch_all(conn, "SELECT device_id FROM devices")
-        return [r["device_id"] for r in rows], []
-    return [], []
-
-
-async def listen_for_revocations(
-    database_url: str, cache: CachedIdentity, kick: Kicker | None, retry_s: float = 1.0
-) -> None:
-    """Run until cancelled: LISTEN, invalidate, kick. Reconnects with back-off; the cache is off meanwhile."""
-    backoff = Backoff(base_s=retry_s, cap_s=10 * retry_s)
-    failures = 0
-    while True:
-        try:
-            async with (
-                await psycopg.AsyncConnection.connect(database_url, autocommit=True) as listen,
-                await psycopg.AsyncConnection.connect(database_url, autocommit=True) as query,
-            ):
-                await listen.execute(f"LISTEN {CHANNEL}")
-                cache.clear()
-                cache.enabled = True
-                failures = 0
-                log.info("listening for identity changes")
-                async for note in listen.notifies():
-                    cache.clear()
-                    try:
-                        event = json.loads(note.payload)
-                    except ValueError:
-                        log.warning("unreadable identity notification ignored")
-                        continue
-                    clientids, usernames = await _targets(query, event)
-                    if (clientids or usernames) and kick is not None:
-                        try:
-                            await kick(clientids, usernames)
-                        except (MqttError, OSError):
-                            log.exception("could not disconnect revoked clients")
-                    log.info(
-                        "identity changed",
-                        extra={"scope": event.get("scope"), "status": event.get("status"), "kicked": len(clientids)},
-                    )
-        except (psycopg.Error, OSError) as exc:
-            log.warning("identity listener lost the database; cache off", extra={"error": str(exc)})
-        cache.enabled = False
-        cache.clear()
-        failures += 1
-        await asyncio.sleep(backoff.delay(failures))

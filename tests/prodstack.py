@@ -50,6 +50,8 @@ class ProdStack:
     secrets: dict[str, str]
     ports: dict[str, int]
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    #: The serial of the certificate each enrolled device holds.
+    serials: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------- tenants, devices
 
@@ -65,6 +67,7 @@ class ProdStack:
         """A key made on the 'device', its CSR signed by its tenant's CA; the TLS context it connects with."""
         key_pem, csr_pem = new_device_key(device)
         issued = self.ca.sign_csr(csr_pem, device, 30, "test")
+        self.serials[device] = issued.serial
         folder = self.root / "devices"
         folder.mkdir(exist_ok=True)
         (folder / f"{device}.key").write_bytes(key_pem)

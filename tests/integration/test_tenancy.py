@@ -96,6 +96,31 @@ def test_without_a_tenant_context_the_api_role_sees_nothing(database_url: str, a
             conn.execute("UPDATE audit_log SET actor = 'me'")
 
 
+def test_the_api_role_journals_revocations_it_cannot_read(database_url: str, api_database_url: str) -> None:
+    """Suspending a device as kestrel_api writes the identity journal authsvc kicks from (migration 0013), through the
+    trigger's definer rights; the role itself can neither read nor forge journal rows or move the kick cursor."""
+    tenant, devices = _tenant(database_url)
+    with psycopg.connect(api_database_url) as conn:
+        conn.execute("SELECT set_config('kestrel.tenant', %s, true)", (tenant,))
+        conn.execute("UPDATE devices SET status = 'suspended' WHERE device_id = %s", (devices[0],))
+        conn.commit()
+        for statement in (
+            "SELECT count(*) FROM identity_events",
+            'INSERT INTO identity_events (event) VALUES (\'{"scope": "all", "status": "revoked"}\')',
+            "UPDATE identity_cursors SET last_id = last_id + 1000",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+            conn.rollback()
+    with psycopg.connect(database_url) as conn:
+        journalled = conn.execute(
+            "SELECT event FROM identity_events WHERE event->>'device' = %s", (devices[0],)
+        ).fetchall()
+    assert [e for (e,) in journalled] == [
+        {"scope": "device", "tenant": tenant, "device": devices[0], "status": "suspended", "table": "devices"}
+    ]
+
+
 def test_the_api_refuses_to_run_as_a_privileged_role(database_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")}
     env |= {"KESTREL_API_DATABASE_URL": database_url, "KESTREL_API_ADMIN_TOKEN": "x", "KESTREL_API_PORT": "1"}

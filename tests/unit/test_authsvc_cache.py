@@ -89,3 +89,39 @@ def test_cache_is_bounded() -> None:
         assert len(cache._entries) <= 10  # noqa: SLF001 - the bound is the property under test
 
     asyncio.run(scenario())
+
+
+class SlowLookup(CountingLookup):
+    """A lookup that reads the database, then waits (a slow network) before answering what it read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def device(self, device_id: str) -> DeviceRecord | None:
+        value = await super().device(device_id)
+        self.read.set()
+        await self.release.wait()
+        return value
+
+
+def test_a_lookup_in_flight_when_the_cache_is_cleared_is_not_kept() -> None:
+    """The read began before a suspension committed and answers after the notification cleared the cache: caching
+    it would admit the suspended device for a whole TTL."""
+    inner = SlowLookup()
+    cache = CachedIdentity(inner, ttl=60)
+    cache.enabled = True
+
+    async def scenario() -> None:
+        stale = asyncio.create_task(cache.device("d1"))
+        await inner.read.wait()
+        inner.devices["d1"] = DeviceRecord("t", "suspended", "active")  # committed ...
+        cache.clear()  # ... and notified while the first read was still on its way
+        inner.release.set()
+        assert (await stale) == DeviceRecord("t", "active", "active")  # that caller got what it read
+        assert (await cache.device("d1")) == DeviceRecord("t", "suspended", "active")  # nobody else does
+        assert (await cache.device("d1")) == DeviceRecord("t", "suspended", "active")
+        assert inner.calls == 2  # the fresh answer is cached
+
+    asyncio.run(scenario())
