@@ -172,6 +172,7 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
             for kicker in kickers:
                 await kicker.close()
             await pool.close()
+            log.info("authsvc stopped")
 
     return Litestar(
         route_handlers=[authn, authz, healthz],

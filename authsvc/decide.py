@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from authsvc.contract import DENY, AclRule, AuthnRequest, AuthnResponse
 from kestrel_core.tokens import CLAIM_PATTERN, CLAIM_PREFIX, SERVICE_SECRET_PREFIX, secret_digest
 from kestrel_core.topics import (
-    CLIENT_EVENT_FILTERS,
+    BROKER_EVENT_FILTERS,
     DEVICE_UPLINK_FILTERS,
     MQTT_JWT_AUDIENCE,
     PROVISION_CLIENT_PREFIX,
@@ -134,7 +134,7 @@ def service_acl(role: str) -> list[AclRule]:
     elif role == "devices":
         rules = [
             AclRule(permission="allow", action="subscribe", topic=f, qos=[0, 1])
-            for f in (*DEVICE_UPLINK_FILTERS, *CLIENT_EVENT_FILTERS)
+            for f in (*DEVICE_UPLINK_FILTERS, *BROKER_EVENT_FILTERS)
         ]
         rules += [
             AclRule(permission="allow", action="publish", topic=t, qos=[0, 1])

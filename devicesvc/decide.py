@@ -14,6 +14,7 @@ import msgspec
 from kestrel_core import shadow
 from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.twin import (
+    BrokerStarted,
     ClientEvent,
     CommandRequest,
     CommandResponse,
@@ -140,6 +141,17 @@ def client_event(topic: str, payload: bytes) -> Connection | None:
         return None
     event: ClientEvent = decode(payload, ClientEvent, "bad_client_event")
     return Connection(node, clientid, what == "connected", event)
+
+
+def broker_started(topic: str, payload: bytes) -> BrokerStarted:
+    """A broker node's start marker; its node must be the topic's."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[3] != "started":
+        raise InvalidInput("bad_topic", "not a broker start topic")
+    started: BrokerStarted = decode(payload, BrokerStarted, "bad_broker_event")
+    if started.node != parts[2]:
+        raise InvalidInput("bad_broker_event", "the marker names another node than its topic")
+    return started
 
 
 def online_after(before: dict[str, Any], change: Connection, live_connections: int) -> bool:

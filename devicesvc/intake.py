@@ -77,6 +77,10 @@ class Intake:
     async def handle(self, topic: str, payload: bytes, properties: Any) -> None:
         decide.check_size(payload, self.twin.settings.max_payload_bytes)
         metrics = self.twin.metrics
+        if topic.startswith("$SYS/brokers/") and topic.endswith("/started"):
+            metrics.messages.labels("broker_started").inc()
+            await presence.broker_started(self.twin, decide.broker_started(topic, payload))
+            return
         if topic.startswith("$SYS/brokers/"):
             metrics.messages.labels("client_event").inc()
             if (change := decide.client_event(topic, payload)) is not None:

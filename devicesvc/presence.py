@@ -3,6 +3,8 @@ those that vanished without a word (ADR-0013)."""
 
 from __future__ import annotations
 
+import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -11,8 +13,10 @@ from devicesvc import decide
 from devicesvc.ports import Twin
 from kestrel.store.rows import fetch_all, fetch_maybe, fetch_one
 from kestrel.store.shadows import now_ms
-from kestrel_core.messages.twin import PresenceEvent
+from kestrel_core.messages.twin import BrokerStarted, PresenceEvent
 from kestrel_core.topics import Uplink
+
+log = logging.getLogger("kestrel.devicesvc")
 
 
 async def locked(conn: AsyncConnection[Any], tenant: str, device: str) -> dict[str, Any]:
@@ -119,6 +123,37 @@ async def device_status(twin: Twin, uplink: Uplink, value: str) -> None:
             connections=before["connections"], at=now,
         )  # fmt: skip
         await twin.events.publish(event, f"presence:{uplink.device}:will:{now}")
+
+
+async def broker_started(twin: Twin, started: BrokerStarted) -> None:
+    """A broker node (re)started: the connections it held before are gone, though a crash sent no disconnected event
+    for them. They end at the start; a device that did not come back goes offline when its grace period has passed
+    (the sweep), one that did keeps the connection it opened since."""
+    at = datetime.fromtimestamp(started.started_at / 1000, UTC)
+    async with twin.pool.connection() as conn, conn.transaction():
+        stale = await fetch_all(  # presence rows first, in order: the lock order of client_event
+            conn,
+            "SELECT device_id FROM device_presence WHERE device_id IN (SELECT device_id FROM device_connections"
+            " WHERE node = %s AND disconnected_at IS NULL AND connected_ms < %s) ORDER BY device_id FOR UPDATE",
+            (started.node, started.started_at),
+        )
+        devices = [r["device_id"] for r in stale]
+        if not devices:
+            return
+        await conn.execute(
+            "UPDATE device_connections SET disconnected_at = %s, reason = 'broker_restarted'"
+            " WHERE node = %s AND disconnected_at IS NULL AND connected_ms < %s AND device_id = ANY(%s)",
+            (at, started.node, started.started_at, devices),
+        )
+        await conn.execute(
+            "UPDATE device_presence p SET connections = (SELECT count(*) FROM device_connections c"
+            " WHERE c.device_id = p.device_id AND c.disconnected_at IS NULL),"
+            " disconnected_at = greatest(p.disconnected_at, %s) WHERE p.device_id = ANY(%s)",
+            (at, devices),
+        )
+    log.info(
+        "broker node restarted; its earlier connections closed", extra={"node": started.node, "devices": len(devices)}
+    )
 
 
 async def sweep(twin: Twin) -> None:

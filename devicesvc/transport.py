@@ -10,7 +10,7 @@ import gmqtt
 
 from devicesvc.settings import DeviceSettings
 from kestrel.runtime.mqtt import Ack, backend_client, connect
-from kestrel_core.topics import CLIENT_EVENT_FILTERS, DEVICE_UPLINK_FILTERS, shared_filter
+from kestrel_core.topics import BROKER_EVENT_FILTERS, DEVICE_UPLINK_FILTERS, shared_filter
 
 log = logging.getLogger("kestrel.devicesvc")
 
@@ -34,11 +34,12 @@ class GmqttLink:
         self.client.publish(topic, payload, qos=1, retain=retain, **properties)
 
     def _subscriptions(self) -> list[gmqtt.Subscription]:
-        # Client events are not shared: Mosquitto 2.0 does not deliver $SYS topics to shared subscriptions. Every
-        # replica handles every event; that is idempotent (connection rows are keyed by connected_at, the count is
-        # recomputed, and the NATS event's Nats-Msg-Id is the same, so JetStream drops the repeat).
+        # Client events and start markers are not shared: Mosquitto 2.0 does not deliver $SYS topics to shared
+        # subscriptions. Every replica handles every event; that is idempotent (connection rows are keyed by
+        # connected_at, the count is recomputed, and the NATS event's Nats-Msg-Id is the same, so JetStream drops the
+        # repeat; a start marker closes only connections still open).
         shared = [gmqtt.Subscription(shared_filter(self.settings.share_group, f), qos=1) for f in DEVICE_UPLINK_FILTERS]
-        return shared + [gmqtt.Subscription(f, qos=1) for f in CLIENT_EVENT_FILTERS]
+        return shared + [gmqtt.Subscription(f, qos=1) for f in BROKER_EVENT_FILTERS]
 
     def _on_connect(self, c: Any, flags: Any, rc: Any, properties: Any) -> None:
         c.subscribe(self._subscriptions())  # what backend_client's own on_connect does, then learn the packet limit

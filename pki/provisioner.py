@@ -117,3 +117,4 @@ async def run_provisioner(
     with contextlib.suppress(TimeoutError):  # a broker that is gone gets no goodbye
         await asyncio.wait_for(client.disconnect(), 5)
     worker.cancel()
+    log.info("provisioner stopped", extra={"left_unanswered": queue.qsize()})

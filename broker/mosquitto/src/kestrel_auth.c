@@ -26,6 +26,11 @@
  * `.../disconnected`, with `connected_at` (ms) identifying the connection in both, so a consumer can tell a
  * session takeover (new connected, then old disconnected) from a device going away.
  *
+ * The start marker (issue 12): a crashed broker sends no disconnected events, so after each start the plugin
+ * publishes, retained at QoS 1, `$SYS/brokers/{node}/started` with `{"node", "started_at"}` (ms). A consumer closes
+ * the connections of that node that began before started_at. Retained, so a consumer that subscribes after the
+ * start (or whose persistent session did not survive a crash) still learns of it.
+ *
  * A session's rules outlive its DISCONNECT event for will_grace_s: Mosquitto fires DISCONNECT before it
  * sends the client's will (and a delayed will even later), and the will is authorized as a publish by that
  * same connection. A new connection never sees stale rules: BASIC_AUTH replaces them first.
@@ -84,6 +89,8 @@ static struct {
 	size_t required_count;
 	bool gate_open;
 	time_t gate_logged_at;
+	long long started_ms;
+	bool start_announced;
 } g;
 
 /* ------------------------------------------------------------------------------ session table */
@@ -398,6 +405,25 @@ static void publish_client_event(struct mosquitto *client, const struct session 
 	}
 }
 
+/* The start marker, retained; retried on every tick until the broker takes it. */
+static void announce_start(void)
+{
+	cJSON *ev = cJSON_CreateObject();
+	if(ev == NULL) return;
+	add_str(ev, "node", g.node);
+	cJSON_AddNumberToObject(ev, "started_at", (double)g.started_ms);
+	char *payload = cJSON_PrintUnformatted(ev);
+	cJSON_Delete(ev);
+	if(payload == NULL) return;
+	char topic[300];
+	int n = snprintf(topic, sizeof(topic), "$SYS/brokers/%s/started", g.node);
+	if(n > 0 && (size_t)n < sizeof(topic)
+			&& mosquitto_broker_publish(NULL, topic, (int)strlen(payload), payload, 1, true, NULL) == MOSQ_ERR_SUCCESS){
+		g.start_announced = true;
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "kestrel-auth: announced the start of node %s", g.node);
+	}
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	(void)event;
@@ -514,6 +540,7 @@ static int on_tick(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)event_data;
 	(void)userdata;
+	if(!g.start_announced) announce_start();
 	time_t now = time(NULL);
 	if(now == g.last_sweep) return MOSQ_ERR_SUCCESS;
 	g.last_sweep = now;
@@ -637,6 +664,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *id, void **userdata, struct mos
 	const char *key_file = NULL;
 	memset(&g, 0, sizeof(g));
 	g.id = id;
+	g.started_ms = now_ms();
 	g.timeout_ms = 1500;
 	g.will_grace_s = 3600;
 	for(int i = 0; i < n; i++){

@@ -1,8 +1,8 @@
--- Revocations survive a broken notification connection (issue 12, ADR-0010): every identity change that migration
--- 0006 notifies is also journalled in the changing transaction. authsvc kicks from the journal, behind a durable
--- cursor, on every notification, whenever its listener (re)connects and every few seconds, so a revocation
--- committed while authsvc or its LISTEN connection was down is enforced when it returns. A notification is only
--- a prompt to read the journal, never the record.
+-- Revocations survive a broken notification connection (issue 12, ADR-0015): every identity change that withdraws
+-- access (migration 0006 notifies it) is also journalled in the changing transaction. authsvc kicks from the
+-- journal, behind a durable cursor, on every notification, whenever its listener (re)connects and every few seconds,
+-- so a revocation committed while authsvc or its LISTEN connection was down is enforced when it returns. A
+-- notification is only a prompt to read the journal, never the record.
 CREATE TABLE identity_events (
     id      bigserial PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT now(),
@@ -45,8 +45,12 @@ BEGIN
         ELSE
             jsonb_build_object('scope', 'device', 'tenant', r->>'tenant_id', 'device', r->>'device_id')
     END || jsonb_build_object('status', status, 'table', TG_TABLE_NAME);
-    PERFORM pg_advisory_xact_lock(hashtext('kestrel_identity_events'));
-    INSERT INTO identity_events (event) VALUES (payload) RETURNING id INTO journal_id;
+    -- Only what withdraws access is journalled (a device activated on its first connection is not: at fleet scale
+    -- that would serialize every activation on the lock); every change is notified, as caches must drop it.
+    IF status NOT IN ('active', 'registered', 'provisioned') THEN
+        PERFORM pg_advisory_xact_lock(hashtext('kestrel_identity_events'));
+        INSERT INTO identity_events (event) VALUES (payload) RETURNING id INTO journal_id;
+    END IF;
     PERFORM pg_notify('kestrel_identity', (payload || jsonb_build_object('id', journal_id))::text);
     RETURN NEW;
 END $$;

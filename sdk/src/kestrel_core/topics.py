@@ -123,6 +123,11 @@ PROVISION_REQUEST_FILTER = f"{VERSION}/+/provision/+/+/request"
 PROVISION_SHARE_GROUP = "provisioning"
 #: Client events: published by EMQX (``sys_event_messages``) and by our Mosquitto plugin, same topics.
 CLIENT_EVENT_FILTERS = ("$SYS/brokers/+/clients/+/connected", "$SYS/brokers/+/clients/+/disconnected")
+#: A broker node's start marker (retained; our Mosquitto plugin publishes it, EMQX does not): connections of that node
+#: that began before it are gone, although a crash sent no disconnected event for them.
+BROKER_START_FILTER = "$SYS/brokers/+/started"
+#: Everything devicesvc learns from the brokers themselves.
+BROKER_EVENT_FILTERS = (*CLIENT_EVENT_FILTERS, BROKER_START_FILTER)
 #: Client id prefix of a provisioning (claim) connection: no device id contains ``:``.
 PROVISION_CLIENT_PREFIX = "prov:"
 

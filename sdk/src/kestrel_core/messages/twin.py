@@ -13,6 +13,7 @@ Platform -> device
   ``v1/{t}/provision/{claim}/{d}/response``             ``ProvisionGranted`` | ``ProvisionDenied``
 Broker -> platform
   ``$SYS/brokers/{node}/clients/{client}/connected|disconnected``  ``ClientEvent`` (EMQX's shape)
+  ``$SYS/brokers/{node}/started`` (retained)                       ``BrokerStarted`` (our Mosquitto plugin)
 Platform -> integrators (NATS, stream DEVICE_EVENTS)
   ``v1.{t}.d.{d}.presence|shadow|command``  ``PresenceEvent`` | ``ShadowEvent`` | ``CommandEvent``
 """
@@ -104,6 +105,14 @@ class ProvisionDenied(msgspec.Struct, frozen=True, kw_only=True, tag_field="stat
 ProvisionResponse = ProvisionGranted | ProvisionDenied
 
 # ------------------------------------------------------------------------------------------ broker -> platform
+
+
+class BrokerStarted(msgspec.Struct, frozen=True, kw_only=True):
+    """A broker node started (retained on ``$SYS/brokers/{node}/started``): its connections that began before
+    ``started_at`` ended with the previous run, whether or not a disconnected event said so."""
+
+    node: str
+    started_at: EpochMs
 
 
 class ClientEvent(msgspec.Struct, frozen=True, kw_only=True):
