@@ -11,13 +11,17 @@ import os
 import signal
 import ssl
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jwt
 import psycopg
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from kestrel.devtools import seed
 from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
@@ -73,6 +77,15 @@ class ProdStack:
         (folder / f"{device}.key").write_bytes(key_pem)
         (folder / f"{device}.crt").write_text(issued.full_chain_pem)
         return self.tls(folder / f"{device}.crt", folder / f"{device}.key")
+
+    def jwt(self, tenant: str, device: str, lifetime_s: int = 3600) -> tuple[str, str]:
+        """A key registered for the device (Ed25519) and a token it signed: (the key's kid, the token)."""
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        kid = seed.add_jwt_key(self.url, tenant, pem, device=device)
+        now = int(time.time())
+        claims = {"aud": "kestrel-mqtt", "iat": now, "exp": now + lifetime_s, "iss": tenant, "sub": device}
+        return kid, jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
 
     def tls(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.auth.ca_file))

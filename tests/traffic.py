@@ -1,7 +1,7 @@
 """Production traffic with ledgers, for fault tests on the production path (reliability.md, issue 12).
 
 Three flows run side by side through the secured broker: telemetry from an mTLS fleet (the simulator), reported state
-from mTLS devices that count their reports, and commands queued through the store (the API's write path) for SDK
+from devices (one with a certificate, one with a JWT) that count their reports, and commands queued through the store (the API's write path) for SDK
 devices that count their executions. Each keeps a ledger of what the platform acknowledged, to compare with what it
 stored once the fault is over:
 - telemetry: a reading whose PUBACK was below 0x80 must be stored exactly once (ts+seq);
@@ -83,7 +83,9 @@ class Traffic:
             self._clients.append(client)
             self._agents.append(asyncio.create_task(self._keep_connected(client), name=f"agent-{device}"))
         self._tasks = [asyncio.create_task(self.fleet.run(), name="telemetry")]
-        self._tasks += [asyncio.create_task(self._report(d), name=f"report-{d}") for d in self.reporters]
+        self._tasks += [
+            asyncio.create_task(self._report(d, i), name=f"report-{d}") for i, d in enumerate(self.reporters)
+        ]
         self._tasks.append(asyncio.create_task(self._command(), name="commands"))
 
     def progress(self) -> tuple[int, int, int]:
@@ -126,15 +128,20 @@ class Traffic:
                     self.reconnects += 1
             await asyncio.sleep(0.3)
 
-    async def _report(self, device: str) -> None:
-        context = self.stack.enrol(device)
+    async def _report(self, device: str, index: int) -> None:
+        """Every other reporter authenticates with a JWT on the TLS+JWT listener, the others with their certificate."""
+        if index % 2:
+            _kid, token = self.stack.jwt(self.tenant, device)
+            port, context, username, password = self.stack.auth.jwt_port, self.stack.tls(), device, token
+        else:
+            port, context, username, password = self.stack.auth.mtls_port, self.stack.enrol(device), None, None
         topic = reported_topic(self.tenant, device)
         n = 0
         client: MqttPublisher | None = None
         while not self._stop.is_set():
             try:
                 if client is None or client.closed.is_set():
-                    client = MqttPublisher("127.0.0.1", self.stack.auth.mtls_port, device, tls=context)
+                    client = MqttPublisher("127.0.0.1", port, device, tls=context, username=username, password=password)
                     await client.connect(connect_timeout=5)
                 n += 1
                 body = ReportedState(state={"n": n}, ts=time.time_ns() // 1_000_000)

@@ -10,7 +10,6 @@ still be able to publish afterwards, is the positive control: a broker that drop
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import signal
 import ssl
 import time
@@ -19,11 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 import psycopg
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kestrel.devtools import seed
 from kestrel.devtools.servers import NatsServer, PostgresServer
@@ -84,12 +80,7 @@ def device_session(stack: ProdStack, tenant: str, device: str) -> Session:
 
 
 def jwt_session(stack: ProdStack, tenant: str, device: str) -> tuple[Session, str]:
-    key = ed25519.Ed25519PrivateKey.generate()
-    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    kid = seed.add_jwt_key(stack.url, tenant, pem, device=device)
-    now = int(dt.datetime.now(dt.UTC).timestamp())
-    claims = {"aud": "kestrel-mqtt", "iat": now, "exp": now + 600, "iss": tenant, "sub": device}
-    token = jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
+    kid, token = stack.jwt(tenant, device, 600)
     topic = f"v1/{tenant}/d/{device}/telemetry"
     return Session(device, stack.auth.jwt_port, stack.tls(), topic, username=device, password=token), kid
 
