@@ -26,7 +26,7 @@ WITH due AS (
            row_number() OVER (PARTITION BY c.device_id ORDER BY c.created_at) AS device_rank,
            row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.created_at) AS tenant_rank
     FROM commands c JOIN device_presence p ON p.device_id = c.device_id
-    WHERE p.online AND c.expires_at > now() AND (c.status = 'queued'
+    WHERE p.online AND c.expires_at >= now() + interval '2 seconds' AND (c.status = 'queued'
           OR (c.status = 'sent' AND c.next_attempt_at <= now() AND c.attempts < c.max_attempts))
 )
 SELECT c.command_id, c.tenant_id, c.device_id, c.name, c.params, c.status, c.attempts, c.expires_at
@@ -84,6 +84,8 @@ async def _send(twin: Twin, conn: AsyncConnection[Any], row: dict[str, Any], now
         correlation_data=message.correlation,
         message_expiry_interval=message.expiry_s,
         user_property=message.properties,
+        content_type=decide.CONTENT_TYPE,
+        payload_format_id=1,
     )
     twin.metrics.published.labels("command").inc()
     next_at = decide.next_attempt(now, row["attempts"], twin.settings.retry_base_s)

@@ -35,6 +35,8 @@ from kestrel_core.topics import (
 #: A device clock this far ahead of ours is trusted no further (a future timestamp would freeze fields).
 MAX_CLOCK_AHEAD_MS: Final = 5_000
 ATTEMPT_PROPERTY: Final = "kestrel-attempt"
+#: What commands and desired-state documents say they are (MQTT 5 Content Type, with Payload Format Indicator 1).
+CONTENT_TYPE: Final = "application/json"
 #: The longest wait between two sends of an unacknowledged command.
 COMMAND_RETRY_CAP_S: Final = 300.0
 
@@ -234,7 +236,11 @@ def command_message(row: dict[str, Any], now: datetime) -> CommandMessage:
     response_topic = command_response_topic(row["tenant_id"], row["device_id"], row["command_id"])
     payload = msgspec.json.encode(body)
     correlation = row["command_id"].encode()
-    size = publish_size(topic, payload, response_topic, correlation, [(ATTEMPT_PROPERTY, str(attempt))])
+    size = publish_size(
+        topic, payload, response_topic, correlation, [(ATTEMPT_PROPERTY, str(attempt))], content_type=CONTENT_TYPE
+    )
+    # Whole seconds left, rounded down, so the broker drops the message no later than the platform expires the command:
+    # a command goes out only with two seconds left at least (DUE_COMMANDS), so this is 1 or more.
     expiry = max(1, int((row["expires_at"] - now).total_seconds()))
     return CommandMessage(topic, payload, response_topic, correlation, expiry, attempt, size)
 

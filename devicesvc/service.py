@@ -45,10 +45,7 @@ async def listen(twin: Twin, database_url: str) -> None:
                 await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 failures = 0
                 twin.wake.set()
-                async for note in conn.notifies():
-                    kind, _, device = note.payload.partition(":")
-                    if kind == "devices":
-                        await shadows.clear_retained(twin, device)
+                async for _note in conn.notifies():  # devices (decommissioned), shadows, commands: all in the scan
                     twin.wake.set()
         except (psycopg.Error, OSError) as exc:
             log.warning("devicesvc lost its notification connection", extra={"error": str(exc)})
@@ -60,6 +57,7 @@ async def scan(twin: Twin, periodic: bool, next_prune: list[float]) -> None:
     """Notifications (desired state, commands, connects) need the outbox and the dispatcher; deadlines,
     presence grace, command events and retention run on the scan interval."""
     await shadows.publish_outbox(twin)
+    await shadows.clear_retained(twin)
     await commands.dispatch(twin)
     if not periodic:
         return

@@ -8,7 +8,7 @@ from psycopg.types.json import Jsonb
 from devicesvc import decide
 from devicesvc.ports import Twin
 from kestrel.store import shadows
-from kestrel.store.rows import fetch_all, fetch_maybe
+from kestrel.store.rows import fetch_all
 from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.twin import ShadowEvent
 from kestrel_core.topics import desired_topic, status_topic
@@ -64,6 +64,8 @@ async def publish_outbox(twin: Twin) -> int:
                     desired_topic(row["tenant_id"], row["device_id"], row["name"]),
                     decide.desired_message(row["version"], document, shadows.now_ms()),
                     retain=True,
+                    content_type=decide.CONTENT_TYPE,
+                    payload_format_id=1,
                 )
                 twin.metrics.published.labels("desired").inc()
         async with conn.cursor() as write:
@@ -80,15 +82,27 @@ async def publish_outbox(twin: Twin) -> int:
     return len(rows)
 
 
-async def clear_retained(twin: Twin, device: str) -> None:
-    """A decommissioned device's retained topics are emptied (the broker drops a retained empty payload)."""
-    async with twin.pool.connection() as conn:
-        row = await fetch_maybe(
-            conn, "SELECT tenant_id FROM devices WHERE device_id = %s AND status = 'decommissioned'", (device,)
+async def clear_retained(twin: Twin) -> int:
+    """Empty the retained topics of decommissioned devices (the broker drops a retained empty payload), from the
+    queue their decommissioning filled (migration 0015), so a clear requested while devicesvc was down still happens.
+    A row leaves the queue in the transaction that published its clears."""
+    if not twin.devices.connected:
+        return 0
+    async with twin.pool.connection() as conn, conn.transaction():
+        rows = await fetch_all(
+            conn,
+            "SELECT q.device_id, q.tenant_id, coalesce(array_agg(s.name) FILTER (WHERE s.name IS NOT NULL), '{}')"
+            " AS shadows FROM (SELECT device_id, tenant_id FROM retained_clears ORDER BY requested_at LIMIT 200"
+            " FOR UPDATE SKIP LOCKED) q LEFT JOIN device_shadows s ON s.device_id = q.device_id"
+            " GROUP BY q.device_id, q.tenant_id",
         )
-        if row is None:
-            return
-        names = await fetch_all(conn, "SELECT name FROM device_shadows WHERE device_id = %s", (device,))
-    for name in names:
-        twin.devices.publish(desired_topic(row["tenant_id"], device, name["name"]), b"", retain=True)
-    twin.devices.publish(status_topic(row["tenant_id"], device), b"", retain=True)
+        for row in rows:
+            for name in row["shadows"]:
+                twin.devices.publish(desired_topic(row["tenant_id"], row["device_id"], name), b"", retain=True)
+            twin.devices.publish(status_topic(row["tenant_id"], row["device_id"]), b"", retain=True)
+            twin.metrics.published.labels("retained_clear").inc()
+        if rows:
+            await conn.execute(
+                "DELETE FROM retained_clears WHERE device_id = ANY(%s)", ([r["device_id"] for r in rows],)
+            )
+    return len(rows)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import gmqtt
 from nats.aio.client import Client as NATS
@@ -105,7 +107,7 @@ class Bridge:
         self.clock = MonotonicMicros()
         self.handled = 0
 
-    def handle(self, topic: str, payload: bytes, ack: Ack) -> None:
+    def handle(self, topic: str, payload: bytes, ack: Ack, properties: Mapping[str, Any] | None = None) -> None:
         """Called once per MQTT message; ``ack`` sends the PUBACK and must run only once the message is stored."""
         received_us = self.clock()
         self.handled += 1
@@ -133,7 +135,10 @@ class Bridge:
             forwarded.inc()
             ack()
 
-        self.publisher.submit(normalized.subject, normalized.payload, {streams.HDR_MSG_ID: normalized.msg_id}, stored)
+        headers = {streams.HDR_MSG_ID: normalized.msg_id}
+        if properties:
+            headers |= streams.trace_headers(properties)
+        self.publisher.submit(normalized.subject, normalized.payload, headers, stored)
 
 
 async def run_bridge(
@@ -156,7 +161,7 @@ async def run_bridge(
     client = backend_client(
         "bridge",
         settings,
-        lambda topic, payload, _properties, ack: bridge.handle(topic, payload, ack),
+        lambda topic, payload, properties, ack: bridge.handle(topic, payload, ack, properties),
         subscriptions,
         receive_maximum=settings.receive_maximum,
     )

@@ -1,4 +1,4 @@
-"""Pure helpers of the writer and the API."""
+"""Pure helpers of the writer, the bridge and the API."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ingest.writer import delivery_count
 from kestrel.store.telemetry import parse_bucket
 from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.telemetry import Point, TelemetryEnvelope
+from kestrel_core.streams import HDR_TRACEPARENT, trace_headers
 
 
 class FakeMsg:
@@ -71,3 +72,13 @@ def test_bucket_parsing(text: str, seconds: int) -> None:
 def test_bucket_parsing_refuses(text: str) -> None:
     with pytest.raises(InvalidInput):
         parse_bucket(text)
+
+
+def test_trace_headers_carry_only_a_well_formed_traceparent() -> None:
+    good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert trace_headers({"user_property": [("schema", "2"), ("traceparent", good)]}) == {HDR_TRACEPARENT: good}
+    for bad in (good.upper(), good + "-x", "ff" + good[2:], "", "00-xyz", good.replace("-", "_")):
+        assert trace_headers({"user_property": [("traceparent", bad)]}) == {}, bad
+    assert trace_headers({"user_property": [("traceparent",)]}) == {}
+    assert trace_headers({"user_property": "traceparent"}) == {}
+    assert trace_headers(None) == {} and trace_headers({}) == {}

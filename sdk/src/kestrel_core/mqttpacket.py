@@ -21,6 +21,7 @@ def publish_size(
     user_properties: list[tuple[str, str]] | None = None,
     *,
     message_expiry: bool = True,
+    content_type: str = "",
 ) -> int:
     """The encoded size of a QoS 1/2 MQTT 5 PUBLISH with these properties (fixed header included)."""
     properties = 0
@@ -30,6 +31,8 @@ def publish_size(
         properties += 1 + 2 + len(correlation_data)
     if message_expiry:
         properties += 1 + 4
+    if content_type:  # with the Payload Format Indicator (UTF-8) that goes with it
+        properties += 1 + 2 + len(content_type.encode()) + 1 + 1
     for key, value in user_properties or []:
         properties += 1 + 2 + len(key.encode()) + 2 + len(value.encode())
     remaining = 2 + len(topic.encode()) + 2 + varint_size(properties) + properties + len(payload)

@@ -3,7 +3,9 @@ Names only: the stream configurations are in ``kestrel.runtime.nats``."""
 
 from __future__ import annotations
 
-from typing import Final
+import re
+from collections.abc import Mapping
+from typing import Any, Final
 
 TELEMETRY_STREAM: Final = "TELEMETRY"
 TELEMETRY_SUBJECTS: Final = ("v1.*.d.*.telemetry", "v1.*.d.*.telemetry.*")
@@ -21,6 +23,21 @@ HDR_DETAIL: Final = "Kestrel-Detail"
 HDR_TOPIC: Final = "Kestrel-Topic"
 HDR_STAGE: Final = "Kestrel-Stage"
 HDR_RECEIVED: Final = "Kestrel-Received-Us"
+#: W3C Trace Context, carried from a device's MQTT 5 user property to the JetStream header of the same name.
+HDR_TRACEPARENT: Final = "traceparent"
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_headers(properties: Mapping[str, Any] | None) -> dict[str, str]:
+    """The device's ``traceparent`` user property as a header, when it is well formed (W3C Trace Context); anything
+    else is ignored, never a reason to refuse a reading. ``properties``: gmqtt's, ``user_property`` as (key, value)
+    pairs."""
+    for pair in (properties or {}).get("user_property") or ():
+        if isinstance(pair, (tuple, list)) and len(pair) == 2 and pair[0] == HDR_TRACEPARENT:
+            value = pair[1]
+            if isinstance(value, str) and _TRACEPARENT.fullmatch(value) and value[:2] != "ff":
+                return {HDR_TRACEPARENT: value}
+    return {}
 
 
 def deadletter_subject(source: str, reason: str) -> str:

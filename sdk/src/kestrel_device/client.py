@@ -66,6 +66,7 @@ NO_RECONNECT = -2
 CommandHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 DesiredHandler = Callable[[str, dict[str, Any]], Any]
 DELIVERED = CommandResponse("delivered")
+EXPIRED_ON_ARRIVAL = CommandResponse("failed", error="expired before it arrived; not run")
 ONLINE: bytes = msgspec.json.encode(StatusReport("online"))
 OFFLINE: bytes = msgspec.json.encode(StatusReport("offline"))
 _desired = msgspec.json.Decoder(DesiredDocument)
@@ -261,6 +262,11 @@ class DeviceClient:
             return
         if request_id in self.running:
             self._publish_response(response_topic, DELIVERED, correlation)
+            return
+        if request.expires_at is not None and request.expires_at < time.time_ns() // 1_000_000:
+            # The broker's message expiry counts whole seconds (Mosquitto's clock has second resolution), so a
+            # command can arrive a moment after the platform gave up on it: never run it then.
+            self._publish_response(response_topic, EXPIRED_ON_ARRIVAL, correlation)
             return
         self.running.add(request_id)
         self._publish_response(response_topic, DELIVERED, correlation)
