@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, Po
 from kestrel_core.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
 from kestrel_device.client import new_device_key
 from pki.builtin import BuiltinCA
+from tests.balancer import Balancer, balancer
 from tests.conftest import ServiceProcess, api_url_for, isolated_database, platform_url_for, scrape, wait_until
 
 PASSPHRASE = "prod-" + uuid.uuid4().hex
@@ -56,6 +57,9 @@ class ProdStack:
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     #: The serial of the certificate each enrolled device holds.
     serials: dict[str, str] = field(default_factory=dict)
+    #: authsvc replicas sit behind a load balancer on ports["authsvc"] (prod_stack(..., replicas=2)).
+    balanced: bool = False
+    lb: Balancer | None = None
 
     # ---------------------------------------------------------------------------------- tenants, devices
 
@@ -99,13 +103,30 @@ class ProdStack:
 
     # ----------------------------------------------------------------------------------------- services
 
-    def _env(self, name: str) -> dict[str, str]:
+    @staticmethod
+    def _split(key: str) -> tuple[str, int]:
+        """``devicesvc-2`` -> (``devicesvc``, 2); ``devicesvc`` -> (``devicesvc``, 1)."""
+        name, _, replica = key.rpartition("-")
+        return (name, int(replica)) if name and replica.isdigit() else (key, 1)
+
+    def _port(self, key: str) -> int:
+        """The HTTP port of a process (metrics or API); authsvc replicas behind the balancer have their own."""
+        name, replica = self._split(key)
+        if name == "authsvc":
+            key = f"authsvc-{replica}" if self.balanced else "authsvc"
+        if key not in self.ports:
+            self.ports[key] = free_port()
+        return self.ports[key]
+
+    def _env(self, key: str) -> dict[str, str]:
         plain, nats_url = str(self.broker.port), self.nats.url
+        name, replica = self._split(key)
+        port = str(self._port(key))
 
         def principal(prefix: str, user: str) -> dict[str, str]:
             return {
                 f"KESTREL_{prefix}_MQTT_PORT": plain,
-                f"KESTREL_{prefix}_CLIENT_ID": f"svc:{user}:1",
+                f"KESTREL_{prefix}_CLIENT_ID": f"svc:{user}:{replica}",
                 f"KESTREL_{prefix}_MQTT_USERNAME": user,
                 f"KESTREL_{prefix}_MQTT_PASSWORD": self.secrets[user],
             }
@@ -113,19 +134,19 @@ class ProdStack:
         base = {"KESTREL_DATABASE_URL": self.url, "PYTHONUNBUFFERED": "1"}
         specific = {
             "authsvc": {
-                "KESTREL_AUTHSVC_PORT": str(self.ports["authsvc"]),
+                "KESTREL_AUTHSVC_PORT": port,
                 "KESTREL_AUTHSVC_BROKER_KEY": self.auth.broker_key,
                 "KESTREL_AUTHSVC_KICK_MQTT_PORT": plain,
                 "KESTREL_AUTHSVC_KICK_USERNAME": "authsvc",
                 "KESTREL_AUTHSVC_KICK_PASSWORD": self.secrets["authsvc"],
             },
             "bridge": principal("BRIDGE", "ingest")
-            | {"KESTREL_BRIDGE_NATS_URL": nats_url, "KESTREL_BRIDGE_METRICS_PORT": str(self.ports["bridge"])},
-            "writer": {"KESTREL_WRITER_NATS_URL": nats_url, "KESTREL_WRITER_METRICS_PORT": str(self.ports["writer"])},
+            | {"KESTREL_BRIDGE_NATS_URL": nats_url, "KESTREL_BRIDGE_METRICS_PORT": port},
+            "writer": {"KESTREL_WRITER_NATS_URL": nats_url, "KESTREL_WRITER_METRICS_PORT": port},
             "devicesvc": principal("DEVICES", "devicesvc")
             | {
                 "KESTREL_DEVICES_NATS_URL": nats_url,
-                "KESTREL_DEVICES_METRICS_PORT": str(self.ports["devicesvc"]),
+                "KESTREL_DEVICES_METRICS_PORT": port,
                 "KESTREL_DEVICES_PRESENCE_GRACE_S": "8",
                 "KESTREL_DEVICES_RETRY_BASE_S": "0.5",
                 "KESTREL_DEVICES_SCAN_INTERVAL_S": "0.2",
@@ -134,7 +155,7 @@ class ProdStack:
             "api": {
                 "KESTREL_API_DATABASE_URL": api_url_for(self.postgres, self.url),
                 "KESTREL_API_PLATFORM_DATABASE_URL": platform_url_for(self.postgres, self.url),
-                "KESTREL_API_PORT": str(self.ports["api"]),
+                "KESTREL_API_PORT": port,
                 "KESTREL_API_ADMIN_TOKEN": ADMIN,
             },
         }[name]
@@ -149,28 +170,31 @@ class ProdStack:
         "api": ["-m", "api"],
     }
 
-    def start(self, name: str) -> ServiceProcess:
-        process = self.processes.get(name)
+    def start(self, key: str) -> ServiceProcess:
+        """Start (or start again) process ``key``: a service name, or ``name-N`` for its N-th replica (its own client
+        id ``svc:{principal}:N`` and ports)."""
+        process = self.processes.get(key)
         if process is None:
-            process = ServiceProcess(
-                name=name, log_path=self.root / f"{name}.log", argv=[sys.executable, *self._ARGV[name]], env={}
-            )
-            self.processes[name] = process
-        process.env = self._env(name)
+            argv = [sys.executable, *self._ARGV[self._split(key)[0]]]
+            process = ServiceProcess(name=key, log_path=self.root / f"{key}.log", argv=argv, env={})
+            self.processes[key] = process
+        process.env = self._env(key)
         process.start()
-        self.wait_ready(name)
+        self.wait_ready(key)
         return process
 
-    def wait_ready(self, name: str, timeout: float = 30.0) -> None:
+    def wait_ready(self, key: str, timeout: float = 30.0) -> None:
+        name, _ = self._split(key)
+        url = f"http://127.0.0.1:{self._port(key)}"
         checks = {
-            "authsvc": lambda: http_ok(f"http://127.0.0.1:{self.ports['authsvc']}/healthz"),
-            "api": lambda: http_ok(f"http://127.0.0.1:{self.ports['api']}/healthz"),
-            "bridge": lambda: http_ok(f"http://127.0.0.1:{self.ports['bridge']}/metrics"),
-            "writer": lambda: http_ok(f"http://127.0.0.1:{self.ports['writer']}/metrics"),
-            "devicesvc": lambda: "devicesvc connected" in self.log(name),
-            "provisioner": lambda: "provisioner connected" in self.log(name),
+            "authsvc": lambda: http_ok(f"{url}/healthz"),
+            "api": lambda: http_ok(f"{url}/healthz"),
+            "bridge": lambda: http_ok(f"{url}/metrics"),
+            "writer": lambda: http_ok(f"{url}/metrics"),
+            "devicesvc": lambda: "devicesvc connected" in self.log(key),
+            "provisioner": lambda: "provisioner connected" in self.log(key),
         }
-        assert wait_until(checks[name], timeout), f"{name} not ready: {self.log(name)[-800:]}"
+        assert wait_until(checks[name], timeout), f"{key} not ready: {self.log(key)[-800:]}"
 
     def kill(self, name: str) -> None:
         self.processes[name].kill()
@@ -182,8 +206,13 @@ class ProdStack:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def metric(self, name: str, family: str, **labels: str) -> float:
-        return scrape(self.ports[name], family, **labels)
+    def balancer_served(self) -> dict[int, int]:
+        """Connections the load balancer handed to each authsvc replica (by its port)."""
+        assert self.lb is not None, "no balancer: start the stack with replicas > 1"
+        return dict(self.lb.served)
+
+    def metric(self, key: str, family: str, **labels: str) -> float:
+        return scrape(self._port(key), family, **labels)
 
     # ------------------------------------------------------------------------------------------- broker
 
@@ -205,9 +234,11 @@ def prod_stack(
     *,
     services: tuple[str, ...] = ("authsvc", "bridge", "writer"),
     gate: tuple[str, ...] | None = None,
+    replicas: int = 1,
 ) -> Iterator[ProdStack]:
     """A database of its own, a CA, the secured broker and ``services``; the broker's subscription gate is what those
-    services consume unless ``gate`` says otherwise (``()``: no gate)."""
+    services consume unless ``gate`` says otherwise (``()``: no gate). With ``replicas`` > 1 every service runs that
+    many times (``name``, ``name-2``, ...), authsvc's replicas behind a load balancer as a Kubernetes Service would."""
     url = isolated_database(postgres, "prod")
     ca = BuiltinCA(url, PASSPHRASE)
     ca.init_root("test")
@@ -231,16 +262,21 @@ def prod_stack(
     broker = MosquittoServer(
         name="mosquitto", log_path=root / "mosquitto.log", root=root / "mq", port=free_port(), auth=auth
     )
-    stack = ProdStack(root, postgres, url, nats, ca, auth, broker, secrets, ports)
-    try:
-        if "authsvc" in services:
-            stack.start("authsvc")
-        broker.start()
-        for name in services:
-            if name != "authsvc":
-                stack.start(name)
-        yield stack
-    finally:
-        for process in reversed(list(stack.processes.values())):
-            process.stop(signal.SIGTERM, timeout=20)
-        broker.stop()
+    stack = ProdStack(root, postgres, url, nats, ca, auth, broker, secrets, ports, balanced=replicas > 1)
+    keys = {name: [name, *(f"{name}-{n}" for n in range(2, replicas + 1))] for name in services}
+    with ExitStack() as cleanup:
+        if stack.balanced:
+            backends = [stack._port(key) for key in keys.get("authsvc", [])]  # noqa: SLF001 - the stack's own ports
+            stack.lb = cleanup.enter_context(balancer(ports["authsvc"], backends))
+        try:
+            for key in keys.get("authsvc", []):
+                stack.start(key)
+            broker.start()
+            for name in services:
+                for key in keys[name] if name != "authsvc" else []:
+                    stack.start(key)
+            yield stack
+        finally:
+            for process in reversed(list(stack.processes.values())):
+                process.stop(signal.SIGTERM, timeout=20)
+            broker.stop()

@@ -230,3 +230,13 @@ class Traffic:
     def settled(self) -> bool:
         """Everything acknowledged had its chance: stored, applied, or finished."""
         return all(ledger.lost == 0 for ledger in self.ledgers())
+
+
+def traffic(stack: ProdStack, rate: float = 200.0) -> Traffic:
+    """A tenant of 12 devices: 8 telemetry devices at ``rate`` readings per second in all, 2 reporters, 2 SDK devices
+    running commands."""
+    tenant, devices = stack.tenant(12, "f")
+    fleet_devices, reporters, commanded = devices[:8], devices[8:10], devices[10:]
+    contexts = {d: stack.enrol(d) for d in fleet_devices}
+    fleet = Fleet("127.0.0.1", stack.auth.mtls_port, tenant, fleet_devices, rate, record=True, tls=contexts.__getitem__)
+    return Traffic(stack, tenant, fleet, reporters, commanded)

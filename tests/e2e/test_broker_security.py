@@ -270,7 +270,9 @@ def test_device_is_confined_to_its_own_topics(stack: Stack) -> None:
             assert await dev.subscribe(topic_filter) == SUBACK_REFUSED, topic_filter
         # The control topic kicks clients: a device may not use it against its sibling.
         assert await dev.publish("$CONTROL/kestrel/v1", _kick(sibling)) == NOT_AUTHORIZED
-        await asyncio.sleep(1.5)
+        # A kick is done while the broker handles that publish, before its PUBACK; the sibling's own round trip
+        # afterwards (the control) would fail on a kicked session.
+        assert await sib.publish(f"v1/{tenant}/d/{sibling}/telemetry", b"{}") < 0x80
         assert not sib.closed.is_set(), "a device kicked another through $CONTROL"
         # Its own traffic still flows after all those refusals.
         assert await dev.publish(f"{own}/telemetry", b"{}") < 0x80

@@ -471,7 +471,16 @@ async def test_command_to_an_offline_device_is_delivered_when_it_connects(
     events = await collect(nc, f"v1.{tenant}.d.{device}.command")
     created = await command(http, headers, device, "reboot", params={"delay": 1}, expires_in_s=60, timeout_s=10)
     assert created["status"] == "queued"
-    await asyncio.sleep(1.5)
+    # The control: a command to an online device of the same tenant, created later, is dispatched; by then devicesvc
+    # has considered the earlier one too (it dispatches in creation order) and must have left it queued.
+    online = new_id()
+    await register(http, headers, online)
+    peer = stack.device(tenant, online, stack.enrol(online))
+    peer.on_command("ping", _ok)
+    await peer.connect()
+    later = await command(http, headers, online, "ping", expires_in_s=60)
+    await command_status(http, headers, later["command_id"], "succeeded")
+    await peer.disconnect()
     assert (await get_json(http, f"/commands/{created['command_id']}", headers))["command"]["status"] == "queued"
 
     calls: list[dict[str, Any]] = []
@@ -612,7 +621,14 @@ async def test_a_device_cannot_touch_another_devices_shadow_or_commands(stack: S
     pending = await command(http, headers, victim, "unlock", expires_in_s=600)
     # Answering the victim's command from its own topic with the victim's request id is refused.
     await attacker.publish(f"v1/{tenant}/d/{mallory}/cmd-res/{pending['command_id']}", b'{"status": "succeeded"}')
-    await asyncio.sleep(1.5)
+    # The control: mallory's own report, sent after, on the same connection and devicesvc queue, is applied; the
+    # forged answer had been handled by then.
+    await attacker.publish(f"v1/{tenant}/d/{mallory}/state/reported", b'{"state": {"mine": true}}')
+
+    async def own_report_applied() -> bool:
+        return (await get_json(http, f"/devices/{mallory}/shadow", headers))["reported"] == {"mine": True}
+
+    await eventually(own_report_applied, what="the attacker's own report (the control)")
     detail = await get_json(http, f"/commands/{pending['command_id']}", headers)
     assert detail["command"]["status"] == "queued" and [e["event"] for e in detail["events"]] == ["queued"]
     shadow = await get_json(http, f"/devices/{victim}/shadow", headers)

@@ -20,7 +20,6 @@ import psycopg
 import pytest
 
 from kestrel.devtools.servers import PostgresServer
-from kestrel.devtools.simulate import Fleet
 from kestrel.runtime.mqttclient import MqttError, MqttPublisher
 from kestrel.store import claims
 from kestrel.store.session import operator, run_blocking
@@ -28,11 +27,10 @@ from kestrel_core.messages.twin import ProvisionGranted
 from kestrel_device.client import new_device_key, provision
 from tests.conftest import _nats, wait_until
 from tests.prodstack import ProdStack, prod_stack
-from tests.traffic import Traffic
+from tests.traffic import traffic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SERVICES = ("authsvc", "bridge", "writer", "devicesvc", "provisioner")
-RATE = 200.0  # telemetry, messages per second, whole fleet
 DOWN_S = 1.5  # how long a killed process stays down
 
 
@@ -132,14 +130,6 @@ FAULTS: dict[str, Callable[[ProdStack], None]] = {
     "bridge-while-jetstream-down": bridge_killed_while_jetstream_is_down,
     "rolling-restart": rolling_restart,
 }
-
-
-def traffic(stack: ProdStack) -> Traffic:
-    tenant, devices = stack.tenant(12, "f")
-    fleet_devices, reporters, commanded = devices[:8], devices[8:10], devices[10:]
-    contexts = {d: stack.enrol(d) for d in fleet_devices}
-    fleet = Fleet("127.0.0.1", stack.auth.mtls_port, tenant, fleet_devices, RATE, record=True, tls=contexts.__getitem__)
-    return Traffic(stack, tenant, fleet, reporters, commanded)
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
