@@ -21,14 +21,14 @@ _BUCKET = re.compile(r"\A([1-9][0-9]{0,5})(s|m|h|d)\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 RAW: Final = """
-SELECT ts, seq, stream, {value} AS value FROM telemetry
+SELECT ts, seq, stream, {value} AS value FROM tenant_telemetry
 WHERE tenant_id = %(tenant)s AND device_id = %(device)s AND ts >= %(from)s AND ts < %(to)s {has_metric}
   AND (%(after_ts)s::timestamptz IS NULL OR (ts, seq, stream) > (%(after_ts)s, %(after_seq)s, %(after_stream)s))
 ORDER BY ts, seq, stream LIMIT %(limit)s
 """
 BUCKETS: Final = """
 SELECT date_bin(%(bucket)s, ts, %(origin)s) AS bucket, {agg} AS value, count(*) AS samples{devices}
-FROM telemetry
+FROM tenant_telemetry
 WHERE tenant_id = %(tenant)s AND {scope} AND ts >= %(from)s AND ts < %(to)s AND metrics ? %(metric)s
 GROUP BY 1 ORDER BY 1
 """
@@ -48,7 +48,7 @@ AGGREGATES: Final[dict[str, str]] = {
 }
 LATEST: Final = """
 SELECT DISTINCT ON (t.device_id) t.device_id, t.ts, {value} AS value
-FROM telemetry t JOIN devices d ON d.tenant_id = t.tenant_id AND d.device_id = t.device_id
+FROM tenant_telemetry t JOIN devices d ON d.tenant_id = t.tenant_id AND d.device_id = t.device_id
 WHERE t.tenant_id = %(tenant)s AND t.ts >= %(since)s {has_metric}
   AND (%(tag)s::text IS NULL OR %(tag)s = ANY (d.tags))
   AND (%(group)s::text IS NULL OR EXISTS (SELECT 1 FROM device_group_members m

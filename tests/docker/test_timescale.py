@@ -1,6 +1,7 @@
 """Storage against TimescaleDB in a container (testcontainers), where a Docker engine exists.
 
-This machine has none, so here the module skips with that reason; the GitHub workflow runs it.
+This machine has none, so here the module skips with that reason; the GitHub workflow runs it. Without Docker,
+tests/integration/test_timescale.py runs the TimescaleDB variant in a WASM PostgreSQL (all but the writer's COPY).
 It proves the TimescaleDB variant of the migrations (hypertable, compression, retention, continuous
 aggregate) and that the writer's insert path and the API's queries are the same code on both.
 """
@@ -77,6 +78,8 @@ def test_writer_insert_path_and_api_queries_on_a_hypertable(timescale_url: str) 
         inserted = 0
         for _ in range(2):  # the second pass must insert nothing (idempotent)
             inserted += (await store_rows(conn, rows))[1]
+        # The API's queries read the tenant's view (migration 0016), in the tenant's context.
+        await conn.execute("SELECT set_config('kestrel.tenant', 'ts-tenant', false)")
         points = await telemetry.raw_points(
             conn,
             tenant="ts-tenant",

@@ -121,6 +121,32 @@ def test_the_api_role_journals_revocations_it_cannot_read(database_url: str, api
     ]
 
 
+def test_the_api_role_reads_telemetry_only_through_its_tenants_view(database_url: str, api_database_url: str) -> None:
+    """Migration 0016: the view is the API's only way to telemetry (as on TimescaleDB, where the hypertable cannot
+    carry row-level security); the table itself, partitions included, is closed to kestrel_api."""
+    tenant, devices = _tenant(database_url)
+    other, others = _tenant(database_url)
+    with psycopg.connect(database_url) as conn:
+        for t, d in ((tenant, devices[0]), (other, others[0])):
+            conn.execute(
+                "INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
+                " VALUES (%s, %s, '', now(), 1, '{}', now())",
+                (t, d),
+            )
+        partitions = [r[0] for r in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits"
+                                                 " WHERE inhparent = 'telemetry'::regclass")]  # fmt: skip
+    with psycopg.connect(api_database_url) as conn:
+        conn.execute("SELECT set_config('kestrel.tenant', %s, true)", (tenant,))
+        assert conn.execute("SELECT tenant_id, device_id FROM tenant_telemetry").fetchall() == [(tenant, devices[0])]
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM tenant_telemetry").fetchone() == (0,)  # no tenant: nothing
+        conn.rollback()
+        for relation in ("telemetry", "telemetry_hourly", *partitions):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"SELECT count(*) FROM {relation}")  # noqa: S608 - names from the catalog
+            conn.rollback()
+
+
 def test_the_api_refuses_to_run_as_a_privileged_role(database_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")}
     env |= {"KESTREL_API_DATABASE_URL": database_url, "KESTREL_API_ADMIN_TOKEN": "x", "KESTREL_API_PORT": "1"}
