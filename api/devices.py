@@ -126,8 +126,8 @@ async def _bulk(request: Request[Any, Any, Any], principal: Principal, items: li
         raise InvalidInput("bad_body", f"send 1 to {MAX_BULK} devices")
     # A bulk request is a set: an identical repeat is the same device.
     items = list({msgspec.json.encode(d): d for d in items}.values())
-    if len({d.device_id for d in items}) != len(items):
-        raise InvalidInput("bad_body", "a device id appears twice with different fields")
+    if (twice := devices.first_repeat(d.device_id for d in items)) is not None:
+        raise InvalidInput("bad_body", f"device id {twice} appears twice with different fields")
     async with tenant_transaction(request, tenant) as conn:
         created = await devices.create(conn, principal.acting(request), tenant, [d.new() for d in items], bulk=True)
     return BulkResult(created=len(created))

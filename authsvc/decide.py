@@ -86,6 +86,8 @@ class Claim:
     used: int
     max_uses: int
     expires_at: dt.datetime
+    #: The connecting device was provisioned with this claim already (and is not decommissioned).
+    provisioned: bool = False
 
 
 class IdentityLookup(Protocol):
@@ -106,8 +108,9 @@ class IdentityLookup(Protocol):
     async def service_principal(self, name: str) -> ServicePrincipal | None:
         """The backend principal with this name, if any."""
 
-    async def claim(self, claim_id: str) -> Claim | None:
-        """The provisioning claim with this id, if any (never cached: its use count changes)."""
+    async def claim(self, claim_id: str, device: str) -> Claim | None:
+        """The provisioning claim with this id, if any, and whether ``device`` was provisioned with it (never cached:
+        its use count changes)."""
 
 
 def device_acl(tenant: str, device: str) -> list[AclRule]:
@@ -303,10 +306,13 @@ async def _claim(request: AuthnRequest, lookup: IdentityLookup, now: dt.datetime
     device = request.clientid.removeprefix(PROVISION_CLIENT_PREFIX)
     if match is None or not request.clientid.startswith(PROVISION_CLIENT_PREFIX) or not is_valid_id(device):
         return _deny("claim_token_or_clientid", request)
-    claim = await lookup.claim(match.group(1))
+    claim = await lookup.claim(match.group(1), device)
     if claim is None or not hmac.compare_digest(secret_digest(match.group(2)), claim.secret_sha256):
         return _deny("claim_secret", request)
-    if claim.status != "active" or claim.used >= claim.max_uses or claim.expires_at <= now:
+    # A device the claim provisioned may ask again while the claim is in force, even when its last use went to that
+    # device: its answer was lost, and the provisioner gives back the certificate it has (for the same key only).
+    exhausted = claim.used >= claim.max_uses and not claim.provisioned
+    if claim.status != "active" or exhausted or claim.expires_at <= now:
         return _deny("claim_revoked_exhausted_or_expired", request)
     publish, subscribe = provision_topics(claim.tenant, match.group(1), device)
     return AuthnResponse(

@@ -71,8 +71,8 @@ class CachedIdentity:
     async def jwt_key(self, kid: str) -> JwtKey | None:
         return await self._get("jwt_key", kid, lambda: self.inner.jwt_key(kid))
 
-    async def claim(self, claim_id: str) -> Claim | None:
-        return await self.inner.claim(claim_id)  # never cached: its use count changes with every device
+    async def claim(self, claim_id: str, device: str) -> Claim | None:
+        return await self.inner.claim(claim_id, device)  # never cached: its use count changes with every device
 
     async def service_principal(self, name: str) -> ServicePrincipal | None:
         return await self._get("service", name, lambda: self.inner.service_principal(name))

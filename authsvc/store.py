@@ -23,8 +23,9 @@ JWT_KEY: Final = (
     "SELECT tenant_id AS tenant, device_id AS device, alg, public_key_pem, status FROM jwt_keys WHERE kid = %s"
 )
 CLAIM: Final = (
-    "SELECT tenant_id AS tenant, secret_sha256, status, used, max_uses, expires_at FROM provisioning_claims"
-    " WHERE claim_id = %s"
+    "SELECT tenant_id AS tenant, secret_sha256, status, used, max_uses, expires_at, EXISTS (SELECT 1 FROM devices d"
+    " WHERE d.device_id = %s AND d.claim_id = c.claim_id AND d.status <> 'decommissioned') AS provisioned"
+    " FROM provisioning_claims c WHERE claim_id = %s"
 )
 SERVICE: Final = "SELECT name, role, secret_sha256, status FROM service_principals WHERE name = %s"
 DEVICE: Final = (
@@ -79,5 +80,5 @@ class PostgresIdentity:
         return await self._one(ServicePrincipal, SERVICE, (name,))
 
     @retry_read_once
-    async def claim(self, claim_id: str) -> Claim | None:
-        return await self._one(Claim, CLAIM, (claim_id,))
+    async def claim(self, claim_id: str, device: str) -> Claim | None:
+        return await self._one(Claim, CLAIM, (device, claim_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -66,8 +66,18 @@ def _check(devices: Sequence[NewDevice]) -> None:
             require_id("group", group)
         if len(d.tags) > MAX_TAGS:
             raise InvalidInput("bad_tags", f"device {d.device_id} has more than {MAX_TAGS} tags")
-    if len({d.device_id for d in devices}) != len(devices):
-        raise InvalidInput("bad_csv", "a device id appears twice")
+    if (twice := first_repeat(d.device_id for d in devices)) is not None:
+        raise InvalidInput("bad_csv", f"device id {twice} appears twice")
+
+
+def first_repeat(ids: Iterable[str]) -> str | None:
+    """The first id seen a second time, or None."""
+    seen: set[str] = set()
+    for device_id in ids:
+        if device_id in seen:
+            return device_id
+        seen.add(device_id)
+    return None
 
 
 async def page(
