@@ -302,3 +302,23 @@ def test_a_packet_above_the_broker_limit_ends_that_session_only(stack: ProdStack
     assert wait_until(lambda: (small, 7) in stack.stored(tenant), 20)
     assert stack.stored(tenant) == [(small, 7)]
     assert stack.broker.alive()
+
+
+def test_an_oversized_token_is_refused_for_good_and_others_get_in(stack: ProdStack) -> None:
+    tenant, (device, other) = stack.tenant(2, "j")
+    _kid, token = stack.jwt(tenant, other)
+
+    async def scenario() -> None:
+        for password in ("e" * 65_000, "x.y.z" * 13_000):  # near MQTT's 65,535-byte limit for a password
+            client = MqttPublisher(
+                "127.0.0.1", stack.auth.jwt_port, device, tls=stack.tls(), username=device, password=password
+            )
+            with pytest.raises(MqttError) as refused:
+                await client.connect(connect_timeout=10)
+            assert refused.value.reason_code in (0x86, 0x87), hex(refused.value.reason_code)  # not "try again"
+        good = MqttPublisher("127.0.0.1", stack.auth.jwt_port, other, tls=stack.tls(), username=other, password=token)
+        await good.connect()  # the control
+        await good.close()
+
+    asyncio.run(scenario())
+    assert stack.broker.alive()
