@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kestrel_core.errors import InvalidInput
-from kestrel_core.rules.evaluate import Cleared, DeviceState, Raised, Reading, Transition, step
+from kestrel_core.rules.evaluate import Cleared, DeviceState, Raised, Reading, Transition, replay, step
 from kestrel_core.rules.model import Rule, parse_rule
 
 S = 1000  # ms
@@ -192,3 +192,30 @@ def test_redelivery_and_a_stored_state_never_change_the_outcome(
     state, first = feed(head, DeviceState())
     stored = msgspec.json.decode(msgspec.json.encode(state), type=DeviceState)  # another worker loads it
     assert first + feed(tail, stored)[1] == expected
+
+
+def test_the_dry_run_ticks_at_deadlines_and_matches_a_clock_that_ticks_every_second() -> None:
+    """The replay ticks only where something can happen; a worker whose clock ticks every second (the slow way) sees
+    the same transitions at the same times."""
+    quiet = {"op": "absent", "seconds": 300}
+    hot = {"op": "compare", "cmp": "gt", "left": {"kind": "window", "agg": "avg", "metric": "t", "seconds": 120},
+           "right": {"kind": "const", "value": 80}}  # fmt: skip
+    r = rule({"op": "or", "of": [quiet, hot]}, clear_when={"op": "and", "of": [{"op": "not", "of": quiet},
+             {"op": "not", "of": hot}]}, for_s=30, clear_for_s=60)  # fmt: skip
+    readings = [Reading(t * S, i, {"t": v}) for i, (t, v) in enumerate(
+        [(0, 70), (10, 95), (20, 95), (30, 95), (200, 60), (210, 60), (700, 60), (720, 90), (730, 90), (760, 90)])]  # fmt: skip
+    _, replayed, errors = replay(r, readings, until_ms=1200 * S)
+    assert errors == []
+    state, ticked = DeviceState(), []
+    by_time = {reading.ts_ms: reading for reading in readings}
+    for ms in range(0, 1200 * S + 1, S):
+        if ms in by_time:
+            state, out, _ = step(r, state, reading=by_time[ms])
+        else:
+            state, out, _ = step(r, state, now_ms=ms)
+        ticked += out
+    assert replayed == ticked
+    # Hot on the 2-minute average from 10 s, raised after 30 s; cool and reporting from 200 s, cleared after 60 s;
+    # silent from 210 s, absent at 510 s, raised 30 s later; from 700 s cool again, but hot again on the average at
+    # 760 s, before the 60 s needed to clear: it stays raised.
+    assert [(type(x), x.at_ms // S) for x in replayed] == [(Raised, 40), (Cleared, 260), (Raised, 540)]

@@ -223,3 +223,60 @@ def step(
         state.raised_count += 1
         return state, [Raised(now_ms, _values(rule, state))], None
     return state, [Cleared(now_ms, _values(rule, state))], None
+
+
+def _absences(condition: Condition | None) -> list[Absent]:
+    if condition is None:
+        return []
+    if isinstance(condition, (AllOf, AnyOf)):
+        return [a for c in condition.of for a in _absences(c)]
+    if isinstance(condition, Not):
+        return _absences(condition.of)
+    return [condition] if isinstance(condition, Absent) else []
+
+
+def next_deadline(rule: Rule, state: DeviceState, after_ms: int) -> int | None:
+    """The earliest time (ms) later than ``after_ms`` at which a clock tick may change the outcome with no new reading:
+    a duration that completes, an absence that begins, a reading that leaves a window. Workers and the dry run tick
+    exactly there, so both see the same transitions at the same times."""
+    alarm = rule.alarm
+    candidates: list[int] = []
+    if state.since_ms is not None:
+        candidates.append(state.since_ms + (alarm.clear_for_s if state.raised else alarm.for_s) * 1000)
+    for absent in _absences(alarm.when) + _absences(alarm.clear_when):
+        seen = state.last_seen_ms.get(absent.metric or ANY)
+        if seen is not None:
+            candidates.append(seen + absent.seconds * 1000)
+    keep_ms = max(windows(alarm.when), windows(alarm.clear_when)) * 1000
+    if keep_ms:
+        for samples in state.samples.values():
+            candidates += [ts + keep_ms for ts, _ in samples[:1]]  # the oldest leaves first
+    future = [c for c in candidates if c > after_ms]
+    return min(future) if future else None
+
+
+def replay(
+    rule: Rule, readings: list[Reading], *, until_ms: int, shadow: Mapping[str, Any] | None = None
+) -> tuple[DeviceState, list[Transition], list[EvalError]]:
+    """One device's stored readings (any order) through the evaluator, with the clock ticking at every deadline up to
+    ``until_ms``: the dry run. The same function the workers' behaviour is defined by."""
+    state = DeviceState()
+    transitions: list[Transition] = []
+    errors: list[EvalError] = []
+    queue = sorted(readings, key=lambda r: (r.ts_ms, r.seq))
+    index, clock = 0, -1
+    while True:
+        deadline = next_deadline(rule, state, clock)
+        upcoming = queue[index].ts_ms if index < len(queue) else None
+        if deadline is not None and deadline <= until_ms and (upcoming is None or deadline < upcoming):
+            state, out, error = step(rule, state, now_ms=deadline, shadow=shadow)
+            clock = deadline
+        elif upcoming is not None:
+            state, out, error = step(rule, state, reading=queue[index], shadow=shadow)
+            clock = max(clock, queue[index].ts_ms)
+            index += 1
+        else:
+            return state, transitions, errors
+        transitions += out
+        if error is not None:
+            errors.append(error)
