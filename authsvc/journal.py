@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 
-from authsvc.decide import DEVICE_ADMITTED
 from authsvc.revocation import CachedIdentity
 from kestrel.runtime.mqttclient import MqttError
 from kestrel.store.rows import fetch_all, fetch_maybe
@@ -38,9 +37,7 @@ Kicker = Callable[[list[str], list[str]], Awaitable[None]]
 
 
 async def targets(conn: psycopg.AsyncConnection[Any], event: dict[str, Any]) -> tuple[set[str], set[str]]:
-    """Client ids and usernames to disconnect for one change (none when access was not withdrawn)."""
-    if event.get("status") in DEVICE_ADMITTED:  # also "active" tenants, CAs, keys: nothing withdrawn
-        return set(), set()
+    """Client ids and usernames to disconnect for one journalled change (the journal holds withdrawals only)."""
     scope = event.get("scope")
     if scope == "device":
         return {str(event["device"])}, set()

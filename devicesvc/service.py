@@ -54,13 +54,13 @@ async def listen(twin: Twin, database_url: str) -> None:
 
 
 async def scan(twin: Twin, periodic: bool, next_prune: list[float]) -> None:
-    """Notifications (desired state, commands, connects) need the outbox and the dispatcher; deadlines,
-    presence grace, command events and retention run on the scan interval."""
+    """Notifications (desired state, commands, connects) need the outbox and the dispatcher; retained topics of
+    decommissioned devices, deadlines, presence grace, command events and retention run on the scan interval."""
     await shadows.publish_outbox(twin)
-    await shadows.clear_retained(twin)
     await commands.dispatch(twin)
     if not periodic:
         return
+    await shadows.clear_retained(twin)  # decommissioning is rare: the scan interval is soon enough
     await commands.expire(twin)
     await presence.sweep(twin)
     await commands.publish_events(twin)

@@ -7,6 +7,7 @@ Each service can be killed (SIGKILL), stopped and started again; the broker too,
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import ssl
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from kestrel.devtools import seed
 from kestrel.devtools.servers import BrokerAuth, MosquittoServer, NatsServer, PostgresServer, free_port, http_ok
+from kestrel.runtime.mqttclient import MqttError, MqttPublisher
 from kestrel_core.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
 from kestrel_device.client import new_device_key
 from pki.builtin import BuiltinCA
@@ -33,6 +35,19 @@ from tests.conftest import ServiceProcess, api_url_for, isolated_database, platf
 
 PASSPHRASE = "prod-" + uuid.uuid4().hex
 ADMIN = "kpa_prod_" + uuid.uuid4().hex
+
+
+async def connect_outcome(client: MqttPublisher) -> int | str:
+    """Connect and tell how it went: 0 when admitted (the client is closed again), the CONNACK reason code when
+    refused, ``"tls <error>"`` when the TLS handshake failed."""
+    try:
+        await client.connect(connect_timeout=10)
+    except MqttError as exc:
+        return exc.reason_code
+    except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError) as exc:
+        return f"tls {type(exc).__name__}"
+    await client.close()
+    return 0
 
 
 def gate_for(services: tuple[str, ...]) -> tuple[str, ...]:

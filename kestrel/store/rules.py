@@ -6,7 +6,7 @@ reported state (the shadow's history is not replayed).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime
 from typing import Any, Final
 
@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 
 from kestrel.store.rows import fetch_all
 from kestrel_core.errors import ContentTooLarge, InvalidInput
-from kestrel_core.rules.evaluate import EvalError, Reading, Transition, replay
+from kestrel_core.rules.evaluate import Reading, Transition, replay
 from kestrel_core.rules.model import Rule
 
 #: Readings one dry run may read; past it the caller narrows the range or the devices.
@@ -79,12 +79,5 @@ async def dry_run(
     outcomes = []
     for device, readings in per_device.items():
         _, transitions, errors = replay(rule, readings, until_ms=_ms(end), shadow=shadows.get(device, {}))
-        outcomes.append(DeviceOutcome(device, len(readings), transitions, _count(errors)))
+        outcomes.append(DeviceOutcome(device, len(readings), transitions, dict(Counter(e.reason for e in errors))))
     return DryRun(len(rows), outcomes)
-
-
-def _count(errors: list[EvalError]) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for error in errors:
-        counts[error.reason] += 1
-    return dict(counts)

@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from kestrel.devtools.servers import NatsServer, PostgresServer
-from kestrel.runtime.mqttclient import MqttError, MqttPublisher
+from kestrel.runtime.mqttclient import MqttPublisher
 from kestrel.store import claims
 from kestrel.store.session import operator, run_blocking
 from kestrel_core.topics import provision_topics
 from kestrel_device.client import new_device_key
-from tests.prodstack import ProdStack, prod_stack
+from tests.prodstack import ProdStack, connect_outcome, prod_stack
 
 pytestmark = pytest.mark.e2e
 NOT_A_CSR = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
@@ -91,19 +91,11 @@ def request(pem: bytes) -> bytes:
     return json.dumps({"csr": pem.decode()}).encode()
 
 
-def refused_at_connect(stack: ProdStack, token: str, device: str) -> int:
-    async def attempt() -> int:
-        client = MqttPublisher(
-            "127.0.0.1", stack.auth.jwt_port, f"prov:{device}", tls=stack.tls(), username="claim", password=token
-        )
-        try:
-            await client.connect(connect_timeout=10)
-        except MqttError as exc:
-            return exc.reason_code
-        await client.close()
-        return 0
-
-    return asyncio.run(attempt())
+def refused_at_connect(stack: ProdStack, token: str, device: str) -> int | str:
+    client = MqttPublisher(
+        "127.0.0.1", stack.auth.jwt_port, f"prov:{device}", tls=stack.tls(), username="claim", password=token
+    )
+    return asyncio.run(connect_outcome(client))
 
 
 def test_hostile_provisioning_requests_get_their_reason_and_change_nothing(stack: ProdStack) -> None:

@@ -23,11 +23,11 @@ import pytest
 
 from kestrel.devtools import seed
 from kestrel.devtools.servers import NatsServer, PostgresServer
-from kestrel.runtime.mqttclient import MqttError, MqttPublisher
+from kestrel.runtime.mqttclient import MqttPublisher
 from kestrel.store import devices, jwt_keys, tenants
 from kestrel.store.session import operator, run_blocking
 from tests.conftest import wait_until
-from tests.prodstack import ProdStack, prod_stack
+from tests.prodstack import ProdStack, connect_outcome, prod_stack
 
 pytestmark = pytest.mark.e2e
 NOT_AUTHORIZED = 0x87
@@ -65,14 +65,7 @@ class Session:
         return client
 
     async def refusal(self) -> int | str:
-        try:
-            client = await self.connect()
-        except MqttError as exc:
-            return exc.reason_code
-        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            return f"tls {type(exc).__name__}"
-        await client.close()
-        return "admitted"
+        return await connect_outcome(self.client())
 
 
 def device_session(stack: ProdStack, tenant: str, device: str) -> Session:

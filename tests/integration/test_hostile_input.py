@@ -5,26 +5,14 @@ problem (never a 500), applies nothing, and is followed by the same request made
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 from litestar.testing import TestClient
 
-from api.app import create_app
-from api.settings import ApiSettings
-from kestrel_core.settings import Secret
 from tests.conftest import new_tenant, tenant_token
 
 pytestmark = pytest.mark.integration
-PLATFORM = "p-" + uuid.uuid4().hex
-
-
-@pytest.fixture
-def client(api_database_url: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
-    with TestClient(create_app(ApiSettings(admin_token=Secret(PLATFORM)), api_database_url)) as c:
-        yield c
 
 
 def devices_of(database_url: str, tenant: str) -> int:

@@ -31,6 +31,14 @@ PLATFORM = "platform-admin-" + uuid.uuid4().hex
 PLATFORM_AUTH = {"Authorization": f"Bearer {PLATFORM}"}
 
 
+def refused(conn: psycopg.Connection[Any], *statements: str) -> None:
+    """Each statement is refused for lack of privilege (the transaction rolled back after each)."""
+    for statement in statements:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(statement.encode())  # names from the catalog or fixed here, no input
+        conn.rollback()
+
+
 def _settings(postgres: PostgresServer, **kwargs: Any) -> ApiSettings:
     return ApiSettings(platform_database_url=Secret(postgres.platform_url), **kwargs)
 
@@ -104,14 +112,12 @@ def test_the_api_role_journals_revocations_it_cannot_read(database_url: str, api
         conn.execute("SELECT set_config('kestrel.tenant', %s, true)", (tenant,))
         conn.execute("UPDATE devices SET status = 'suspended' WHERE device_id = %s", (devices[0],))
         conn.commit()
-        for statement in (
+        refused(
+            conn,
             "SELECT count(*) FROM identity_events",
             'INSERT INTO identity_events (event) VALUES (\'{"scope": "all", "status": "revoked"}\')',
             "UPDATE identity_cursors SET last_id = last_id + 1000",
-        ):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(statement)
-            conn.rollback()
+        )
     with psycopg.connect(database_url) as conn:
         journalled = conn.execute(
             "SELECT event FROM identity_events WHERE event->>'device' = %s", (devices[0],)
@@ -141,10 +147,7 @@ def test_the_api_role_reads_telemetry_only_through_its_tenants_view(database_url
         conn.rollback()
         assert conn.execute("SELECT count(*) FROM tenant_telemetry").fetchone() == (0,)  # no tenant: nothing
         conn.rollback()
-        for relation in ("telemetry", "telemetry_hourly", *partitions):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"SELECT count(*) FROM {relation}")  # noqa: S608 - names from the catalog
-            conn.rollback()
+        refused(conn, *(f"SELECT count(*) FROM {r}" for r in ("telemetry", "telemetry_hourly", *partitions)))  # noqa: S608
 
 
 def test_the_api_refuses_to_run_as_a_privileged_role(database_url: str) -> None:
@@ -555,19 +558,14 @@ def test_the_api_role_cannot_run_platform_operations(postgres: PostgresServer) -
     """Least privilege (issue 10): an SQL injection in a tenant request runs as kestrel_api, which may not execute
     the tenant functions; kestrel_platform may call them and read nothing else."""
     with psycopg.connect(postgres.api_url) as conn:
-        for call in (
+        refused(
+            conn,
             "SELECT * FROM kestrel_platform_tenants()",
             "SELECT * FROM kestrel_platform_create_tenant('evil', '', NULL, NULL, NULL, 'sqli', 'x')",
             "SELECT * FROM kestrel_platform_update_tenant('evil', NULL, '{}'::jsonb, 'sqli', 'x')",
-        ):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(call)
-            conn.rollback()
+        )
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SET ROLE kestrel_platform")
     with psycopg.connect(postgres.platform_url) as conn:
         assert conn.execute("SELECT count(*) FROM kestrel_platform_tenants()").fetchone()[0] >= 0  # type: ignore[index]
-        for table in ("tenants", "devices", "api_tokens", "audit_log"):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"SELECT 1 FROM {table} LIMIT 1")  # noqa: S608 - fixed table names
-            conn.rollback()
+        refused(conn, *(f"SELECT 1 FROM {t} LIMIT 1" for t in ("tenants", "devices", "api_tokens", "audit_log")))  # noqa: S608

@@ -24,22 +24,17 @@ def rule(when: dict[str, Any], **alarm: Any) -> Rule:
     return parse_rule({"name": "r", "alarm": {"when": when, **alarm}})
 
 
+def compare(cmp: str, metric: str, threshold: float) -> dict[str, Any]:
+    return {"op": "compare", "cmp": cmp, "left": {"kind": "metric", "name": metric},
+            "right": {"kind": "const", "value": threshold}}  # fmt: skip
+
+
 def gt(metric: str, threshold: float) -> dict[str, Any]:
-    return {
-        "op": "compare",
-        "cmp": "gt",
-        "left": {"kind": "metric", "name": metric},
-        "right": {"kind": "const", "value": threshold},
-    }
+    return compare("gt", metric, threshold)
 
 
 def lt(metric: str, threshold: float) -> dict[str, Any]:
-    return {
-        "op": "compare",
-        "cmp": "lt",
-        "left": {"kind": "metric", "name": metric},
-        "right": {"kind": "const", "value": threshold},
-    }
+    return compare("lt", metric, threshold)
 
 
 def run(
