@@ -17,7 +17,9 @@ from litestar.plugins.prometheus import PrometheusConfig
 from psycopg_pool import AsyncConnectionPool
 
 from api import (
+    alarms,
     audit,
+    channels,
     claims,
     commands,
     devices,
@@ -25,6 +27,7 @@ from api import (
     health,
     oauth,
     presence,
+    rules,
     shadows,
     telemetry,
     tenants,
@@ -54,6 +57,9 @@ RESOURCES: Final[list[list[HTTPRouteHandler]]] = [
     presence.ROUTES,
     shadows.ROUTES,
     commands.ROUTES,
+    rules.ROUTES,
+    alarms.ROUTES,
+    channels.ROUTES,
     claims.ROUTES,
     users.ROUTES,
     tokens.ROUTES,

@@ -1,83 +1,146 @@
-"""The dry run of an alarm rule over stored telemetry (issue 13, ADR-0018): the tenant's readings of a time range
-through the same evaluator the rule workers run, with no side effect. Reads the tenant's telemetry view only, so a
-rule sees its own tenant's data whatever devices it names; conditions on the shadow see each device's current
-reported state (the shadow's history is not replayed).
-"""
+"""Alarm rules per tenant (issue 13): versioned (every version kept), audited, limited by the tenant's ``max_rules``.
+A rule's targets (devices and groups in its scope, channels it notifies) must be the tenant's own: they are looked
+up in the caller's tenant context, so another tenant's device is as unknown as one that does not exist."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from datetime import datetime
+import secrets
 from typing import Any, Final
 
 import msgspec
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 
-from kestrel.store.rows import fetch_all
-from kestrel_core.errors import ContentTooLarge, InvalidInput
-from kestrel_core.rules.evaluate import Reading, Transition, replay
+from kestrel.store import audit
+from kestrel.store.rows import fetch_all, fetch_one
+from kestrel.store.session import Actor
+from kestrel_core.errors import Conflict, InvalidInput, PreconditionFailed
 from kestrel_core.rules.model import Rule
 
-#: Readings one dry run may read; past it the caller narrows the range or the devices.
-MAX_READINGS: Final = 1_000_000
-MAX_RANGE_S: Final = 31 * 86_400
+COLUMNS: Final = "rule_id, name, enabled, version, definition, created_by, created_at, updated_at"
 
 
-class DeviceOutcome(msgspec.Struct, frozen=True):
-    device_id: str
-    readings: int
-    transitions: list[Transition]
-    errors: dict[str, int]
+def new_rule_id() -> str:
+    return "r" + secrets.token_hex(12)
 
 
-class DryRun(msgspec.Struct, frozen=True):
-    readings: int
-    devices: list[DeviceOutcome]
+def _document(rule: Rule) -> dict[str, Any]:
+    document: dict[str, Any] = msgspec.to_builtins(rule)
+    return document
 
 
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
-
-
-async def dry_run(
-    conn: AsyncConnection[Any],
-    tenant: str,
-    rule: Rule,
-    *,
-    start: datetime,
-    end: datetime,
-    devices: list[str] | None = None,
-    max_readings: int = MAX_READINGS,
-) -> DryRun:
-    """What ``rule`` would have raised and cleared for the tenant's devices between ``start`` and ``end``. ``conn``
-    is in the tenant's context (``tenant_scope``)."""
-    if not start < end or (end - start).total_seconds() > MAX_RANGE_S:
-        raise InvalidInput("bad_range", f"the range must end after it starts and span at most {MAX_RANGE_S} s")
+async def _missing(conn: AsyncConnection[Any], tenant: str, table: str, column: str, ids: list[str]) -> list[str]:
+    if not ids:
+        return []
     rows = await fetch_all(
+        conn, f"SELECT {column} AS id FROM {table} WHERE tenant_id = %s AND {column} = ANY(%s)", (tenant, ids)
+    )
+    return sorted(set(ids) - {r["id"] for r in rows})
+
+
+async def check_targets(conn: AsyncConnection[Any], tenant: str, rule: Rule) -> None:
+    """Refuse a rule naming devices, groups or channels the tenant does not have (422, naming the field)."""
+    for field, table, column, ids in (
+        ("scope.devices", "devices", "device_id", rule.scope.devices),
+        ("scope.groups", "device_groups", "group_id", rule.scope.groups),
+        ("notify", "channels", "channel_id", rule.notify),
+    ):
+        missing = await _missing(conn, tenant, table, column, list(ids))
+        if missing:
+            raise InvalidInput(f"unknown_{column.removesuffix('_id')}", f"`$.{field}`: no {', '.join(missing[:5])}")
+
+
+async def list_all(conn: AsyncConnection[Any], tenant: str) -> list[dict[str, Any]]:
+    return await fetch_all(conn, f"SELECT {COLUMNS} FROM rules WHERE tenant_id = %s ORDER BY rule_id", (tenant,))
+
+
+async def get(conn: AsyncConnection[Any], tenant: str, rule_id: str, *, lock: bool = False) -> dict[str, Any]:
+    return await fetch_one(
         conn,
-        "SELECT device_id, ts, seq, metrics FROM tenant_telemetry WHERE tenant_id = %(tenant)s"
-        " AND ts >= %(start)s AND ts < %(end)s"
-        " AND (%(devices)s::text[] IS NULL OR device_id = ANY(%(devices)s))"
-        " AND (%(metrics)s::text[] IS NULL OR metrics ?| %(metrics)s)"
-        " ORDER BY device_id, ts, seq LIMIT %(limit)s",
-        {"tenant": tenant, "start": start, "end": end, "devices": devices, "metrics": rule.metrics or None,
-         "limit": max_readings + 1},
-    )  # fmt: skip
-    if len(rows) > max_readings:
-        raise ContentTooLarge("too_many_readings", f"more than {max_readings} readings: narrow the range or devices")
-    shadows = {
-        r["device_id"]: r["reported"]
-        for r in await fetch_all(
-            conn,
-            "SELECT device_id, reported FROM device_shadows WHERE tenant_id = %s AND name = '' AND device_id = ANY(%s)",
-            (tenant, sorted({row["device_id"] for row in rows})),
-        )
-    }
-    per_device: dict[str, list[Reading]] = defaultdict(list)
-    for row in rows:
-        per_device[row["device_id"]].append(Reading(_ms(row["ts"]), row["seq"], row["metrics"]))
-    outcomes = []
-    for device, readings in per_device.items():
-        _, transitions, errors = replay(rule, readings, until_ms=_ms(end), shadow=shadows.get(device, {}))
-        outcomes.append(DeviceOutcome(device, len(readings), transitions, dict(Counter(e.reason for e in errors))))
-    return DryRun(len(rows), outcomes)
+        f"SELECT {COLUMNS} FROM rules WHERE tenant_id = %s AND rule_id = %s" + (" FOR UPDATE" if lock else ""),
+        (tenant, rule_id),
+        f"rule {rule_id} not found",
+    )
+
+
+async def versions(conn: AsyncConnection[Any], tenant: str, rule_id: str) -> list[dict[str, Any]]:
+    await get(conn, tenant, rule_id)
+    return await fetch_all(
+        conn,
+        "SELECT version, enabled, definition, changed_by, changed_at FROM rule_versions"
+        " WHERE tenant_id = %s AND rule_id = %s ORDER BY version DESC",
+        (tenant, rule_id),
+    )
+
+
+async def _version(conn: AsyncConnection[Any], actor: Actor, tenant: str, row: dict[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO rule_versions (rule_id, version, tenant_id, enabled, definition, changed_by)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (row["rule_id"], row["version"], tenant, row["enabled"], Jsonb(row["definition"]), actor.name),
+    )
+
+
+async def create(
+    conn: AsyncConnection[Any], actor: Actor, tenant: str, rule: Rule, *, enabled: bool = True
+) -> dict[str, Any]:
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('kestrel.rules'), hashtext(%s))", (tenant,))
+    quota = await fetch_one(
+        conn,
+        "SELECT t.max_rules, (SELECT count(*) FROM rules r WHERE r.tenant_id = t.tenant_id) AS used"
+        " FROM tenants t WHERE t.tenant_id = %s",
+        (tenant,),
+        f"tenant {tenant} not found",
+    )
+    if quota["used"] >= quota["max_rules"]:
+        raise Conflict(f"the tenant has {quota['used']} rules, its limit (max_rules) is {quota['max_rules']}")
+    await check_targets(conn, tenant, rule)
+    row = await fetch_one(
+        conn,
+        f"INSERT INTO rules (rule_id, tenant_id, name, enabled, definition, created_by)"
+        f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {COLUMNS}",
+        (new_rule_id(), tenant, rule.name, enabled, Jsonb(_document(rule)), actor.name),
+        "rule not created",
+    )
+    await _version(conn, actor, tenant, row)
+    await audit.record(conn, actor, tenant, "rule.create", f"rule:{row['rule_id']}", after=row["definition"])
+    return row
+
+
+async def update(
+    conn: AsyncConnection[Any],
+    actor: Actor,
+    tenant: str,
+    rule_id: str,
+    *,
+    rule: Rule | None = None,
+    enabled: bool | None = None,
+    if_match: int | None = None,
+) -> dict[str, Any]:
+    """A new version with a new definition and/or enabled flag; ``if_match``: the version the caller last read."""
+    before = await get(conn, tenant, rule_id, lock=True)
+    if if_match is not None and if_match != before["version"]:
+        raise PreconditionFailed(f"rule {rule_id} is at version {before['version']}, not {if_match}")
+    if rule is not None:
+        await check_targets(conn, tenant, rule)
+    definition = _document(rule) if rule is not None else before["definition"]
+    row = await fetch_one(
+        conn,
+        f"UPDATE rules SET name = %s, enabled = %s, definition = %s, version = version + 1, updated_at = now()"
+        f" WHERE tenant_id = %s AND rule_id = %s RETURNING {COLUMNS}",
+        (definition["name"], before["enabled"] if enabled is None else enabled, Jsonb(definition), tenant, rule_id),
+        f"rule {rule_id} not found",
+    )
+    await _version(conn, actor, tenant, row)
+    changes = {"enabled": row["enabled"], "definition": definition, "version": row["version"]}
+    await audit.record(
+        conn, actor, tenant, "rule.update", f"rule:{rule_id}", before=before["definition"], after=changes
+    )
+    return row
+
+
+async def delete(conn: AsyncConnection[Any], actor: Actor, tenant: str, rule_id: str) -> None:
+    """Delete a rule (its alarms stay, with its name)."""
+    before = await get(conn, tenant, rule_id, lock=True)
+    await conn.execute("DELETE FROM rules WHERE tenant_id = %s AND rule_id = %s", (tenant, rule_id))
+    await audit.record(conn, actor, tenant, "rule.delete", f"rule:{rule_id}", before=before["definition"])

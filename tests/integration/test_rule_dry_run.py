@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from kestrel.store.rules import dry_run
+from kestrel.store.dryrun import dry_run
 from kestrel.store.session import tenant_scope
 from kestrel_core.errors import InvalidInput
 from kestrel_core.rules.evaluate import Cleared, Raised, Reading, replay

@@ -24,13 +24,18 @@ Scope = Literal[
     "tokens:write",
     "audit:read",
     "commands:write",
+    "rules:read",
+    "rules:write",
+    "alarms:read",
+    "alarms:write",
 ]
 SCOPES: Final[tuple[str, ...]] = get_args(Scope)
-_READ_ONLY = frozenset({"devices:read", "telemetry:read", "groups:read"})
+_READ_ONLY = frozenset({"devices:read", "telemetry:read", "groups:read", "rules:read", "alarms:read"})
 #: What a user's role allows; a user's token never exceeds it.
 ROLE_SCOPES: Final[dict[str, frozenset[str]]] = {
     "viewer": _READ_ONLY,
-    "operator": _READ_ONLY | {"devices:write", "groups:write", "commands:write"},
+    #: Operators acknowledge and clear alarms; rules and notification channels are the admins'.
+    "operator": _READ_ONLY | {"devices:write", "groups:write", "commands:write", "alarms:write"},
     "admin": frozenset(SCOPES),
 }
 TOKEN_PREFIX: Final = "kst_"  # noqa: S105 - a recognisable prefix, not a secret

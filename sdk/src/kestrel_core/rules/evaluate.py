@@ -49,6 +49,8 @@ class DeviceState(msgspec.Struct, kw_only=True):
     last_seen_ms: dict[str, int] = {}
     samples: dict[str, list[tuple[int, float]]] = {}
     raised_count: int = 0
+    #: The evaluation's clock (ms): the last deadline ticked or reading applied (``advance``).
+    clock_ms: int = -1
 
 
 class Reading(msgspec.Struct, frozen=True):
@@ -255,28 +257,44 @@ def next_deadline(rule: Rule, state: DeviceState, after_ms: int) -> int | None:
     return min(future) if future else None
 
 
+def advance(
+    rule: Rule,
+    state: DeviceState,
+    *,
+    until_ms: int,
+    reading: Reading | None = None,
+    shadow: Mapping[str, Any] | None = None,
+) -> tuple[DeviceState, list[Transition], list[EvalError]]:
+    """Move one device's evaluation forward: tick every deadline after its clock and before ``reading`` (or up to
+    ``until_ms`` without one), then apply the reading. The rule workers call it for each reading and when a deadline
+    is due, the dry run for each stored reading: one definition of behaviour for both."""
+    transitions: list[Transition] = []
+    errors: list[EvalError] = []
+    limit = until_ms if reading is None else min(until_ms, reading.ts_ms - 1)
+    while (deadline := next_deadline(rule, state, state.clock_ms)) is not None and deadline <= limit:
+        state, out, error = step(rule, state, now_ms=deadline, shadow=shadow)
+        state.clock_ms = deadline
+        transitions += out
+        errors += [error] if error is not None else []
+    if reading is not None:
+        state, out, error = step(rule, state, reading=reading, shadow=shadow)
+        state.clock_ms = max(state.clock_ms, reading.ts_ms)
+        transitions += out
+        errors += [error] if error is not None else []
+    return state, transitions, errors
+
+
 def replay(
     rule: Rule, readings: list[Reading], *, until_ms: int, shadow: Mapping[str, Any] | None = None
 ) -> tuple[DeviceState, list[Transition], list[EvalError]]:
-    """One device's stored readings (any order) through the evaluator, with the clock ticking at every deadline up to
-    ``until_ms``: the dry run. The same function the workers' behaviour is defined by."""
+    """One device's stored readings (any order) through ``advance`` with the clock ticking at every deadline up to
+    ``until_ms``: the dry run."""
     state = DeviceState()
     transitions: list[Transition] = []
     errors: list[EvalError] = []
-    queue = sorted(readings, key=lambda r: (r.ts_ms, r.seq))
-    index, clock = 0, -1
-    while True:
-        deadline = next_deadline(rule, state, clock)
-        upcoming = queue[index].ts_ms if index < len(queue) else None
-        if deadline is not None and deadline <= until_ms and (upcoming is None or deadline < upcoming):
-            state, out, error = step(rule, state, now_ms=deadline, shadow=shadow)
-            clock = deadline
-        elif upcoming is not None:
-            state, out, error = step(rule, state, reading=queue[index], shadow=shadow)
-            clock = max(clock, queue[index].ts_ms)
-            index += 1
-        else:
-            return state, transitions, errors
+    for reading in sorted(readings, key=lambda r: (r.ts_ms, r.seq)):
+        state, out, errs = advance(rule, state, until_ms=until_ms, reading=reading, shadow=shadow)
         transitions += out
-        if error is not None:
-            errors.append(error)
+        errors += errs
+    state, out, errs = advance(rule, state, until_ms=until_ms, shadow=shadow)
+    return state, transitions + out, errors + errs

@@ -15,6 +15,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from kestrel_core.errors import InvalidInput
+from kestrel_core.rules.actions import Actions, Id, Scope
 
 #: Bounds that keep one rule cheap to evaluate and its state small (per device).
 MAX_DEPTH: Final = 8
@@ -27,23 +28,23 @@ Seconds = Annotated[int, msgspec.Meta(ge=1, le=MAX_WINDOW_S)]
 Severity = Literal["critical", "major", "minor", "warning", "info"]
 
 
-class Const(msgspec.Struct, frozen=True, tag_field="kind", tag="const"):
+class Const(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="const"):
     value: float | bool | str
 
 
-class Metric(msgspec.Struct, frozen=True, tag_field="kind", tag="metric"):
+class Metric(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="metric"):
     """A metric of the reading being evaluated (absent from it: the condition is undecided)."""
 
     name: Name
 
 
-class Shadow(msgspec.Struct, frozen=True, tag_field="kind", tag="shadow"):
+class Shadow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="shadow"):
     """A value of the device's reported state, by dotted path."""
 
     path: Path
 
 
-class Window(msgspec.Struct, frozen=True, tag_field="kind", tag="window"):
+class Window(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="window"):
     """An aggregate of a metric's readings of the last ``seconds`` (device time), the current one included."""
 
     agg: Literal["avg", "min", "max", "count", "sum"]
@@ -51,7 +52,7 @@ class Window(msgspec.Struct, frozen=True, tag_field="kind", tag="window"):
     seconds: Seconds
 
 
-class Rate(msgspec.Struct, frozen=True, tag_field="kind", tag="rate"):
+class Rate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="rate"):
     """Change per second between the oldest and the newest reading of the last ``seconds``."""
 
     metric: Name
@@ -61,25 +62,25 @@ class Rate(msgspec.Struct, frozen=True, tag_field="kind", tag="rate"):
 Value = Const | Metric | Shadow | Window | Rate
 
 
-class Compare(msgspec.Struct, frozen=True, tag_field="op", tag="compare"):
+class Compare(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="compare"):
     cmp: Literal["gt", "ge", "lt", "le", "eq", "ne"]
     left: Value
     right: Value
 
 
-class AllOf(msgspec.Struct, frozen=True, tag_field="op", tag="and"):
+class AllOf(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="and"):
     of: Annotated[list[Condition], msgspec.Meta(min_length=1, max_length=16)]
 
 
-class AnyOf(msgspec.Struct, frozen=True, tag_field="op", tag="or"):
+class AnyOf(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="or"):
     of: Annotated[list[Condition], msgspec.Meta(min_length=1, max_length=16)]
 
 
-class Not(msgspec.Struct, frozen=True, tag_field="op", tag="not"):
+class Not(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="not"):
     of: Condition
 
 
-class Absent(msgspec.Struct, frozen=True, tag_field="op", tag="absent"):
+class Absent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="absent"):
     """No reading (with ``metric``, when named) for ``seconds``: decided on the clock, not on a message."""
 
     seconds: Annotated[int, msgspec.Meta(ge=1, le=MAX_FOR_S)]
@@ -89,7 +90,7 @@ class Absent(msgspec.Struct, frozen=True, tag_field="op", tag="absent"):
 Condition = Compare | AllOf | AnyOf | Not | Absent
 
 
-class Alarm(msgspec.Struct, frozen=True, kw_only=True):
+class Alarm(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the rule raises and clears: one alarm per (rule, device)."""
 
     severity: Severity = "major"
@@ -100,10 +101,17 @@ class Alarm(msgspec.Struct, frozen=True, kw_only=True):
     clear_for_s: Annotated[int, msgspec.Meta(ge=0, le=MAX_FOR_S)] = 0
 
 
-class Rule(msgspec.Struct, frozen=True, kw_only=True):
+class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    #: The metrics the rule reads (a reading without any of them is not evaluated); empty: every reading.
     metrics: Annotated[list[Name], msgspec.Meta(max_length=32)] = []
     alarm: Alarm
+    #: The devices it watches (empty: the whole tenant).
+    scope: Scope = Scope()
+    #: The tenant's notification channels told of every transition.
+    notify: Annotated[list[Id], msgspec.Meta(max_length=8)] = []
+    on_raise: Actions = []
+    on_clear: Actions = []
 
 
 def _walk(condition: Condition, depth: int) -> int:
@@ -140,6 +148,12 @@ def parse_rule(document: bytes | str | dict[str, object]) -> Rule:
         rule = msgspec.convert(document, Rule) if isinstance(document, dict) else _decoder.decode(document)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidInput("bad_rule", str(exc)) from exc
+    return check_bounds(rule)
+
+
+def check_bounds(rule: Rule) -> Rule:
+    """Refuse a rule whose conditions nest deeper than MAX_DEPTH or have more than MAX_NODES nodes (what a schema
+    cannot say); the rule otherwise."""
     nodes = _walk(rule.alarm.when, 1) + (_walk(rule.alarm.clear_when, 1) if rule.alarm.clear_when else 0)
     if nodes > MAX_NODES:
         raise InvalidInput("rule_too_large", f"a rule has at most {MAX_NODES} condition nodes")

@@ -1,0 +1,168 @@
+"""What a transition does, inside the transaction that stores the states that caused it (so a redelivered reading,
+which changes no state, never repeats any of it): the alarm (one active per (rule, device); a raise while the last
+alarm is cleared and unacknowledged re-opens it as a re-trigger), its event in the outbox, one delivery per channel
+the rule notifies, and the rule's actions. Every target is looked up inside the rule's tenant. An action that fails
+(a decommissioned device, a command past the limits) is counted and logged with the rule id; it rolls back to its own
+savepoint and never stops the other effects."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+
+from kestrel.store import alarms, commands, shadows
+from kestrel.store.rows import fetch_all, fetch_maybe
+from kestrel.store.session import Actor
+from kestrel_core.errors import KestrelError
+from kestrel_core.messages.alarms import AlarmEvent, Transition
+from kestrel_core.rules.actions import Action, Republish, SendCommand, SetDesired
+from kestrel_core.rules.evaluate import Raised
+from rules.decide import Fired
+
+log = logging.getLogger("kestrel.rules")
+
+
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def event_document(
+    row: dict[str, Any], event: Transition, at_ms: int, actor: str, values: dict[str, Any]
+) -> AlarmEvent:
+    return AlarmEvent(
+        tenant=row["tenant_id"], device=row["device_id"], alarm_id=row["alarm_id"], rule_id=row["rule_id"],
+        rule_name=row["rule_name"], event=event, severity=row["severity"], status=row["status"],
+        acknowledged=row["acknowledged"], at=at_ms, actor=actor, values=values,
+    )  # fmt: skip
+
+
+ALARM_ROW = "alarm_id, tenant_id, rule_id, rule_name, device_id, severity, status, acknowledged"
+
+
+async def _raise(conn: AsyncConnection[Any], fired: Fired) -> tuple[dict[str, Any], Transition] | None:
+    loaded, at = fired.loaded, _at(fired.transition.at_ms)
+    values = Jsonb(fired.transition.values)
+    latest = await fetch_maybe(
+        conn,
+        f"SELECT {ALARM_ROW} FROM alarms WHERE rule_id = %s AND device_id = %s AND tenant_id = %s"
+        " ORDER BY raised_at DESC LIMIT 1 FOR UPDATE",
+        (loaded.rule_id, fired.device, loaded.tenant),
+    )
+    if latest is not None and latest["status"] == "active":
+        return None  # raised already (the rule's state was reset by an edit): nothing new happened
+    if latest is not None and not latest["acknowledged"]:
+        row = await fetch_maybe(
+            conn,
+            f"UPDATE alarms SET status = 'active', retriggers = retriggers + 1, raised_values = %s, cleared_at = NULL,"
+            f" cleared_by = NULL, cleared_values = NULL, severity = %s, version = version + 1, updated_at = now()"
+            f" WHERE alarm_id = %s RETURNING {ALARM_ROW}",
+            (values, loaded.rule.alarm.severity, latest["alarm_id"]),
+        )
+        return (row, "retriggered") if row else None
+    row = await fetch_maybe(
+        conn,
+        f"INSERT INTO alarms (alarm_id, tenant_id, rule_id, rule_name, device_id, severity, raised_at, raised_values)"
+        f" SELECT %s, d.tenant_id, %s, %s, d.device_id, %s, %s, %s FROM devices d"
+        f" WHERE d.device_id = %s AND d.tenant_id = %s RETURNING {ALARM_ROW}",
+        ("a" + secrets.token_hex(12), loaded.rule_id, loaded.rule.name, loaded.rule.alarm.severity, at, values,
+         fired.device, loaded.tenant),
+    )  # fmt: skip
+    return (row, "raised") if row else None
+
+
+async def _clear(conn: AsyncConnection[Any], fired: Fired) -> tuple[dict[str, Any], Transition] | None:
+    row = await fetch_maybe(
+        conn,
+        f"UPDATE alarms SET status = 'cleared', cleared_at = %s, cleared_by = 'rule', cleared_values = %s,"
+        f" version = version + 1, updated_at = now()"
+        f" WHERE rule_id = %s AND device_id = %s AND tenant_id = %s AND status = 'active' RETURNING {ALARM_ROW}",
+        (_at(fired.transition.at_ms), Jsonb(fired.transition.values), fired.loaded.rule_id, fired.device,
+         fired.loaded.tenant),
+    )  # fmt: skip
+    return (row, "cleared") if row else None  # None: a person cleared it first
+
+
+async def _notify(conn: AsyncConnection[Any], fired: Fired, event_id: int, document: AlarmEvent) -> int:
+    """One delivery per enabled channel of the rule's tenant it names; the delivery id is the receivers' idempotency
+    key."""
+    channels = await fetch_all(
+        conn,
+        "SELECT channel_id FROM channels WHERE tenant_id = %s AND channel_id = ANY(%s) AND enabled",
+        (fired.loaded.tenant, list(fired.loaded.rule.notify)),
+    )
+    payload = Jsonb(msgspec.to_builtins(document))
+    for channel in channels:
+        await conn.execute(
+            "INSERT INTO deliveries (delivery_id, tenant_id, channel_id, alarm_id, event_id, payload)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (event_id, channel_id) DO NOTHING",
+            ("n" + secrets.token_hex(12), fired.loaded.tenant, channel["channel_id"], document.alarm_id, event_id,
+             payload),
+        )  # fmt: skip
+    return len(channels)
+
+
+ACTION_KINDS: Final = {SetDesired: "set_desired", SendCommand: "command", Republish: "republish"}
+
+
+async def _act(conn: AsyncConnection[Any], fired: Fired, action: Action, actor: Actor) -> str | None:
+    """One action; returns the subject to republish on after the commit, if any."""
+    tenant, device = fired.loaded.tenant, fired.device
+    if isinstance(action, SetDesired):
+        await shadows.set_desired(conn, actor, tenant, device, action.shadow, action.state)
+    elif isinstance(action, SendCommand):
+        await commands.send(
+            conn, actor, tenant, device, action.name, action.params, timeout_s=action.timeout_s,
+            expires_in_s=max(action.timeout_s, 300), max_attempts=5,
+        )  # fmt: skip
+    elif isinstance(action, Republish):
+        return action.subject
+    return None
+
+
+async def apply(
+    conn: AsyncConnection[Any],
+    fired: list[Fired],
+    *,
+    allow_action: Callable[[str], bool],
+    counted: Callable[[str, str], None],
+) -> list[tuple[str, AlarmEvent, str]]:
+    """Apply the batch's transitions in order; returns (tenant, event, republish subject) to publish after the
+    commit. ``allow_action(tenant)`` spends the tenant's action budget; ``counted(kind, outcome)`` counts."""
+    republish: list[tuple[str, AlarmEvent, str]] = []
+    for item in fired:
+        raising = isinstance(item.transition, Raised)
+        changed = await (_raise(conn, item) if raising else _clear(conn, item))
+        if changed is None:
+            counted("transition", "absorbed")
+            continue
+        row, event = changed
+        event_id = await alarms.record_event(conn, row["tenant_id"], row["alarm_id"], event, "rule",
+                                             item.transition.values)  # fmt: skip
+        document = event_document(row, event, item.transition.at_ms, "rule", item.transition.values)
+        counted("transition", event)
+        if await _notify(conn, item, event_id, document):
+            counted("delivery", "queued")
+        actor = Actor(f"rule:{item.loaded.rule_id}", f"alarm-event-{event_id}")
+        for action in item.loaded.rule.on_raise if raising else item.loaded.rule.on_clear:
+            kind = ACTION_KINDS[type(action)]
+            if not allow_action(item.loaded.tenant):
+                counted(kind, "rate_limited")
+                log.warning("rule action over the tenant's rate", extra={"rule": item.loaded.rule_id, "action": kind})
+                continue
+            try:
+                async with conn.transaction():  # a savepoint: a failed action undoes itself only
+                    if (subject := await _act(conn, item, action, actor)) is not None:
+                        republish.append((item.loaded.tenant, document, subject))
+                counted(kind, "done")
+            except KestrelError as exc:
+                counted(kind, "failed")
+                log.warning("rule action failed", extra={"rule": item.loaded.rule_id, "action": kind,
+                                                         "device": item.device, "error": str(exc)})  # fmt: skip
+    return republish

@@ -1,0 +1,180 @@
+"""Notification delivery (issue 13, ADR-0019): deliveries are claimed in short transactions (``SKIP LOCKED``, so
+workers share them, with a lease so a crashed worker's claim returns), then sent one task each, a bounded number in
+flight, so a receiver that hangs holds one slot for at most the timeout and never the others. Outcomes: delivered;
+retried with jittered exponential backoff; dead after the last attempt (or at once when no retry can help), with the
+reason in the log. Per-channel rate limit: past ``per_minute`` deliveries in the last minute, an alarm's delivery is
+folded into one digest per channel and minute instead of being sent (a storm becomes one message)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import msgspec
+import psycopg
+from psycopg.types.json import Jsonb
+
+from kestrel.store.rows import fetch_all
+from kestrel_core.messages.alarms import AlarmEvent
+from kestrel_core.retry import Backoff
+from kestrel_core.rules.channels import ChannelConfig, ChatChannel, EmailChannel, WebhookChannel, fields
+from rules.decide import after_failure
+from rules.ports import Rules
+from rules.transports import Failed, Transports
+
+log = logging.getLogger("kestrel.rules.notify")
+CLAIM: Final = """
+WITH due AS (
+    SELECT delivery_id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries d SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => %(lease)s)
+FROM due, channels c
+WHERE d.delivery_id = due.delivery_id AND c.tenant_id = d.tenant_id AND c.channel_id = d.channel_id
+RETURNING d.delivery_id, d.tenant_id, d.channel_id, d.kind, d.payload, d.attempts, d.created_at, c.config, c.secret,
+          c.per_minute
+"""
+SENT_LAST_MINUTE: Final = """
+SELECT tenant_id, channel_id, count(*) AS sent FROM deliveries
+WHERE status = 'delivered' AND delivered_at > now() - interval '60 seconds'
+  AND tenant_id = ANY(%s) AND channel_id = ANY(%s)
+GROUP BY tenant_id, channel_id
+"""
+
+
+def _digest_id(tenant: str, channel: str, window: datetime) -> str:
+    return "n" + hashlib.sha256(f"{tenant}/{channel}/{window.isoformat()}".encode()).hexdigest()[:24]
+
+
+async def claim(rules: Rules, limit: int) -> list[dict[str, Any]]:
+    """Due deliveries, leased to this worker; the ones over their channel's rate are folded into its digest."""
+    lease = rules.settings.delivery_timeout_s * 3 + 5
+    async with rules.pool.connection() as conn, conn.transaction():
+        rows = await fetch_all(conn, CLAIM, {"limit": limit, "lease": lease})
+        if not rows:
+            return []
+        sent = {
+            (r["tenant_id"], r["channel_id"]): r["sent"]
+            for r in await fetch_all(
+                conn, SENT_LAST_MINUTE, (list({r["tenant_id"] for r in rows}), list({r["channel_id"] for r in rows}))
+            )
+        }
+        send, now = [], datetime.now(UTC)
+        window = now.replace(second=0, microsecond=0)
+        for row in sorted(rows, key=lambda r: r["created_at"]):
+            key = (row["tenant_id"], row["channel_id"])
+            if row["kind"] == "digest" or sent.get(key, 0) < row["per_minute"]:
+                sent[key] = sent.get(key, 0) + 1
+                send.append(row)
+                continue
+            await conn.execute(
+                "UPDATE deliveries SET status = 'digested', attempts = attempts - 1 WHERE delivery_id = %s",
+                (row["delivery_id"],),
+            )
+            await conn.execute(
+                "INSERT INTO deliveries (delivery_id, tenant_id, channel_id, kind, payload, next_attempt_at)"
+                " VALUES (%s, %s, %s, 'digest', %s, %s) ON CONFLICT (delivery_id) DO NOTHING",
+                (_digest_id(*key, window), *key, Jsonb({"window_start": window.isoformat()}),
+                 window + timedelta(seconds=60)),
+            )  # fmt: skip
+            rules.counted("delivery", "digested")
+        return send
+
+
+async def _digest(rules: Rules, row: dict[str, Any]) -> dict[str, Any]:
+    start = datetime.fromisoformat(row["payload"]["window_start"])
+    async with rules.pool.connection() as conn:
+        folded = await fetch_all(
+            conn,
+            "SELECT payload FROM deliveries WHERE tenant_id = %s AND channel_id = %s AND status = 'digested'"
+            " AND kind = 'alarm' AND created_at < %s ORDER BY created_at DESC LIMIT 1000",
+            (row["tenant_id"], row["channel_id"], start + timedelta(seconds=60)),
+        )
+    return {
+        "kind": "digest", "tenant": row["tenant_id"], "channel": row["channel_id"], "window_start": start.isoformat(),
+        "count": len(folded), "events": [f["payload"] for f in folded[:20]],
+    }  # fmt: skip
+
+
+async def send(rules: Rules, transports: Transports, row: dict[str, Any]) -> None:
+    config: ChannelConfig = msgspec.convert(row["config"], ChannelConfig)
+    document = await _digest(rules, row) if row["kind"] == "digest" else row["payload"]
+    if row["kind"] == "digest":
+        values = {"severity": "digest", "rule_name": f"{document['count']} alarm notifications", "device": "several",
+                  "event": "digest", "status": "", "alarm_id": "", "rule_id": "", "tenant": row["tenant_id"],
+                  "at": document["window_start"], "values": ""}  # fmt: skip
+    else:
+        values = fields(msgspec.convert(document, AlarmEvent))
+    if isinstance(config, WebhookChannel):
+        await transports.webhook(config, row["secret"], row["delivery_id"], document)
+    elif isinstance(config, ChatChannel):
+        await transports.chat(config, row["delivery_id"], values)
+    elif isinstance(config, EmailChannel):
+        await transports.email(config, row["delivery_id"], values)
+
+
+async def attempt(rules: Rules, transports: Transports, row: dict[str, Any]) -> None:
+    settings = rules.settings
+    try:
+        await send(rules, transports, row)
+    except Failed as failure:
+        backoff = Backoff(settings.delivery_backoff_s, settings.delivery_backoff_cap_s)
+        delay = after_failure(row["attempts"], failure.reason, max_attempts=settings.delivery_attempts, backoff=backoff)
+        outcome = "dead" if delay is None else "retry"
+        rules.counted("delivery", outcome)
+        log.warning("notification not delivered", extra={"delivery": row["delivery_id"], "channel": row["channel_id"],
+                                                         "reason": str(failure), "outcome": outcome})  # fmt: skip
+        async with rules.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE deliveries SET status = %s, last_error = %s,"
+                " next_attempt_at = now() + make_interval(secs => %s) WHERE delivery_id = %s AND status = 'pending'",
+                ("dead" if delay is None else "pending", str(failure)[:500], delay or 0, row["delivery_id"]),
+            )
+        return
+    rules.counted("delivery", "delivered")
+    async with rules.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE deliveries SET status = 'delivered', delivered_at = now(), last_error = NULL"
+            " WHERE delivery_id = %s AND status = 'pending'",
+            (row["delivery_id"],),
+        )
+
+
+async def deliveries_loop(rules: Rules) -> None:
+    transports = Transports(rules.settings)
+    slots = asyncio.Semaphore(rules.settings.delivery_concurrency)
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def one(row: dict[str, Any]) -> None:
+        try:
+            await attempt(rules, transports, row)
+        except Exception:
+            log.exception("delivery attempt failed", extra={"delivery": row["delivery_id"]})
+        finally:
+            slots.release()
+
+    try:
+        while True:
+            rules.deliveries_wake.clear()
+            free = rules.settings.delivery_concurrency - len(in_flight)
+            try:
+                rows = await claim(rules, free) if free > 0 else []
+            except (psycopg.Error, OSError):
+                log.warning("could not claim deliveries; retrying", exc_info=True)
+                rows = []
+            for row in rows:
+                await slots.acquire()
+                task = asyncio.create_task(one(row), name=f"delivery-{row['delivery_id']}")
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if len(rows) < free:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rules.deliveries_wake.wait(), 0.5)
+    finally:
+        for task in in_flight:
+            task.cancel()
+        await transports.close()

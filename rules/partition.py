@@ -1,0 +1,167 @@
+"""One partition of the device space, owned by exactly one worker at a time (ADR-0019): a PostgreSQL session holding
+the partition's advisory lock (it ends with the session, so a worker that dies, or loses the database, loses its
+partitions), the partition's durable JetStream consumer, and the states of its (rule, device) pairs, cached while
+owned. Each batch - readings and due deadlines - is evaluated, and its states, alarms, events, deliveries and actions
+are committed in one transaction on the lock's own session (a worker that lost the lock cannot commit); only then
+are the messages acknowledged. A redelivered message changes no state (the evaluator's (ts, seq) guard), so it
+repeats nothing. Any database error ends the ownership: the state is reloaded by whoever owns it next."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any, Final
+
+import nats.errors
+import psycopg
+from nats.aio.msg import Msg
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from kestrel.store.rows import fetch_all
+from kestrel_core import streams
+from kestrel_core.errors import InvalidInput
+from kestrel_core.messages.telemetry import decode_envelope
+from kestrel_core.rules.evaluate import DeviceState
+from rules import effects
+from rules.decide import Deadlines, Key, LoadedRule, Outcome, deadline, evaluate, readings, watches
+from rules.ports import Rules
+from rules.store import load_deadlines, load_states, save_states
+from rules.stream import RULES_STREAM, consumer_name, ensure_consumer, republish
+
+log = logging.getLogger("kestrel.rules")
+PARTITION_LOCK: Final = 0x4B52  # advisory lock class of the partitions (the second key is the partition)
+MAX_CACHED: Final = 200_000  # (rule, device) states kept in memory per partition; past it the cache starts over
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def try_lock(database_url: str, partition: int) -> AsyncConnection[Any] | None:
+    """A session holding the partition's lock, or None when another worker has it."""
+    conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True, row_factory=dict_row)
+    row = await (
+        await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS got", (PARTITION_LOCK, partition))
+    ).fetchone()
+    if row and row["got"]:
+        return conn
+    await conn.close()
+    return None
+
+
+class Partition:
+    def __init__(self, rules: Rules, number: int, conn: AsyncConnection[Any]) -> None:
+        self.rules = rules
+        self.number = number
+        self.conn = conn
+        self.cache: dict[Key, DeviceState] = {}
+        self.deadlines = Deadlines()
+        self.release = asyncio.Event()
+
+    async def run(self) -> None:
+        settings = self.rules.settings
+        try:
+            await ensure_consumer(self.rules.nc, self.number, ack_wait_s=settings.ack_wait_s,
+                                  max_deliver=settings.max_deliver, batch=settings.batch_size)  # fmt: skip
+            sub = await self.rules.nc.jetstream().pull_subscribe_bind(consumer_name(self.number), RULES_STREAM)
+            for key, at_ms in await load_deadlines(self.conn, self.number):
+                self.deadlines.set(key, at_ms)
+            log.info("partition owned", extra={"partition": self.number})
+            while not self.release.is_set():
+                upcoming = self.deadlines.next()
+                wait = 0.5 if upcoming is None else min(0.5, max(0.01, (upcoming - now_ms()) / 1000))
+                try:
+                    msgs = await sub.fetch(settings.batch_size, timeout=wait)
+                except nats.errors.TimeoutError:
+                    msgs = []
+                if msgs or (upcoming is not None and upcoming <= now_ms()):
+                    await self.batch(msgs)
+            await sub.unsubscribe()
+        finally:
+            await self.conn.close()  # releases the lock
+            log.info("partition released", extra={"partition": self.number})
+
+    async def _deadletter(self, msg: Msg, refusal: InvalidInput) -> None:
+        self.rules.metrics.deadlettered.labels(refusal.reason).inc()
+        headers = {streams.HDR_REASON: refusal.reason, streams.HDR_DETAIL: streams.header_safe(refusal.detail),
+                   streams.HDR_TOPIC: streams.header_safe(msg.subject), streams.HDR_STAGE: "rules"}  # fmt: skip
+        await self.rules.nc.jetstream().publish(
+            streams.deadletter_subject("rules", refusal.reason), msg.data, headers=headers, timeout=5
+        )
+        await msg.term()
+
+    async def _shadows(self, devices: set[str]) -> dict[str, dict[str, Any]]:
+        if not devices:
+            return {}
+        rows = await fetch_all(
+            self.conn,
+            "SELECT device_id, reported FROM device_shadows WHERE name = '' AND device_id = ANY(%s)",
+            (sorted(devices),),
+        )
+        return {r["device_id"]: r["reported"] for r in rows}
+
+    async def batch(self, msgs: list[Msg]) -> None:
+        started = time.perf_counter()
+        catalog, now = self.rules.catalog, now_ms()
+        work: list[tuple[str, list[LoadedRule], Any]] = []
+        good: list[Msg] = []
+        for msg in msgs:
+            try:
+                envelope = decode_envelope(msg.data)
+            except InvalidInput as refusal:
+                await self._deadletter(msg, refusal)
+                continue
+            good.append(msg)
+            work.append((envelope.device, catalog.for_device(envelope.tenant, envelope.device), readings(envelope)))
+        due = self.deadlines.due(now)
+        needed = {(lr.rule_id, device) for device, rules, _ in work for lr in rules} | set(due)
+        if len(self.cache) > MAX_CACHED:
+            self.cache.clear()
+        self.cache.update(await load_states(self.conn, [k for k in needed if k not in self.cache]))
+        shadows = await self._shadows({device for device, rules, _ in work if any(lr.needs_shadow for lr in rules)})
+        outcome = Outcome()
+        evaluations = 0
+        for device, rules, points in work:
+            for reading in points:
+                for lr in rules:
+                    if watches(lr.rule, reading):
+                        key = (lr.rule_id, device)
+                        state = self.cache.get(key, DeviceState())
+                        shadow = shadows.get(device)
+                        self.cache[key] = evaluate(
+                            lr, device, state, outcome, until_ms=now, reading=reading, shadow=shadow
+                        )
+                        evaluations += 1
+        for rule_id, device in due:
+            loaded, stored = catalog.by_id.get(rule_id), self.cache.get((rule_id, device))
+            if loaded is not None and stored is not None:
+                self.cache[(rule_id, device)] = evaluate(loaded, device, stored, outcome, until_ms=now)
+                evaluations += 1
+        changed = {}
+        for key, state in outcome.changed.items():
+            loaded = catalog.by_id[key[0]]
+            changed[key] = (loaded, state, deadline(loaded, state))
+            self.deadlines.set(key, changed[key][2])
+        async with self.conn.transaction():
+            await save_states(self.conn, self.number, changed)
+            published = await effects.apply(self.conn, outcome.fired, allow_action=self.rules.allow_action,
+                                            counted=self.rules.counted)  # fmt: skip
+        for msg in good:
+            await msg.ack()
+        self._count(outcome, len(good), evaluations, time.perf_counter() - started)
+        if outcome.fired:
+            self.rules.outbox_wake.set()
+            self.rules.deliveries_wake.set()
+        await republish(self.rules.nc, published)
+
+    def _count(self, outcome: Outcome, messages: int, evaluations: int, seconds: float) -> None:
+        metrics = self.rules.metrics
+        metrics.readings.inc(messages)
+        metrics.evaluations.inc(evaluations)
+        metrics.batch_seconds.observe(seconds)
+        for (rule_id, reason), count in Counter((r, e.reason) for r, e in outcome.errors).items():
+            metrics.errors.labels(reason).inc(count)
+            log.info("rule could not decide", extra={"rule": rule_id, "reason": reason, "count": count})

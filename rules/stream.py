@@ -1,0 +1,140 @@
+"""The rule workers' JetStream side (ADR-0019): the partitioned stream ``RULES_IN`` sourced from ``TELEMETRY`` with a
+subject transform that puts the device's partition first (``rules.{p}.t.{tenant}.{device}[.{stream}]``, NATS's own
+deterministic ``partition`` mapping over tenant and device), one durable consumer per partition, the
+``ALARM_EVENTS`` stream and the alarm events' outbox publisher."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamSource,
+    SubjectTransform,
+)
+from psycopg_pool import AsyncConnectionPool
+
+from kestrel.runtime.nats import deadletter_config, ensure_stream
+from kestrel.store.rows import fetch_all
+from kestrel_core import streams
+from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, AlarmEvent, alarm_subject, republish_subject
+
+log = logging.getLogger("kestrel.rules")
+RULES_STREAM: Final = "RULES_IN"
+
+
+def rules_config(partitions: int) -> StreamConfig:
+    part = f"{{{{partition({partitions},1,2)}}}}"
+    return StreamConfig(
+        name=RULES_STREAM,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 86400,
+        discard=DiscardPolicy.OLD,
+        num_replicas=1,
+        sources=[
+            StreamSource(
+                name=streams.TELEMETRY_STREAM,
+                subject_transforms=[
+                    SubjectTransform(
+                        src="v1.*.d.*.telemetry", dest=f"rules.{part}.t.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+                    ),
+                    SubjectTransform(
+                        src="v1.*.d.*.telemetry.*",
+                        dest=f"rules.{part}.t.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}",
+                    ),
+                ],
+            )
+        ],
+    )
+
+
+async def ensure_streams(nc: NATS, partitions: int) -> None:
+    await ensure_stream(nc, rules_config(partitions))
+    await ensure_stream(nc, deadletter_config())
+    await ensure_stream(
+        nc,
+        StreamConfig(
+            name=ALARM_STREAM,
+            subjects=[*ALARM_SUBJECTS, "v1.*.out.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * 86400,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=streams.DUPLICATE_WINDOW_S,
+            num_replicas=1,
+        ),
+    )
+
+
+def consumer_name(partition: int) -> str:
+    return f"rules-p{partition}"
+
+
+async def ensure_consumer(nc: NATS, partition: int, *, ack_wait_s: float, max_deliver: int, batch: int) -> None:
+    config = ConsumerConfig(
+        durable_name=consumer_name(partition),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=batch * 4,
+        filter_subject=f"rules.{partition}.>",
+    )
+    await nc.jetstream().add_consumer(RULES_STREAM, config)
+
+
+_event = msgspec.json.Decoder(dict[str, Any])
+
+
+async def publish_outbox(pool: AsyncConnectionPool[Any], nc: NATS, limit: int = 500) -> int:
+    """Publish the alarm events not yet published (any worker; rows are claimed with SKIP LOCKED), each with its id as
+    ``Nats-Msg-Id``, so a publish repeated after a crash is dropped by the stream."""
+    js = nc.jetstream()
+    async with pool.connection() as conn, conn.transaction():
+        rows = await fetch_all(
+            conn,
+            'SELECT e.id, e.event, e.actor, e.at, e."values", a.tenant_id, a.device_id, a.alarm_id, a.rule_id,'
+            " a.rule_name, a.severity, a.status, a.acknowledged FROM alarm_events e JOIN alarms a USING (alarm_id)"
+            " WHERE NOT e.published ORDER BY e.id LIMIT %s FOR UPDATE OF e SKIP LOCKED",
+            (limit,),
+        )
+        for row in rows:
+            document = AlarmEvent(
+                tenant=row["tenant_id"], device=row["device_id"], alarm_id=row["alarm_id"], rule_id=row["rule_id"],
+                rule_name=row["rule_name"], event=row["event"], severity=row["severity"], status=row["status"],
+                acknowledged=row["acknowledged"], at=int(row["at"].timestamp() * 1000), actor=row["actor"],
+                values=row["values"],
+            )  # fmt: skip
+            await js.publish(
+                alarm_subject(document.tenant, document.device),
+                msgspec.json.encode(document),
+                headers={streams.HDR_MSG_ID: f"alarm-event-{row['id']}"},
+                timeout=5,
+            )
+        if rows:
+            await conn.execute(
+                "UPDATE alarm_events SET published = true WHERE id = ANY(%s)", ([r["id"] for r in rows],)
+            )
+    return len(rows)
+
+
+async def republish(nc: NATS, items: list[tuple[str, AlarmEvent, str]]) -> None:
+    """The rules' republish actions, after the commit (deduplicated by alarm and event time)."""
+    js = nc.jetstream()
+    for tenant, document, suffix in items:
+        msg_id = f"republish-{document.alarm_id}-{document.event}-{document.at}-{suffix}"
+        try:
+            await js.publish(republish_subject(tenant, suffix), msgspec.json.encode(document),
+                             headers={streams.HDR_MSG_ID: msg_id[:200]}, timeout=5)  # fmt: skip
+        except Exception:  # noqa: BLE001 - NATS errors of every kind; the alarm is recorded
+            log.warning("could not republish an alarm event", extra={"alarm": document.alarm_id})
