@@ -143,8 +143,10 @@ async def apply(
             counted("transition", "absorbed")
             continue
         row, event = changed
-        event_id = await alarms.record_event(conn, row["tenant_id"], row["alarm_id"], event, "rule",
-                                             item.transition.values)  # fmt: skip
+        at = _at(item.transition.at_ms)
+        event_id = await alarms.record_event(
+            conn, row["tenant_id"], row["alarm_id"], event, "rule", item.transition.values, at
+        )
         document = event_document(row, event, item.transition.at_ms, "rule", item.transition.values)
         counted("transition", event)
         if await _notify(conn, item, event_id, document):

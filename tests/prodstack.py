@@ -75,6 +75,8 @@ class ProdStack:
     #: authsvc replicas sit behind a load balancer on ports["authsvc"] (prod_stack(..., replicas=2)).
     balanced: bool = False
     lb: Balancer | None = None
+    #: More environment per service name (e.g. the rule workers' SMTP relay), applied at every (re)start.
+    extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------- tenants, devices
 
@@ -167,6 +169,18 @@ class ProdStack:
                 "KESTREL_DEVICES_SCAN_INTERVAL_S": "0.2",
             },
             "provisioner": principal("PROVISIONER", "provisioner") | {"KESTREL_PKI_PASSPHRASE": PASSPHRASE},
+            "rules": {
+                "KESTREL_RULES_NATS_URL": nats_url,
+                "KESTREL_RULES_METRICS_PORT": port,
+                "KESTREL_RULES_WORKER": key,
+                "KESTREL_RULES_PARTITIONS": "4",
+                "KESTREL_RULES_ACK_WAIT_S": "5",
+                "KESTREL_RULES_REBALANCE_INTERVAL_S": "0.5",
+                "KESTREL_RULES_DELIVERY_BACKOFF_S": "0.2",
+                "KESTREL_RULES_DELIVERY_BACKOFF_CAP_S": "1",
+                "KESTREL_RULES_DELIVERY_TIMEOUT_S": "2",
+                "KESTREL_RULES_WEBHOOK_ALLOW_PRIVATE": "true",
+            },
             "api": {
                 "KESTREL_API_DATABASE_URL": api_url_for(self.postgres, self.url),
                 "KESTREL_API_PLATFORM_DATABASE_URL": platform_url_for(self.postgres, self.url),
@@ -174,7 +188,7 @@ class ProdStack:
                 "KESTREL_API_ADMIN_TOKEN": ADMIN,
             },
         }[name]
-        return dict(os.environ) | base | specific
+        return dict(os.environ) | base | specific | self.extra_env.get(name, {})
 
     _ARGV = {
         "authsvc": ["-m", "authsvc"],
@@ -183,6 +197,7 @@ class ProdStack:
         "devicesvc": ["-m", "devicesvc"],
         "provisioner": ["-m", "pki", "provisioner"],
         "api": ["-m", "api"],
+        "rules": ["-m", "rules"],
     }
 
     def start(self, key: str) -> ServiceProcess:
@@ -208,6 +223,7 @@ class ProdStack:
             "writer": lambda: http_ok(f"{url}/metrics"),
             "devicesvc": lambda: "devicesvc connected" in self.log(key),
             "provisioner": lambda: "provisioner connected" in self.log(key),
+            "rules": lambda: http_ok(f"{url}/metrics") and "partition owned" in self.log(key),
         }
         assert wait_until(checks[name], timeout), f"{key} not ready: {self.log(key)[-800:]}"
 

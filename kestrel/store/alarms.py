@@ -5,6 +5,7 @@ and the notification log. The rule workers raise and clear them (``rules.effects
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Final
 
 from psycopg import AsyncConnection
@@ -63,14 +64,21 @@ async def get(conn: AsyncConnection[Any], tenant: str, alarm_id: str, *, lock: b
 
 
 async def record_event(
-    conn: AsyncConnection[Any], tenant: str, alarm_id: str, event: str, actor: str, values: object = None
+    conn: AsyncConnection[Any],
+    tenant: str,
+    alarm_id: str,
+    event: str,
+    actor: str,
+    values: object = None,
+    at: datetime | None = None,
 ) -> int:
-    """Append a transition to the history and the NATS outbox; returns its id (the events' ``Nats-Msg-Id``)."""
+    """Append a transition (at ``at``, default now) to the history and the NATS outbox; returns its id (the events'
+    ``Nats-Msg-Id``)."""
     row = await fetch_one(
         conn,
-        'INSERT INTO alarm_events (alarm_id, tenant_id, event, actor, "values")'
-        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-        (alarm_id, tenant, event, actor, Jsonb(values if values is not None else {})),
+        'INSERT INTO alarm_events (alarm_id, tenant_id, event, actor, "values", at)'
+        " VALUES (%s, %s, %s, %s, %s, coalesce(%s, now())) RETURNING id",
+        (alarm_id, tenant, event, actor, Jsonb(values if values is not None else {}), at),
         "alarm event not recorded",
     )
     await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY, alarm_id))

@@ -15,8 +15,8 @@ from psycopg import AsyncConnection
 
 from kestrel.store.rows import fetch_all
 from kestrel_core.errors import ContentTooLarge, InvalidInput
-from kestrel_core.rules.evaluate import Reading, Transition, replay
 from kestrel_core.rules.actions import Scope
+from kestrel_core.rules.evaluate import Reading, Transition, replay
 from kestrel_core.rules.model import Rule
 
 #: Readings one dry run may read; past it the caller narrows the range or the devices.

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 
 from tests.conftest import new_tenant, tenant_token
@@ -32,7 +33,7 @@ def hot_rule(**extra: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def test_rules_are_versioned_enabled_disabled_and_audited(client: TestClient, database_url: str) -> None:  # type: ignore[type-arg]
+def test_rules_are_versioned_enabled_disabled_and_audited(client: TestClient[Litestar], database_url: str) -> None:
     tenant = new_tenant(database_url, 2, prefix="ra")
     auth = tenant_token(database_url, tenant.id)
     created = client.post(f"{V1}/rules", json=hot_rule(scope={"devices": [tenant.devices[0]]}), headers=auth)
@@ -70,10 +71,10 @@ def test_rules_are_versioned_enabled_disabled_and_audited(client: TestClient, da
     ],
 )  # fmt: skip
 def test_invalid_rules_get_problem_details_naming_the_field(
-    client: TestClient,
+    client: TestClient[Litestar],
     database_url: str,
     body: dict[str, Any],
-    pointer: str,  # type: ignore[type-arg]
+    pointer: str,
 ) -> None:
     tenant = new_tenant(database_url, 1, prefix="rv")
     answer = client.post(f"{V1}/rules", json=body, headers=tenant_token(database_url, tenant.id))
@@ -83,7 +84,9 @@ def test_invalid_rules_get_problem_details_naming_the_field(
     assert any(pointer in p["name"] or pointer in p["reason"] for p in problem["invalid-params"]), problem
 
 
-def test_a_rule_cannot_target_another_tenants_devices_groups_or_channels(client: TestClient, database_url: str) -> None:  # type: ignore[type-arg]
+def test_a_rule_cannot_target_another_tenants_devices_groups_or_channels(
+    client: TestClient[Litestar], database_url: str
+) -> None:
     mine, theirs = new_tenant(database_url, 1, prefix="rx"), new_tenant(database_url, 1, prefix="rx")
     auth, their_auth = tenant_token(database_url, mine.id), tenant_token(database_url, theirs.id)
     hook = {"channel_id": "ops", "config": {"kind": "webhook", "url": "https://hooks.example.com/x"}}
@@ -105,9 +108,9 @@ def test_a_rule_cannot_target_another_tenants_devices_groups_or_channels(client:
 
 
 def test_the_rules_quota_and_the_webhook_secret_shown_once(
-    client: TestClient,
+    client: TestClient[Litestar],
     database_url: str,
-    api_database_url: str,  # type: ignore[type-arg]
+    api_database_url: str,
 ) -> None:
     tenant = new_tenant(database_url, 1, prefix="rq")
     auth = tenant_token(database_url, tenant.id)
@@ -119,9 +122,11 @@ def test_the_rules_quota_and_the_webhook_secret_shown_once(
     assert hook.status_code == 201 and hook.json()["secret"].startswith("whsec_")
     assert "secret" not in client.get(f"{V1}/channels/hook", headers=auth).json()
     assert hook.json()["secret"] not in client.get(f"{V1}/channels", headers=auth).text
-    with psycopg.connect(api_database_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+    with psycopg.connect(api_database_url) as conn:
         conn.execute("SELECT set_config('kestrel.tenant', %s, false)", (tenant.id,))
-        conn.execute("SELECT secret FROM channels")
+        assert conn.execute("SELECT count(*) FROM channels").fetchone() == (1,)  # the control: the row is visible
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT secret FROM channels")
     bad = client.post(
         f"{V1}/channels", headers=auth, json={"channel_id": "m", "config": {"kind": "email", "to": ["x"]}}
     )
@@ -140,8 +145,8 @@ def _alarm(database_url: str, tenant: str, device: str) -> str:
 
 
 def test_people_acknowledge_clear_and_comment_alarms_of_their_tenant_only(
-    client: TestClient, database_url: str
-) -> None:  # type: ignore[type-arg]
+    client: TestClient[Litestar], database_url: str
+) -> None:
     mine, theirs = new_tenant(database_url, 1, prefix="al"), new_tenant(database_url, 1, prefix="al")
     auth, their_auth = tenant_token(database_url, mine.id), tenant_token(database_url, theirs.id)
     alarm_id = _alarm(database_url, mine.id, mine.devices[0])

@@ -1,0 +1,238 @@
+"""Rules, alarms and notifications end to end (issue 13): devices publish over mTLS through our Mosquitto plugin, the
+bridge and writer store, the rule workers (``python -m rules``, real processes) evaluate from JetStream, notify a real
+HTTP receiver (signed webhooks, verified here) and a real SMTP server (STARTTLS and login required), and act on the
+twin. The API runs in process on the same database as its own role. Every "only once" has a later event that must
+arrive (the positive control) before it is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from api.app import create_app
+from api.settings import ApiSettings
+from kestrel.devtools.servers import PostgresServer
+from kestrel.runtime.mqttclient import MqttPublisher
+from kestrel_core.rules.channels import SIGNATURE_HEADER, verify
+from kestrel_core.settings import Secret
+from tests.conftest import _nats, api_url_for, tenant_token, wait_until
+from tests.prodstack import ProdStack, prod_stack
+from tests.receivers import HttpReceiver, Mailbox, http_receiver, smtp_server
+
+pytestmark = pytest.mark.e2e
+V1 = "/api/v1"
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[HttpReceiver]:
+    with http_receiver(hang_s=6) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def stack(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProdStack, Mailbox]]:
+    root = tmp_path_factory.mktemp("rules")
+    nats_server = _nats(root / "nats")
+    nats_server.start()
+    try:
+        services = ("authsvc", "bridge", "writer", "devicesvc")
+        with prod_stack(postgres, nats_server, root, services=services) as s, \
+                smtp_server(root / "server.crt", root / "server.key") as mailbox:  # fmt: skip
+            s.extra_env["rules"] = {
+                "KESTREL_RULES_SMTP_HOST": "127.0.0.1",
+                "KESTREL_RULES_SMTP_PORT": str(mailbox.port),
+                "KESTREL_RULES_SMTP_CA_FILE": str(root / "ca.pem"),
+                "KESTREL_RULES_SMTP_USERNAME": mailbox.user,
+                "KESTREL_RULES_SMTP_PASSWORD": mailbox.password,
+                "KESTREL_RULES_SMTP_FROM": "alarms@kestrel.test",
+                "KESTREL_RULES_DELIVERY_ATTEMPTS": "3",
+            }
+            s.start("rules")
+            yield s, mailbox
+    finally:
+        nats_server.stop()
+
+
+@pytest.fixture(scope="module")
+def api(stack: tuple[ProdStack, Mailbox]) -> Iterator[TestClient[Litestar]]:
+    s, _ = stack
+    settings = ApiSettings(admin_token=Secret("unused-" + str(time.time_ns())))
+    with TestClient(create_app(settings, api_url_for(s.postgres, s.url))) as client:
+        yield client
+
+
+def reading(ts_ms: int, seq: int, **metrics: Any) -> bytes:
+    return json.dumps({"ts": ts_ms, "seq": seq, "metrics": metrics}).encode()
+
+
+async def publish(s: ProdStack, tenant: str, device: str, payloads: list[bytes], pause_s: float = 0.0) -> None:
+    client = MqttPublisher("127.0.0.1", s.auth.mtls_port, device, tls=s.enrol(device) if device not in s.serials
+                           else s.tls(s.root / "devices" / f"{device}.crt", s.root / "devices" / f"{device}.key"))  # fmt: skip
+    await client.connect()
+    try:
+        for payload in payloads:
+            assert await client.publish(f"v1/{tenant}/d/{device}/telemetry", payload) < 0x80
+            if pause_s:
+                await asyncio.sleep(pause_s)
+    finally:
+        await client.close()
+
+
+def rows(s: ProdStack, query: str, *args: Any) -> list[dict[str, Any]]:
+    with psycopg.connect(s.url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute(query, args).fetchall()
+
+
+def hot(device: str, notify: list[str], **extra: Any) -> dict[str, Any]:
+    temp = {"kind": "metric", "name": "temp"}
+    return {
+        "name": "boiler too hot", "metrics": ["temp"], "scope": {"devices": [device]}, "notify": notify,
+        "alarm": {"severity": "critical", "for_s": 2,
+                  "when": {"op": "compare", "cmp": "gt", "left": temp, "right": {"kind": "const", "value": 80}},
+                  "clear_when": {"op": "compare", "cmp": "lt", "left": temp, "right": {"kind": "const", "value": 75}}},
+        **extra,
+    }  # fmt: skip
+
+
+def test_a_hot_boiler_raises_one_alarm_one_signed_webhook_one_mail_and_clears(
+    stack: tuple[ProdStack, Mailbox],
+    api: TestClient[Litestar],
+    receiver: HttpReceiver,
+) -> None:
+    s, mailbox = stack
+    tenant, (device,) = s.tenant(1, prefix="hot")
+    auth = tenant_token(s.url, tenant)
+    hook = api.post(f"{V1}/channels", headers=auth, json={"channel_id": "hook", "config": {
+        "kind": "webhook", "url": receiver.url(f"/ok/{tenant}")}}).json()  # fmt: skip
+    mail = {"channel_id": "mail", "config": {"kind": "email", "to": ["ops@plant.test"]}}
+    assert api.post(f"{V1}/channels", headers=auth, json=mail).status_code == 201
+    rule = hot(device, ["hook", "mail"], on_raise=[{"do": "set_desired", "state": {"burner": "off"}},
+                                                   {"do": "command", "name": "vent", "params": {"minutes": 5}}])  # fmt: skip
+    created = api.post(f"{V1}/rules", json=rule, headers=auth)
+    assert created.status_code == 201, created.text
+    t0 = int(time.time() * 1000) - 60_000
+    # 85 for 3 s (the duration is 2 s), hot still, then 74: raise at t0+1s+2s, clear at the 74.
+    series = [(0, 70), (1, 85), (2, 86), (3, 88), (4, 84), (5, 78), (6, 74)]
+    asyncio.run(publish(s, tenant, device, [reading(t0 + i * 1000, i, temp=v) for i, v in series]))
+
+    def events() -> list[str]:
+        return [r["event"] for r in rows(s, "SELECT event FROM alarm_events WHERE tenant_id = %s ORDER BY id", tenant)]
+
+    assert wait_until(lambda: events() == ["raised", "cleared"], 30), events()
+    (alarm,) = rows(s, "SELECT * FROM alarms WHERE tenant_id = %s", tenant)
+    assert alarm["raised_at"] == datetime.fromtimestamp((t0 + 3000) / 1000, UTC)  # when the 2 s had passed
+    assert alarm["raised_values"] == {"temp": 88} and alarm["cleared_values"] == {"temp": 74}
+    assert alarm["status"] == "cleared" and alarm["cleared_by"] == "rule"
+    # Notifications: the cleared one arriving is the control; by then exactly one of each was sent.
+    path = f"/ok/{tenant}"
+    assert wait_until(lambda: len(receiver.on(path)) >= 2, 30)
+    hooks = receiver.on(path)
+    documents = [json.loads(h.body) for h in hooks]
+    assert [d["event"] for d in documents] == ["raised", "cleared"]
+    for h in hooks:
+        assert verify(hook["secret"], h.headers[SIGNATURE_HEADER], h.body, now=int(time.time()))
+        assert not verify(hook["secret"], h.headers[SIGNATURE_HEADER], h.body + b" ", now=int(time.time()))
+    assert len({h.headers["Idempotency-Key"] for h in hooks}) == 2
+    assert wait_until(
+        lambda: sum(tenant in str(m["Subject"]) or device in str(m["Subject"]) for m in mailbox.messages) >= 2, 30
+    )
+    mine = [m for m in mailbox.messages if device in str(m["Subject"])]
+    assert [m["Subject"].split(": ")[-1] for m in mine] == ["raised", "cleared"] and all(
+        m["To"] == "ops@plant.test" for m in mine
+    )
+    assert all(tls and logged_in for tls, logged_in in mailbox.sessions)
+    # The actions ran once: desired state and a queued command.
+    assert rows(s, "SELECT desired FROM device_shadows WHERE device_id = %s AND name = ''", device)[0]["desired"] == {
+        "burner": "off"
+    }
+    assert [r["name"] for r in rows(s, "SELECT name FROM commands WHERE device_id = %s", device)] == ["vent"]
+    # People: acknowledge through the API records who and when; the log shows both deliveries per channel.
+    acked = api.post(f"{V1}/alarms/{alarm['alarm_id']}/acknowledge", headers=auth).json()
+    assert acked["acknowledged"] and acked["acknowledged_by"].startswith("token:") and acked["acknowledged_at"]
+    history = api.get(f"{V1}/alarms/{alarm['alarm_id']}/history", headers=auth).json()
+    assert Counter((d["channel_id"], d["status"]) for d in history["deliveries"]) == {
+        ("hook", "delivered"): 2,
+        ("mail", "delivered"): 2,
+    }
+    # The dry run over the same stored readings gives the same transitions at the same times.
+    start = datetime.fromtimestamp((t0 - 1000) / 1000, UTC).isoformat()
+    end = datetime.fromtimestamp((t0 + 10_000) / 1000, UTC).isoformat()
+    dry = api.post(f"{V1}/rules/dry-run", headers=auth, json={"rule": rule, "start": start, "end": end}).json()
+    (outcome,) = dry["devices"]
+    live = [
+        (e["event"], int(e["at"].timestamp() * 1000))
+        for e in rows(
+            s,
+            "SELECT event, at FROM alarm_events WHERE tenant_id = %s AND event IN ('raised', 'cleared') ORDER BY id",
+            tenant,
+        )
+    ]
+    assert [(t["type"], t["at_ms"]) for t in outcome["transitions"]] == live
+    assert [e["actions"] for e in dry["effects"]] == [["SetDesired", "SendCommand"], []]
+
+
+def test_absence_raises_after_the_silence_and_clears_when_the_device_speaks(
+    stack: tuple[ProdStack, Mailbox],
+    api: TestClient[Litestar],
+) -> None:
+    s, _ = stack
+    tenant, (device,) = s.tenant(1, prefix="quiet")
+    auth = tenant_token(s.url, tenant)
+    rule = {"name": "pump silent", "scope": {"devices": [device]},
+            "alarm": {"severity": "major", "when": {"op": "absent", "seconds": 3}}}  # fmt: skip
+    assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+    now = int(time.time() * 1000)
+    asyncio.run(publish(s, tenant, device, [reading(now, 1, flow=3.2)]))
+
+    def alarm() -> dict[str, Any] | None:
+        found = rows(s, "SELECT status, raised_at FROM alarms WHERE tenant_id = %s", tenant)
+        return found[0] if found else None
+
+    assert wait_until(lambda: alarm() is not None, 20), "the silence did not raise"
+    raised = alarm()
+    assert raised is not None and raised["raised_at"] == datetime.fromtimestamp((now + 3000) / 1000, UTC)
+    asyncio.run(publish(s, tenant, device, [reading(int(time.time() * 1000), 2, flow=3.1)]))
+    assert wait_until(lambda: (alarm() or {}).get("status") == "cleared", 20)
+
+
+def test_failing_receivers_are_retried_then_dead_lettered_without_slowing_the_others(
+    stack: tuple[ProdStack, Mailbox],
+    api: TestClient[Litestar],
+    receiver: HttpReceiver,
+) -> None:
+    s, _ = stack
+    tenant, (device,) = s.tenant(1, prefix="flaky")
+    auth = tenant_token(s.url, tenant)
+    for name in ("fail", "hang", "ok"):
+        config = {"kind": "webhook", "url": receiver.url(f"/{name}/{tenant}")}
+        assert api.post(f"{V1}/channels", headers=auth, json={"channel_id": name, "config": config}).status_code == 201
+    rule = hot(device, ["fail", "hang", "ok"])
+    rule["alarm"]["for_s"] = 0
+    assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+    published = time.monotonic()
+    asyncio.run(publish(s, tenant, device, [reading(int(time.time() * 1000), 1, temp=95)]))
+    assert wait_until(lambda: len(receiver.on(f"/ok/{tenant}")) == 1, 20)
+    # The healthy receiver is not held up by the hanging one (its timeout is 2 s, three attempts).
+    assert receiver.on(f"/ok/{tenant}")[0].at - published < 5
+
+    def statuses() -> dict[str, tuple[str, int, str | None]]:
+        found = rows(s, "SELECT channel_id, status, attempts, last_error FROM deliveries WHERE tenant_id = %s", tenant)
+        return {r["channel_id"]: (r["status"], r["attempts"], r["last_error"]) for r in found}
+
+    assert wait_until(lambda: all(v[0] != "pending" for v in statuses().values()), 40), statuses()
+    final = statuses()
+    assert final["ok"][:2] == ("delivered", 1)
+    assert final["fail"][:2] == ("dead", 3) and "http_500" in (final["fail"][2] or "")
+    assert final["hang"][:2] == ("dead", 3) and "timeout" in (final["hang"][2] or "")
+    assert len(receiver.on(f"/fail/{tenant}")) == 3  # every attempt reached it, with the same idempotency key
+    assert len({r.headers["Idempotency-Key"] for r in receiver.on(f"/fail/{tenant}")}) == 1
