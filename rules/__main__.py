@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -21,6 +22,7 @@ async def amain() -> None:
     settings = from_env(RulesSettings, "KESTREL_RULES")
     database = from_env(DatabaseSettings, "KESTREL_DATABASE")
     announce("rules")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per delivery is the deliveries' table's job
     registry = CollectorRegistry()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from typing import Any, Final
 
-import nats.errors
 import psycopg
 from nats.aio.msg import Msg
 from psycopg import AsyncConnection
@@ -28,11 +27,12 @@ from kestrel_core.rules.evaluate import DeviceState
 from rules import effects
 from rules.decide import Deadlines, Key, LoadedRule, Outcome, deadline, evaluate, readings, watches
 from rules.ports import Rules
-from rules.store import load_deadlines, load_states, save_states
-from rules.stream import RULES_STREAM, consumer_name, ensure_consumer, republish
+from rules.store import load_deadlines, load_position, load_states, save_position, save_states
+from rules.stream import RULES_STREAM, consumer_name, republish, take_consumer
 
 log = logging.getLogger("kestrel.rules")
 PARTITION_LOCK: Final = 0x4B52  # advisory lock class of the partitions (the second key is the partition)
+RECHECK_S: Final = 2.0  # how often an idle partition asks the server whether deliveries were lost
 MAX_CACHED: Final = 200_000  # (rule, device) states kept in memory per partition; past it the cache starts over
 
 
@@ -60,23 +60,57 @@ class Partition:
         self.cache: dict[Key, DeviceState] = {}
         self.deadlines = Deadlines()
         self.release = asyncio.Event()
+        #: The last stream sequence whose effects are committed (RULES_IN), and the next consumer sequence expected.
+        self.position = 0
+        self.expected = 1
+        self.checked = 0.0
+
+    async def _subscribe(self) -> Any:
+        """Consume from right after the committed position; the consumer sequence starts again at 1."""
+        await take_consumer(self.rules.nc, self.number, self.position)
+        self.expected = 1
+        self.checked = time.monotonic()
+        return await self.rules.nc.jetstream().pull_subscribe_bind(consumer_name(self.number), RULES_STREAM)
+
+    def _in_order(self, msgs: list[Msg]) -> bool:
+        """Whether these deliveries follow the last ones without a gap (a delivery lost on the way, e.g. while NATS
+        restarted, shows as a jump of the consumer sequence)."""
+        for msg in msgs:
+            if msg.metadata.sequence.consumer != self.expected or msg.metadata.num_delivered != 1:
+                return False
+            self.expected += 1
+        return True
+
+    async def _lost_at_the_end(self, sub: Any) -> bool:
+        """Idle: whether the server delivered more than arrived (the newest deliveries were lost)."""
+        self.checked = time.monotonic()
+        info = await sub.consumer_info()
+        return int(info.delivered.consumer_seq) >= self.expected
 
     async def run(self) -> None:
         settings = self.rules.settings
         try:
-            await ensure_consumer(self.rules.nc, self.number, ack_wait_s=settings.ack_wait_s,
-                                  max_deliver=settings.max_deliver, batch=settings.batch_size)  # fmt: skip
-            sub = await self.rules.nc.jetstream().pull_subscribe_bind(consumer_name(self.number), RULES_STREAM)
+            self.position = await load_position(self.conn, self.number)
+            sub = await self._subscribe()
             for key, at_ms in await load_deadlines(self.conn, self.number):
                 self.deadlines.set(key, at_ms)
-            log.info("partition owned", extra={"partition": self.number})
+            log.info("partition owned", extra={"partition": self.number, "after": self.position})
             while not self.release.is_set():
                 upcoming = self.deadlines.next()
                 wait = 0.5 if upcoming is None else min(0.5, max(0.01, (upcoming - now_ms()) / 1000))
                 try:
                     msgs = await sub.fetch(settings.batch_size, timeout=wait)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats' and asyncio's (disconnected) alike
                     msgs = []
+                gap = not self._in_order(msgs) if msgs else (
+                    time.monotonic() - self.checked > RECHECK_S and await self._lost_at_the_end(sub))  # fmt: skip
+                if gap:
+                    self.rules.metrics.resumed.inc()
+                    log.warning("deliveries lost; resuming after the committed position",
+                                extra={"partition": self.number, "after": self.position})  # fmt: skip
+                    await sub.unsubscribe()
+                    sub = await self._subscribe()
+                    continue
                 if msgs or (upcoming is not None and upcoming <= now_ms()):
                     await self.batch(msgs)
             await sub.unsubscribe()
@@ -87,11 +121,11 @@ class Partition:
     async def _deadletter(self, msg: Msg, refusal: InvalidInput) -> None:
         self.rules.metrics.deadlettered.labels(refusal.reason).inc()
         headers = {streams.HDR_REASON: refusal.reason, streams.HDR_DETAIL: streams.header_safe(refusal.detail),
-                   streams.HDR_TOPIC: streams.header_safe(msg.subject), streams.HDR_STAGE: "rules"}  # fmt: skip
+                   streams.HDR_TOPIC: streams.header_safe(msg.subject), streams.HDR_STAGE: "rules",
+                   streams.HDR_MSG_ID: f"rules-{msg.metadata.sequence.stream}"}  # fmt: skip
         await self.rules.nc.jetstream().publish(
             streams.deadletter_subject("rules", refusal.reason), msg.data, headers=headers, timeout=5
         )
-        await msg.term()
 
     async def _shadows(self, devices: set[str]) -> dict[str, dict[str, Any]]:
         if not devices:
@@ -146,11 +180,13 @@ class Partition:
             changed[key] = (loaded, state, deadline(loaded, state))
             self.deadlines.set(key, changed[key][2])
         async with self.conn.transaction():
+            if msgs:
+                await save_position(self.conn, self.number, msgs[-1].metadata.sequence.stream)
             await save_states(self.conn, self.number, changed)
             published = await effects.apply(self.conn, outcome.fired, allow_action=self.rules.allow_action,
                                             counted=self.rules.counted)  # fmt: skip
-        for msg in good:
-            await msg.ack()
+        if msgs:
+            self.position = msgs[-1].metadata.sequence.stream
         self._count(outcome, len(good), evaluations, time.perf_counter() - started)
         if outcome.fired:
             self.rules.outbox_wake.set()

@@ -27,6 +27,7 @@ class Metrics:
                                ["kind", "outcome"], registry=registry)  # fmt: skip
         self.deadlettered = Counter("kestrel_rules_deadlettered", "Messages dead-lettered, by reason", ["reason"],
                                     registry=registry)  # fmt: skip
+        self.resumed = Counter("kestrel_rules_resumed", "Partitions resumed after lost deliveries", registry=registry)
         self.partitions = Gauge("kestrel_rules_partitions", "Partitions this worker owns", registry=registry)
         self.batch_seconds = Histogram(
             "kestrel_rules_batch_seconds", "Time to evaluate and commit one batch",

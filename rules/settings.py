@@ -18,10 +18,6 @@ class RulesSettings(msgspec.Struct, frozen=True, kw_only=True):
     partitions: int = 16
     #: Most readings one partition evaluates in one transaction.
     batch_size: int = 500
-    #: A message not acknowledged this long is redelivered (to the partition's next owner after a crash).
-    ack_wait_s: float = 30.0
-    #: A message delivered this often is dead-lettered (it cannot be evaluated).
-    max_deliver: int = 20
     #: How often partitions are rebalanced between the live workers.
     rebalance_interval_s: float = 2.0
     #: Rules are re-read this often even without a change notification.

@@ -95,3 +95,16 @@ async def save_states(
             [(partition, version, state, deadline, device, rule_id, tenant)
              for rule_id, device, tenant, version, state, deadline in rows],
         )  # fmt: skip
+
+
+async def load_position(conn: AsyncConnection[Any], partition: int) -> int:
+    rows = await fetch_all(conn, "SELECT stream_seq FROM rule_partitions WHERE partition = %s", (partition,))
+    return int(rows[0]["stream_seq"]) if rows else 0
+
+
+async def save_position(conn: AsyncConnection[Any], partition: int, stream_seq: int) -> None:
+    await conn.execute(
+        "INSERT INTO rule_partitions (partition, stream_seq) VALUES (%s, %s) ON CONFLICT (partition)"
+        " DO UPDATE SET stream_seq = excluded.stream_seq, updated_at = now()",
+        (partition, stream_seq),
+    )

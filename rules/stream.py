@@ -5,6 +5,7 @@ deterministic ``partition`` mapping over tenant and device), one durable consume
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Final
 
@@ -21,6 +22,7 @@ from nats.js.api import (
     StreamSource,
     SubjectTransform,
 )
+from nats.js.errors import NotFoundError
 from psycopg_pool import AsyncConnectionPool
 
 from kestrel.runtime.nats import deadletter_config, ensure_stream
@@ -80,20 +82,24 @@ def consumer_name(partition: int) -> str:
     return f"rules-p{partition}"
 
 
-async def ensure_consumer(nc: NATS, partition: int, *, ack_wait_s: float, max_deliver: int, batch: int) -> None:
+async def take_consumer(nc: NATS, partition: int, after_seq: int) -> None:
+    """The partition's consumer, made again by its owner (who holds the lock, so nobody else consumes it) to start
+    right after the stream position committed with the partition's state (``after_seq``, 0: from the start). No acks:
+    the committed position is the record. JetStream would redeliver a message whose delivery was lost only after
+    ``ack_wait``, by which time newer readings would have been applied and the evaluator's (ts, seq) guard would drop
+    the older one as stale; instead the owner notices the gap in the consumer sequence and starts again here."""
+    js = nc.jetstream()
+    name = consumer_name(partition)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(RULES_STREAM, name)
     config = ConsumerConfig(
-        durable_name=consumer_name(partition),
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=ack_wait_s,
-        max_deliver=max_deliver,
-        max_ack_pending=batch * 4,
+        durable_name=name,
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after_seq else DeliverPolicy.ALL,
+        opt_start_seq=after_seq + 1 if after_seq else None,
         filter_subject=f"rules.{partition}.>",
     )
-    await nc.jetstream().add_consumer(RULES_STREAM, config)
-
-
-_event = msgspec.json.Decoder(dict[str, Any])
+    await js.add_consumer(RULES_STREAM, config)
 
 
 async def publish_outbox(pool: AsyncConnectionPool[Any], nc: NATS, limit: int = 500) -> int:

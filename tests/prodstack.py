@@ -174,7 +174,6 @@ class ProdStack:
                 "KESTREL_RULES_METRICS_PORT": port,
                 "KESTREL_RULES_WORKER": key,
                 "KESTREL_RULES_PARTITIONS": "4",
-                "KESTREL_RULES_ACK_WAIT_S": "5",
                 "KESTREL_RULES_REBALANCE_INTERVAL_S": "0.5",
                 "KESTREL_RULES_DELIVERY_BACKOFF_S": "0.2",
                 "KESTREL_RULES_DELIVERY_BACKOFF_CAP_S": "1",

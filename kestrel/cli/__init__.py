@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from kestrel import __version__
-from kestrel.cli import commands, devices, stack, tenants
+from kestrel.cli import commands, devices, rules, stack, tenants
 from kestrel_core.errors import InvalidInput, KestrelError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kestrel IoT platform.")
@@ -31,6 +31,9 @@ for sub, name in (
     (commands.command_app, "command"),
     (commands.claim_app, "claim"),
     (tenants.service_app, "service"),
+    (rules.rule_app, "rule"),
+    (rules.alarm_app, "alarm"),
+    (rules.channel_app, "channel"),
 ):
     app.add_typer(sub, name=name)
 for command in (stack.agent, stack.simulate, stack.run):

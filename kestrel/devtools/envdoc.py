@@ -42,6 +42,7 @@ def _groups() -> dict[str, list[Group]]:
     from ingest.writer import WriterSettings  # noqa: PLC0415
     from pki.provisioner import ProvisionerSettings  # noqa: PLC0415
     from pki.settings import PkiSettings  # noqa: PLC0415
+    from rules.settings import RulesSettings  # noqa: PLC0415
 
     database = Group("every process that uses PostgreSQL", "KESTREL_DATABASE", DatabaseSettings)
     return {
@@ -58,6 +59,7 @@ def _groups() -> dict[str, list[Group]]:
             Group("python -m pki provisioner and kestrel pki", "KESTREL_PKI", PkiSettings),
             database,
         ],
+        "rules": [Group("python -m rules", "KESTREL_RULES", RulesSettings), database],
     }
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import nats
 import psycopg
 import pytest
 from litestar import Litestar
@@ -23,9 +24,11 @@ from api.app import create_app
 from api.settings import ApiSettings
 from kestrel.devtools.servers import PostgresServer
 from kestrel.runtime.mqttclient import MqttPublisher
+from kestrel_core import streams
 from kestrel_core.rules.channels import SIGNATURE_HEADER, verify
 from kestrel_core.settings import Secret
 from tests.conftest import _nats, api_url_for, tenant_token, wait_until
+from tests.jetstream_helpers import deadletters
 from tests.prodstack import ProdStack, prod_stack
 from tests.receivers import HttpReceiver, Mailbox, http_receiver, smtp_server
 
@@ -236,3 +239,65 @@ def test_failing_receivers_are_retried_then_dead_lettered_without_slowing_the_ot
     assert final["hang"][:2] == ("dead", 3) and "timeout" in (final["hang"][2] or "")
     assert len(receiver.on(f"/fail/{tenant}")) == 3  # every attempt reached it, with the same idempotency key
     assert len({r.headers["Idempotency-Key"] for r in receiver.on(f"/fail/{tenant}")}) == 1
+
+
+def test_a_tenants_rule_sees_only_its_tenants_devices(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar], receiver: HttpReceiver
+) -> None:
+    s, _ = stack
+    mine, (my_device,) = s.tenant(1, prefix="ta")
+    theirs, (their_device,) = s.tenant(1, prefix="tb")
+    auth = tenant_token(s.url, mine)
+    config = {"kind": "webhook", "url": receiver.url(f"/ok/{mine}")}
+    assert api.post(f"{V1}/channels", headers=auth, json={"channel_id": "hook", "config": config}).status_code == 201
+    rule = hot(my_device, ["hook"])
+    rule["scope"] = {}  # the whole tenant
+    rule["alarm"]["for_s"] = 0
+    assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+    now = int(time.time() * 1000)
+    asyncio.run(publish(s, theirs, their_device, [reading(now, 1, temp=99)]))  # the other tenant's boiler is hot
+    asyncio.run(publish(s, mine, my_device, [reading(now, 1, temp=99)]))  # the control: mine too, after it
+    assert wait_until(lambda: len(receiver.on(f"/ok/{mine}")) == 1, 20)
+    assert [json.loads(r.body)["device"] for r in receiver.on(f"/ok/{mine}")] == [my_device]
+    assert [r["device_id"] for r in rows(s, "SELECT device_id FROM alarms WHERE tenant_id = %s", mine)] == [my_device]
+    assert rows(s, "SELECT alarm_id FROM alarms WHERE device_id = %s", their_device) == []
+
+
+def test_a_rule_that_cannot_decide_is_counted_and_never_stops_the_others(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar]
+) -> None:
+    s, _ = stack
+    tenant, (device,) = s.tenant(1, prefix="err")
+    auth = tenant_token(s.url, tenant)
+    broken = hot(device, [])
+    broken["name"] = "reads a shadow value the device never reported"
+    broken["alarm"]["for_s"] = 0
+    broken["alarm"]["when"]["right"] = {"kind": "shadow", "path": "limits.max_temp"}
+    working = hot(device, [])
+    working["alarm"]["for_s"] = 0
+    created = api.post(f"{V1}/rules", json=broken, headers=auth).json()
+    assert api.post(f"{V1}/rules", json=working, headers=auth).status_code == 201
+    before = s.metric("rules", "kestrel_rules_errors_total", reason="missing_value")
+    asyncio.run(publish(s, tenant, device, [reading(int(time.time() * 1000), 1, temp=99)]))
+    assert wait_until(lambda: len(rows(s, "SELECT 1 FROM alarms WHERE tenant_id = %s", tenant)) == 1, 20)
+    assert s.metric("rules", "kestrel_rules_errors_total", reason="missing_value") > before
+    assert wait_until(lambda: created["rule_id"] in s.log("rules"), 10)  # logged with the rule's id
+    (alarm,) = rows(s, "SELECT rule_name FROM alarms WHERE tenant_id = %s", tenant)
+    assert alarm["rule_name"] == "boiler too hot"
+
+
+def test_a_malformed_message_is_dead_lettered_with_its_reason(stack: tuple[ProdStack, Mailbox]) -> None:
+    s, _ = stack
+    tenant, (device,) = s.tenant(1, prefix="bad")
+
+    async def inject() -> None:
+        nc = await nats.connect(s.nats.url)
+        try:
+            await nc.jetstream().publish(f"v1.{tenant}.d.{device}.telemetry", b"\x00not an envelope", timeout=5)
+        finally:
+            await nc.close()
+
+    asyncio.run(inject())
+    letters = asyncio.run(deadletters(s.nats.url, topic_contains="rules.", expect=1, timeout=20))
+    mine = [d for d in letters if d["subject"].startswith("dlq.rules.") and device in d[streams.HDR_TOPIC]]
+    assert mine and mine[0][streams.HDR_STAGE] == "rules", letters

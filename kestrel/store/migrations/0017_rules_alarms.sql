@@ -46,6 +46,15 @@ CREATE TABLE rule_state (
 CREATE INDEX rule_state_partition ON rule_state (partition, deadline_ms) WHERE deadline_ms IS NOT NULL;
 CREATE INDEX rule_state_by_partition ON rule_state (partition);
 
+-- Where each partition's worker is in the stream RULES_IN, committed with the states of the same batch: the next
+-- owner starts right after it (ADR-0019). Platform-wide (a partition holds many tenants); the API never sees it.
+CREATE TABLE rule_partitions (
+    partition   integer PRIMARY KEY,
+    stream_seq  bigint NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON rule_partitions FROM PUBLIC;
+
 -- Alarms: at most one active alarm per (rule, device). States: active (acknowledged or not), cleared (acknowledged
 -- or not). A raise while the last alarm of (rule, device) is cleared but unacknowledged re-opens it (re-trigger).
 CREATE TABLE alarms (

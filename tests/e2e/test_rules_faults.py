@@ -1,0 +1,143 @@
+"""The rule workers under faults (issue 13): two workers share the partitions; one is killed with SIGKILL mid-stream,
+or NATS is, while devices flip an alarm with every reading. A ledger compares what the devices sent with what the
+platform did: every transition exactly once in the alarm history, in the NATS alarm stream and at the webhook
+(retries carry the same idempotency key, and are counted), none lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import nats
+import psycopg
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from api.app import create_app
+from api.settings import ApiSettings
+from kestrel.devtools.servers import PostgresServer
+from kestrel_core.messages.alarms import ALARM_STREAM
+from kestrel_core.settings import Secret
+from tests.conftest import _nats, api_url_for, tenant_token, wait_until
+from tests.e2e.test_rules import publish, reading
+from tests.prodstack import ProdStack, prod_stack
+from tests.receivers import HttpReceiver, http_receiver
+
+pytestmark = pytest.mark.e2e
+V1 = "/api/v1"
+DEVICES, READINGS = 6, 40
+
+
+@pytest.fixture
+def stack(postgres: PostgresServer, tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[ProdStack]:
+    # NATS writes acknowledged messages to its files asynchronously unless it syncs always: a SIGKILL can drop the
+    # newest ones of any stream (ADR-0016), so the NATS fault runs with sync always, as production should.
+    sync = "always" if request.node.callspec.params["fault"] is kill_nats else "default"
+    nats_server = _nats(tmp_path / "nats", sync)
+    nats_server.start()
+    try:
+        with prod_stack(postgres, nats_server, tmp_path, services=("authsvc", "bridge", "writer")) as s:
+            s.start("rules")
+            s.start("rules-2")
+            assert wait_until(lambda: s.metric("rules", "kestrel_rules_partitions")
+                              + s.metric("rules-2", "kestrel_rules_partitions") == 4, 20)  # fmt: skip
+            yield s
+    finally:
+        nats_server.stop()
+
+
+def kill_worker(s: ProdStack) -> None:
+    s.kill("rules")
+    assert wait_until(lambda: s.metric("rules-2", "kestrel_rules_partitions") == 4, 20), "no takeover"
+
+
+def kill_nats(s: ProdStack) -> None:
+    s.nats.stop(signal.SIGKILL)
+    time.sleep(2)
+    s.nats.start()
+
+
+async def alarm_stream_count(url: str, tenant: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().pull_subscribe(f"v1.{tenant}.d.*.alarm", stream=ALARM_STREAM)
+        info = await sub.consumer_info()
+        return int(info.num_pending)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("fault", [kill_worker, kill_nats], ids=["worker-sigkill", "nats-sigkill"])
+def test_no_transition_is_lost_or_repeated_when_a_worker_or_nats_dies(
+    stack: ProdStack, fault: Callable[[ProdStack], None]
+) -> None:
+    s = stack
+    tenant, devices = s.tenant(DEVICES, prefix="flip")
+    auth = tenant_token(s.url, tenant)
+    with (
+        http_receiver() as receiver,
+        TestClient[Litestar](
+            create_app(ApiSettings(admin_token=Secret("x-" + str(time.time_ns()))), api_url_for(s.postgres, s.url))
+        ) as api,
+    ):
+        hook = {"channel_id": "hook", "per_minute": 10_000, "config": {"kind": "webhook", "url": receiver.url("/ok")}}
+        assert api.post(f"{V1}/channels", headers=auth, json=hook).status_code == 201
+        temp = {"kind": "metric", "name": "temp"}
+        rule = {"name": "flip", "metrics": ["temp"], "notify": ["hook"],
+                "alarm": {"when": {"op": "compare", "cmp": "gt", "left": temp, "right": {"kind": "const", "value": 80}}}}  # fmt: skip
+        assert api.post(f"{V1}/rules", headers=auth, json=rule).status_code == 201
+        t0 = int(time.time() * 1000) - 120_000
+        for device in devices:
+            s.enrol(device)
+
+        async def fleet() -> None:
+            await asyncio.gather(*(
+                publish(s, tenant, d, [reading(t0 + i * 100, i, temp=90 if i % 2 == 0 else 70) for i in range(READINGS)],
+                        pause_s=0.05)
+                for d in devices
+            ))  # fmt: skip
+
+        sender = threading.Thread(target=lambda: asyncio.run(fleet()))
+        sender.start()
+        time.sleep(0.8)  # mid-stream
+        fault(s)
+        sender.join(120)
+        assert not sender.is_alive()
+
+        def per_device() -> dict[str, list[str]]:
+            with psycopg.connect(s.url) as conn:
+                found = conn.execute(
+                    "SELECT a.device_id, e.event FROM alarm_events e JOIN alarms a USING (alarm_id)"
+                    " WHERE e.tenant_id = %s ORDER BY e.id", (tenant,)).fetchall()  # fmt: skip
+            result: dict[str, list[str]] = {d: [] for d in devices}
+            for device, event in found:
+                result[device].append(event)
+            return result
+
+        expected = ["raised"] + ["cleared", "retriggered"] * ((READINGS - 2) // 2) + ["cleared"]
+        assert wait_until(lambda: all(len(v) >= READINGS for v in per_device().values()), 90), per_device()
+        total = DEVICES * READINGS
+        # The control for "nothing more": the deliveries of every transition were made before we count.
+        assert wait_until(lambda: len({r.headers["Idempotency-Key"] for r in receiver.on("/ok")}) >= total, 90)
+        assert per_device() == {d: expected for d in devices}
+        with psycopg.connect(s.url) as conn:
+            alarms = conn.execute("SELECT device_id, retriggers FROM alarms WHERE tenant_id = %s", (tenant,)).fetchall()
+            deliveries = conn.execute("SELECT status, count(*) FROM deliveries WHERE tenant_id = %s GROUP BY status",
+                                      (tenant,)).fetchall()  # fmt: skip
+        assert sorted(alarms) == sorted((d, READINGS // 2 - 1) for d in devices)  # one alarm each, re-triggered
+        assert dict(deliveries) == {"delivered": total}
+        keys = Counter(r.headers["Idempotency-Key"] for r in receiver.on("/ok"))
+        assert len(keys) == total
+        events = Counter((json.loads(r.body)["device"], json.loads(r.body)["event"], json.loads(r.body)["at"])
+                         for r in receiver.on("/ok"))  # fmt: skip
+        assert len(events) == total  # each transition one key; a repeat (at-least-once HTTP) reuses its key
+        assert asyncio.run(alarm_stream_count(s.nats.url, tenant)) == total
+        print(f"\n{fault.__name__}: {total} transitions, webhook sends {sum(keys.values())} (repeats with the same key: "
+              f"{sum(keys.values()) - len(keys)})")  # fmt: skip
