@@ -1,5 +1,6 @@
 """GraphQL at ``/api/v1/graphql`` (strawberry on Litestar), over the same tenant transactions, scopes and SQL
-as the REST routes (ADR-0012). Read-only for now: devices, groups, latest values and aggregated telemetry.
+as the REST routes (ADR-0012). Read-only for now: devices, groups, latest values, aggregated telemetry, rules and
+alarms.
 
 Abuse limits: query depth, aliases and tokens are capped; introspection is off unless configured.
 """
@@ -18,7 +19,7 @@ from strawberry.types import Info
 
 from api.auth import Principal, provide_principal
 from api.context import tenant_transaction
-from kestrel.store import commands, devices, groups, presence, shadows, telemetry
+from kestrel.store import alarms, commands, devices, groups, presence, rules, shadows, telemetry
 from kestrel_core.errors import InvalidInput, NotFound
 from kestrel_core.topics import is_valid_id
 
@@ -146,6 +147,37 @@ class Group:
     devices: int
 
 
+@strawberry.type
+class Rule:
+    rule_id: str
+    name: str
+    enabled: bool
+    version: int
+    definition: JSON
+    updated_at: datetime
+
+
+@strawberry.type
+class Alarm:
+    alarm_id: str
+    rule_id: str
+    rule_name: str
+    device_id: str
+    severity: str
+    status: str
+    acknowledged: bool
+    raised_at: datetime
+    raised_values: JSON
+    retriggers: int
+    acknowledged_by: str | None
+    acknowledged_at: datetime | None
+    cleared_by: str | None
+    cleared_at: datetime | None
+
+
+ALARM_FIELDS = tuple(Alarm.__annotations__)
+
+
 class Context(BaseContext, kw_only=True):
     """Strawberry's Litestar context with the authenticated caller (strawberry fills in ``request``)."""
 
@@ -207,6 +239,34 @@ class Query:
         async with tenant_transaction(ctx.http, tenant) as conn:
             rows = await groups.list_all(conn, tenant)
         return [Group(group_id=r["group_id"], name=r["name"], devices=r["devices"]) for r in rows]
+
+    @strawberry.field(description="The tenant's alarm rules (rules:read)")
+    async def rules(self, info: Info[Any, Any]) -> list[Rule]:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("rules:read")
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            rows = await rules.list_all(conn, tenant)
+        return [Rule(**{f: r[f] for f in ("rule_id", "name", "enabled", "version", "definition", "updated_at")})
+                for r in rows]  # fmt: skip
+
+    @strawberry.field(description="The tenant's alarms, newest first, filtered (alarms:read)")
+    async def alarms(
+        self,
+        info: Info[Any, Any],
+        status: str | None = None,
+        severity: str | None = None,
+        device_id: str | None = None,
+        first: int = 100,
+    ) -> list[Alarm]:
+        ctx: Context = info.context
+        tenant = ctx.principal.need("alarms:read")
+        if not 1 <= first <= MAX_PAGE:
+            raise InvalidInput("bad_page", f"first must be 1 to {MAX_PAGE}")
+        if device_id is not None and not is_valid_id(device_id):
+            raise InvalidInput("bad_id", "ids match [A-Za-z0-9_-]{1,64}")
+        async with tenant_transaction(ctx.http, tenant) as conn:
+            rows = await alarms.page(conn, tenant, status=status, severity=severity, device=device_id, limit=first)
+        return [Alarm(**{f: r[f] for f in ALARM_FIELDS}) for r in rows]
 
 
 def build_schema(introspection: bool) -> strawberry.Schema:

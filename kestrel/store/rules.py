@@ -47,7 +47,8 @@ async def check_targets(conn: AsyncConnection[Any], tenant: str, rule: Rule) -> 
     ):
         missing = await _missing(conn, tenant, table, column, list(ids))
         if missing:
-            raise InvalidInput(f"unknown_{column.removesuffix('_id')}", f"`$.{field}`: no {', '.join(missing[:5])}")
+            kind = column.removesuffix("_id")
+            raise InvalidInput(f"unknown_{kind}", f"`$.{field}`: the tenant has no {kind} {', '.join(missing[:5])}")
 
 
 async def list_all(conn: AsyncConnection[Any], tenant: str) -> list[dict[str, Any]]:

@@ -168,3 +168,20 @@ def test_people_acknowledge_clear_and_comment_alarms_of_their_tenant_only(
     listed = client.get(f"{V1}/alarms", params={"status": "cleared", "acknowledged": "true"}, headers=auth).json()
     assert [a["alarm_id"] for a in listed] == [alarm_id]
     assert client.get(f"{V1}/alarms", params={"status": "active"}, headers=auth).json() == []
+
+
+def test_graphql_reads_rules_and_alarms_of_the_callers_tenant(client: TestClient[Litestar], database_url: str) -> None:
+    mine, theirs = new_tenant(database_url, 1, prefix="gq"), new_tenant(database_url, 1, prefix="gq")
+    auth = tenant_token(database_url, mine.id)
+    assert client.post(f"{V1}/rules", json=hot_rule(), headers=auth).status_code == 201
+    _alarm(database_url, theirs.id, theirs.devices[0])  # another tenant's alarm: never listed
+    alarm_id = _alarm(database_url, mine.id, mine.devices[0])
+    query = '{ rules { name version enabled } alarms(status: "active") { alarmId deviceId severity acknowledged } }'
+    answer = client.post(f"{V1}/graphql", json={"query": query}, headers=auth).json()
+    assert answer["data"]["rules"] == [{"name": "boiler too hot", "version": 1, "enabled": True}]
+    assert answer["data"]["alarms"] == [
+        {"alarmId": alarm_id, "deviceId": mine.devices[0], "severity": "major", "acknowledged": False}
+    ]
+    denied = client.post(f"{V1}/graphql", json={"query": "{ alarms { alarmId } }"},
+                         headers=tenant_token(database_url, mine.id, "devices:read")).json()  # fmt: skip
+    assert denied["data"] is None and "alarms:read" in denied["errors"][0]["message"]

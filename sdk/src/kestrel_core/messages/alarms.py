@@ -32,7 +32,7 @@ class AlarmEvent(msgspec.Struct, frozen=True, kw_only=True):
     #: ``rule`` for the workers' transitions, else who acted (``user:...``, ``token:...``).
     actor: str
     #: The values that triggered (raised) or cleared the alarm.
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def alarm_subject(tenant: str, device: str) -> str:

@@ -25,9 +25,9 @@ MAX_ACTIONS: Final = 8
 
 
 class Scope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    devices: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
-    groups: Annotated[list[Id], msgspec.Meta(max_length=32)] = []
-    tags: Annotated[list[Tag], msgspec.Meta(max_length=16)] = []
+    devices: Annotated[list[Id], msgspec.Meta(max_length=1000)] = msgspec.field(default_factory=list)
+    groups: Annotated[list[Id], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=list)
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=16)] = msgspec.field(default_factory=list)
 
     @property
     def whole_tenant(self) -> bool:
@@ -48,7 +48,7 @@ class SendCommand(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """Queue a command for the device (delivered by devicesvc like one sent through the API)."""
 
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
     timeout_s: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 300
 
 

@@ -28,7 +28,7 @@ from kestrel_core.rules.model import (
     Not,
     Rate,
     Rule,
-    Shadow,
+    ShadowPath,
     Value,
     windows,
 )
@@ -110,7 +110,7 @@ def _value(value: Value, state: DeviceState, shadow: Mapping[str, Any], now_ms: 
         if value.name not in state.last_values:
             raise _Undecided("missing_value", f"no reading of {value.name} yet")
         return state.last_values[value.name]
-    if isinstance(value, Shadow):
+    if isinstance(value, ShadowPath):
         return _shadow_value(shadow, value.path)
     samples = _window(state, value.metric, value.seconds, now_ms)
     if isinstance(value, Rate):

@@ -38,7 +38,7 @@ class Metric(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field=
     name: Name
 
 
-class Shadow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="shadow"):
+class ShadowPath(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="shadow"):
     """A value of the device's reported state, by dotted path."""
 
     path: Path
@@ -59,7 +59,7 @@ class Rate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="k
     seconds: Seconds
 
 
-Value = Const | Metric | Shadow | Window | Rate
+Value = Const | Metric | ShadowPath | Window | Rate
 
 
 class Compare(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op", tag="compare"):
@@ -90,7 +90,7 @@ class Absent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field=
 Condition = Compare | AllOf | AnyOf | Not | Absent
 
 
-class Alarm(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class AlarmSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the rule raises and clears: one alarm per (rule, device)."""
 
     severity: Severity = "major"
@@ -104,14 +104,14 @@ class Alarm(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
     #: The metrics the rule reads (a reading without any of them is not evaluated); empty: every reading.
-    metrics: Annotated[list[Name], msgspec.Meta(max_length=32)] = []
-    alarm: Alarm
+    metrics: Annotated[list[Name], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=list)
+    alarm: AlarmSpec
     #: The devices it watches (empty: the whole tenant).
-    scope: Scope = Scope()
+    scope: Scope = msgspec.field(default_factory=Scope)
     #: The tenant's notification channels told of every transition.
-    notify: Annotated[list[Id], msgspec.Meta(max_length=8)] = []
-    on_raise: Actions = []
-    on_clear: Actions = []
+    notify: Annotated[list[Id], msgspec.Meta(max_length=8)] = msgspec.field(default_factory=list)
+    on_raise: Actions = msgspec.field(default_factory=list)
+    on_clear: Actions = msgspec.field(default_factory=list)
 
 
 def _walk(condition: Condition, depth: int) -> int:
