@@ -4,7 +4,7 @@ on stored telemetry by the dry run, which has no side effect."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -17,6 +17,7 @@ from api.params import STRICT, IdField
 from api.preconditions import IfMatch, etag, expected_version
 from kestrel.store import dryrun, rules
 from kestrel.store.dryrun import DeviceOutcome
+from kestrel_core.errors import InvalidInput
 from kestrel_core.rules.evaluate import Raised
 from kestrel_core.rules.model import Rule, check_bounds
 
@@ -44,9 +45,10 @@ class RuleVersion(msgspec.Struct, frozen=True, kw_only=True):
 
 class DryRunRequest(msgspec.Struct, **STRICT):
     rule: Rule
-    #: The range of stored telemetry to evaluate (at most 31 days).
-    start: datetime
-    end: datetime
+    #: The start of the range of stored telemetry to evaluate (RFC 3339, with its offset).
+    start: Annotated[datetime, msgspec.Meta(tz=True, extra_json_schema={"format": "date-time"})]
+    #: Its length (at most 31 days).
+    duration_s: Annotated[int, msgspec.Meta(ge=1, le=dryrun.MAX_RANGE_S)]
     #: Only these devices (default: every device the rule's scope selects).
     devices: Annotated[list[IdField], msgspec.Meta(max_length=1000)] | None = None
 
@@ -173,12 +175,15 @@ async def dry_run_rule(
     tenant = principal.need("rules:read")
     principal.need("telemetry:read")
     rule = check_bounds(data.rule)
-    async with tenant_transaction(request, tenant) as conn:
-        await rules.check_targets(conn, tenant, rule)
+    async with tenant_transaction(request, tenant) as conn:  # the scope resolves inside the tenant: others see nothing
         devices = await dryrun.scoped_devices(conn, tenant, rule.scope)
         if data.devices is not None:
             devices = [d for d in data.devices if devices is None or d in devices]
-        result = await dryrun.dry_run(conn, tenant, rule, start=data.start, end=data.end, devices=devices)
+        try:
+            end = data.start + timedelta(seconds=data.duration_s)
+        except OverflowError as exc:
+            raise InvalidInput("bad_range", "the range ends after the year 9999") from exc
+        result = await dryrun.dry_run(conn, tenant, rule, start=data.start, end=end, devices=devices)
     effects = [
         WouldDo(
             device_id=outcome.device_id, at_ms=t.at_ms, transition="raised" if isinstance(t, Raised) else "cleared",

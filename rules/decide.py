@@ -132,7 +132,9 @@ class Deadlines:
 
 
 #: What a delivery attempt's failure means: retry later, or dead (no retry can help, or the attempts are spent).
-PERMANENT: Final = frozenset({"forbidden_address", "bad_url", "smtp_not_configured", "refused_recipients"})
+PERMANENT: Final = frozenset(
+    {"forbidden_address", "bad_url", "smtp_not_configured", "refused_recipients", "unrenderable"}
+)
 
 
 def after_failure(attempts: int, reason: str, *, max_attempts: int, backoff: Backoff) -> float | None:

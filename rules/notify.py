@@ -120,7 +120,10 @@ async def send(rules: Rules, transports: Transports, row: dict[str, Any]) -> Non
 async def attempt(rules: Rules, transports: Transports, row: dict[str, Any]) -> None:
     settings = rules.settings
     try:
-        await send(rules, transports, row)
+        try:
+            await send(rules, transports, row)
+        except (ValueError, TypeError, KeyError, msgspec.ValidationError) as exc:  # a document it cannot render
+            raise Failed("unrenderable", type(exc).__name__) from exc
     except Failed as failure:
         backoff = Backoff(settings.delivery_backoff_s, settings.delivery_backoff_cap_s)
         delay = after_failure(row["attempts"], failure.reason, max_attempts=settings.delivery_attempts, backoff=backoff)

@@ -83,7 +83,7 @@ class Transports:
         message = EmailMessage()
         message["From"] = settings.smtp_from
         message["To"] = ", ".join(channel.to)
-        message["Subject"] = render(channel.subject, values)[:300].replace("\n", " ")
+        message["Subject"] = " ".join(render(channel.subject, values)[:300].splitlines())
         message["Message-ID"] = f"<{delivery_id}@kestrel>"  # the idempotency key, as mail knows it
         message.set_content(render(channel.text, values))
 

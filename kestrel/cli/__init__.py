@@ -38,6 +38,7 @@ for sub, name in (
     app.add_typer(sub, name=name)
 for command in (stack.agent, stack.simulate, stack.run):
     app.command()(command)
+app.command("webhook-sink")(stack.webhook_sink)
 
 
 def _version(shown: bool) -> None:

@@ -116,6 +116,7 @@ def run(
     mqtt_jwt_port: Annotated[int, typer.Option(min=1, max=65535, help="TLS + JWT device listener")] = 18884,
     authsvc_port: Annotated[int, typer.Option(min=1, max=65535)] = 18090,
     supervisor_port: Annotated[int, typer.Option(min=1, max=65535, help="Health of every process")] = 18099,
+    rules_metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="The rule workers' metrics")] = 19105,
     devices: Annotated[int, typer.Option(min=0, max=10_000, help="Simulated devices (0: none)")] = 20,
     rate: Annotated[float, typer.Option(min=0.001, help="Simulated messages per second")] = 20.0,
 ) -> None:
@@ -134,7 +135,18 @@ def run(
         mqtt_jwt_port,
         authsvc_port,
         supervisor_port,
+        rules_metrics_port,
     )
     if len(set(vars(ports).values())) != len(vars(ports)):
         raise InvalidInput("bad_ports", "every port must be different")
     run_embedded(state or state_dir(), ports, devices=devices, rate=rate, simulator=devices > 0)
+
+
+def webhook_sink(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Loopback port to listen on")] = 18181,
+    secret: Annotated[str, typer.Option(envvar="KESTREL_WEBHOOK_SECRET", help="The channel's secret (verifies)")] = "",
+) -> None:
+    """Print the notification webhooks sent here (development: try rules on `kestrel run`)."""
+    from kestrel.devtools import webhook  # noqa: PLC0415 - development machinery, loaded when asked for
+
+    webhook.serve(port, secret)

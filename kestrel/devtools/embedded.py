@@ -65,6 +65,7 @@ class EmbeddedPorts:
     mqtt_jwt: int = 18884
     authsvc: int = 18090
     supervisor: int = 18099
+    rules_metrics: int = 19105
 
 
 @dataclass
@@ -149,6 +150,10 @@ class EmbeddedStack:
                 "KESTREL_DEVICES_MQTT_PASSWORD": self.secrets["devicesvc"],
                 "KESTREL_DEVICES_NATS_URL": self.nats.url,
                 "KESTREL_DEVICES_METRICS_PORT": "0",
+                "KESTREL_RULES_NATS_URL": self.nats.url,
+                "KESTREL_RULES_METRICS_PORT": str(self.ports.rules_metrics),
+                # Loopback only, so webhooks to `kestrel webhook-sink` work; production leaves this off (SSRF).
+                "KESTREL_RULES_WEBHOOK_ALLOW_PRIVATE": "true",
                 "KESTREL_PROVISIONER_MQTT_PORT": str(self.ports.mqtt),
                 "KESTREL_PROVISIONER_CLIENT_ID": "svc:provisioner:1",
                 "KESTREL_PROVISIONER_MQTT_USERNAME": "provisioner",
@@ -282,6 +287,7 @@ class EmbeddedStack:
         self._service("bridge", [py, "-m", "ingest", "bridge"], env)
         self._service("api", [py, "-m", "api"], env)
         self._service("devicesvc", [py, "-m", "devicesvc"], env)
+        self._service("rules", [py, "-m", "rules"], env)
         # The provisioner alone holds the CA passphrase (ADR-0013); the other services never see it.
         pki = {"KESTREL_PKI_PASSPHRASE": (self.state / "pki-passphrase").read_text().strip()}
         self._service("provisioner", [py, "-m", "pki", "provisioner"], env | pki)
@@ -310,6 +316,7 @@ class EmbeddedStack:
             "api": f"http://{LOOPBACK}:{self.ports.api}/readyz",
             "bridge": f"http://{LOOPBACK}:{self.ports.bridge_metrics}/metrics",
             "writer": f"http://{LOOPBACK}:{self.ports.writer_metrics}/metrics",
+            "rules": f"http://{LOOPBACK}:{self.ports.rules_metrics}/metrics",
         }
         for name, url in checks.items():
             self._wait_for(next(s for s in self.services if s.name == name), url, timeout)
@@ -333,6 +340,8 @@ class EmbeddedStack:
                 f":{p.writer_metrics} (writer)",
                 "  Devices         devicesvc (presence, shadows, commands), provisioner (JIT claims);"
                 " try `kestrel agent` (README: Operate a fleet)",
+                f"  Rules           rule workers (alarms, notifications; metrics :{p.rules_metrics});"
+                " try `kestrel rule` (README: Rules and alarms)",
                 f"  Logs            {self.state}/logs/",
                 f"  CLI             kestrel --state-dir {self.state} ...   (or KESTREL_STATE_DIR={self.state})",
                 f"  Supervisor      http://{LOOPBACK}:{p.supervisor}/healthz  (every process: state, restarts)",

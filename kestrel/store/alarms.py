@@ -5,6 +5,7 @@ and the notification log. The rule workers raise and clear them (``rules.effects
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
 
@@ -85,34 +86,38 @@ async def record_event(
     return int(row["id"])
 
 
-async def acknowledge(conn: AsyncConnection[Any], actor: Actor, tenant: str, alarm_id: str) -> dict[str, Any]:
-    """Acknowledge (idempotent: an acknowledged alarm stays as it was)."""
+#: What a person does to an alarm: (whether it is done already, the change, the event, the audit action).
+_BY_HAND: Final[dict[str, tuple[Callable[[dict[str, Any]], bool], str, str, str]]] = {
+    "acknowledge": (lambda a: bool(a["acknowledged"]),
+                    "acknowledged = true, acknowledged_at = now(), acknowledged_by = %s", "acknowledged",
+                    "alarm.acknowledge"),
+    "clear": (lambda a: a["status"] == "cleared", "status = 'cleared', cleared_at = now(), cleared_by = %s", "cleared",
+              "alarm.clear"),
+}  # fmt: skip
+
+
+async def _by_hand(conn: AsyncConnection[Any], actor: Actor, tenant: str, alarm_id: str, what: str) -> dict[str, Any]:
+    done, change, event, action = _BY_HAND[what]
     before = await get(conn, tenant, alarm_id, lock=True)
-    if before["acknowledged"]:
-        return before
+    if done(before):
+        return before  # idempotent: a second acknowledgement or clear changes nothing
     await conn.execute(
-        "UPDATE alarms SET acknowledged = true, acknowledged_at = now(), acknowledged_by = %s, version = version + 1,"
-        " updated_at = now() WHERE tenant_id = %s AND alarm_id = %s",
+        f"UPDATE alarms SET {change}, version = version + 1, updated_at = now() WHERE tenant_id = %s AND alarm_id = %s",
         (actor.name, tenant, alarm_id),
     )
-    await record_event(conn, tenant, alarm_id, "acknowledged", actor.name)
-    await audit.record(conn, actor, tenant, "alarm.acknowledge", f"alarm:{alarm_id}")
+    await record_event(conn, tenant, alarm_id, event, actor.name)
+    await audit.record(conn, actor, tenant, action, f"alarm:{alarm_id}")
     return await get(conn, tenant, alarm_id)
+
+
+async def acknowledge(conn: AsyncConnection[Any], actor: Actor, tenant: str, alarm_id: str) -> dict[str, Any]:
+    """Acknowledge (idempotent: an acknowledged alarm stays as it was)."""
+    return await _by_hand(conn, actor, tenant, alarm_id, "acknowledge")
 
 
 async def clear(conn: AsyncConnection[Any], actor: Actor, tenant: str, alarm_id: str) -> dict[str, Any]:
     """Clear by hand (idempotent). The rule may raise a new alarm later if its condition holds again."""
-    before = await get(conn, tenant, alarm_id, lock=True)
-    if before["status"] == "cleared":
-        return before
-    await conn.execute(
-        "UPDATE alarms SET status = 'cleared', cleared_at = now(), cleared_by = %s, version = version + 1,"
-        " updated_at = now() WHERE tenant_id = %s AND alarm_id = %s",
-        (actor.name, tenant, alarm_id),
-    )
-    await record_event(conn, tenant, alarm_id, "cleared", actor.name)
-    await audit.record(conn, actor, tenant, "alarm.clear", f"alarm:{alarm_id}")
-    return await get(conn, tenant, alarm_id)
+    return await _by_hand(conn, actor, tenant, alarm_id, "clear")
 
 
 async def comment(conn: AsyncConnection[Any], actor: Actor, tenant: str, alarm_id: str, body: str) -> dict[str, Any]:

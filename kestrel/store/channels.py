@@ -16,6 +16,7 @@ from kestrel.store import audit
 from kestrel.store.rows import fetch_all, fetch_one
 from kestrel.store.session import Actor
 from kestrel_core.errors import Conflict
+from kestrel_core.jsondoc import check_document
 from kestrel_core.rules.channels import ChannelConfig, WebhookChannel
 
 COLUMNS: Final = "channel_id, kind, name, config, per_minute, enabled, created_at"
@@ -48,6 +49,7 @@ async def create(
     """The channel and, for a webhook, its signing secret (shown once)."""
     secret = SECRET_PREFIX + secrets.token_urlsafe(32) if isinstance(config, WebhookChannel) else None
     document = msgspec.to_builtins(config)
+    check_document(document, what="the channel", max_depth=4, max_bytes=16 * 1024)
     try:
         async with conn.transaction():
             await conn.execute(

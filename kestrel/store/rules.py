@@ -15,6 +15,7 @@ from kestrel.store import audit
 from kestrel.store.rows import fetch_all, fetch_one
 from kestrel.store.session import Actor
 from kestrel_core.errors import Conflict, InvalidInput, PreconditionFailed
+from kestrel_core.jsondoc import check_document
 from kestrel_core.rules.model import Rule
 
 COLUMNS: Final = "rule_id, name, enabled, version, definition, created_by, created_at, updated_at"
@@ -24,8 +25,15 @@ def new_rule_id() -> str:
     return "r" + secrets.token_hex(12)
 
 
+#: A stored rule document: nesting (conditions, action payloads) and size.
+MAX_DEPTH: Final = 32
+MAX_BYTES: Final = 64 * 1024
+
+
 def _document(rule: Rule) -> dict[str, Any]:
+    """The rule as stored; refused (400) when jsonb cannot store a string of it, or it is too deep or too large."""
     document: dict[str, Any] = msgspec.to_builtins(rule)
+    check_document(document, what="the rule", max_depth=MAX_DEPTH, max_bytes=MAX_BYTES)
     return document
 
 
@@ -85,6 +93,7 @@ async def _version(conn: AsyncConnection[Any], actor: Actor, tenant: str, row: d
 async def create(
     conn: AsyncConnection[Any], actor: Actor, tenant: str, rule: Rule, *, enabled: bool = True
 ) -> dict[str, Any]:
+    document = _document(rule)
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('kestrel.rules'), hashtext(%s))", (tenant,))
     quota = await fetch_one(
         conn,
@@ -100,7 +109,7 @@ async def create(
         conn,
         f"INSERT INTO rules (rule_id, tenant_id, name, enabled, definition, created_by)"
         f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {COLUMNS}",
-        (new_rule_id(), tenant, rule.name, enabled, Jsonb(_document(rule)), actor.name),
+        (new_rule_id(), tenant, rule.name, enabled, Jsonb(document), actor.name),
         "rule not created",
     )
     await _version(conn, actor, tenant, row)

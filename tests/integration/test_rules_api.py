@@ -6,6 +6,7 @@ commented by people with who and when recorded."""
 from __future__ import annotations
 
 import secrets
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -97,13 +98,25 @@ def test_a_rule_cannot_target_another_tenants_devices_groups_or_channels(
                           ({"notify": ["ops"]}, "unknown_channel")):  # fmt: skip
         refused = client.post(f"{V1}/rules", json=hot_rule(**extra), headers=auth)
         assert refused.status_code == 400 and reason in refused.text, refused.text
-        dry = client.post(f"{V1}/rules/dry-run", headers=auth, json={
-            "rule": hot_rule(**extra), "start": "2026-01-01T00:00:00Z", "end": "2026-01-01T01:00:00Z"})  # fmt: skip
-        assert dry.status_code == 400 and reason in dry.text
     # Positive control: the same rule naming my own device is accepted.
     assert (
         client.post(f"{V1}/rules", json=hot_rule(scope={"devices": [mine.devices[0]]}), headers=auth).status_code == 201
     )
+    # The dry run resolves a scope inside the caller's tenant: naming their device or group reads none of their data
+    # (they have a hot reading in the range), naming mine reads mine (the control).
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    with psycopg.connect(database_url) as conn:
+        for tenant, device in ((theirs.id, theirs.devices[0]), (mine.id, mine.devices[0])):
+            conn.execute("INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
+                         " VALUES (%s, %s, '', %s, 1, '{\"temp\": 99}', now())", (tenant, device, start + timedelta(minutes=10)))  # fmt: skip
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO device_group_members (tenant_id, group_id, device_id) VALUES (%s, 'plant', %s)",
+                     (theirs.id, theirs.devices[0]))  # fmt: skip
+    window = {"start": start.isoformat(), "duration_s": 3600}
+    for scope, readings in (({"devices": [theirs.devices[0]]}, 0), ({"groups": ["plant"]}, 0),
+                            ({"devices": [mine.devices[0]]}, 1)):  # fmt: skip
+        dry = client.post(f"{V1}/rules/dry-run", headers=auth, json={"rule": hot_rule(scope=scope), **window})
+        assert dry.status_code == 200 and dry.json()["readings"] == readings, (scope, dry.text)
     assert client.get(f"{V1}/rules", headers=their_auth).json() == []
 
 

@@ -64,7 +64,10 @@ def test_a_rule_from_yaml_its_dry_run_and_an_alarm_acknowledged(database_url: st
         ("name: x\nalarm: {when: {op: compare, cmp: gtx}}\n", "alarm.when"),
         ("- just a list\n", "a rule is a mapping"),
         ("name: [unclosed\n", "bad.yaml"),
-        ("name: x\nalarm: {when: {op: absent, seconds: 5}}\nscope: {devices: [nobody-here]}\n", "the tenant has no device nobody-here"),
+        (
+            "name: x\nalarm: {when: {op: absent, seconds: 5}}\nscope: {devices: [nobody-here]}\n",
+            "the tenant has no device nobody-here",
+        ),
     ],
 )
 def test_a_bad_rule_file_is_one_clear_line_and_exit_2(

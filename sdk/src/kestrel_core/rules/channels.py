@@ -25,7 +25,7 @@ SIGNATURE_HEADER: Final = "Kestrel-Signature"
 SIGNATURE_TOLERANCE_S: Final = 300
 Template = Annotated[str, msgspec.Meta(max_length=2000)]
 Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s/$.?#][^\s]{0,2000}$")]
-Email = Annotated[str, msgspec.Meta(pattern=r"^[^@\s<>,;]{1,64}@[A-Za-z0-9.-]{1,253}$")]
+Email = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}$")]
 DEFAULT_SUBJECT: Final = "[$severity] $rule_name on $device: $event"
 DEFAULT_TEXT: Final = "Alarm $alarm_id ($rule_name) on device $device is $status: $event at $at. Values: $values"
 
