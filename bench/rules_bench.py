@@ -256,7 +256,7 @@ def dry_speed(pg: PostgresServer) -> None:
                 conn.execute(
                     "INSERT INTO telemetry (tenant_id, device_id, stream, ts, seq, metrics, received_at)"
                     " SELECT %s, %s, '', %s + make_interval(secs => s), s,"
-                    " jsonb_build_object('temp', 70 + (s / 60) % 20), now() FROM unnest(%s::int[]) AS s",
+                    " jsonb_build_object('temp', 70 + (s / 60) %% 20), now() FROM unnest(%s::int[]) AS s",
                     (tenant, name, start, list(span)),
                 )
     end = start + timedelta(seconds=seconds)

@@ -15,7 +15,7 @@ import msgspec
 
 from kestrel import __version__
 from kestrel_core import streams
-from kestrel_core.messages import telemetry, twin
+from kestrel_core.messages import alarms, telemetry, twin
 from kestrel_core.topics import ID_PATTERN
 
 REF: Final = "#/components/schemas/{name}"
@@ -44,6 +44,11 @@ MESSAGES: Final[dict[str, tuple[Any, str, str]]] = {
     "presenceEvent": (twin.PresenceEvent, "Presence event", "A device came online or went offline"),
     "shadowEvent": (twin.ShadowEvent, "Shadow event", "A shadow's desired state or delta changed"),
     "commandEvent": (twin.CommandEvent, "Command event", "A command moved to another state"),
+    "alarmEvent": (
+        alarms.AlarmEvent,
+        "Alarm event",
+        "An alarm was raised, re-triggered, cleared, acknowledged or commented on",
+    ),
     "deadLetter": (bytes, "Dead letter", "A refused message, unchanged, with its reason in the headers"),
 }
 
@@ -85,6 +90,10 @@ CHANNELS: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...], str]
                      "JetStream DEVICE_EVENTS: shadow changes"),
     "commandEvents": ("nats", "v1.{tenant}.d.{device}.command", ("tenant", "device"), ("commandEvent",),
                       "JetStream DEVICE_EVENTS: command transitions, in order"),
+    "alarmEvents": ("nats", "v1.{tenant}.d.{device}.alarm", ("tenant", "device"), ("alarmEvent",),
+                    f"JetStream {alarms.ALARM_STREAM}: alarm transitions, deduplicated by Nats-Msg-Id"),
+    "republished": ("nats", "v1.{tenant}.out.{subject}", ("tenant", "subject"), ("alarmEvent",),
+                    f"JetStream {alarms.ALARM_STREAM}: a rule's republish action"),
     "deadLetters": ("nats", "dlq.{source}.{reason}", ("source", "reason"), ("deadLetter",),
                     f"JetStream {streams.DEADLETTER_STREAM}: refused messages with {streams.HDR_REASON},"
                     f" {streams.HDR_DETAIL}, {streams.HDR_TOPIC} and {streams.HDR_STAGE} headers"),
@@ -110,6 +119,8 @@ OPERATIONS: Final[dict[str, tuple[str, str, bool]]] = {
     "publishPresenceEvent": ("send", "presenceEvents", False),
     "publishShadowEvent": ("send", "shadowEvents", False),
     "publishCommandEvent": ("send", "commandEvents", False),
+    "publishAlarmEvent": ("send", "alarmEvents", False),
+    "publishRepublished": ("send", "republished", False),
     "publishDeadLetter": ("send", "deadLetters", False),
 }
 
@@ -123,7 +134,8 @@ PARAMETERS: Final[dict[str, str]] = {
     "claim": "The provisioning claim's id (16 hex digits)",
     "node": "The broker node's name",
     "client": "The MQTT client id (a device id for devices)",
-    "source": "Where the message was refused: telemetry or twin",
+    "source": "Where the message was refused: telemetry, twin or rules",
+    "subject": "The subject a rule's republish action names (1 to 8 tokens)",
     "reason": "Why, e.g. bad_schema, unknown_device, payload_too_large",
 }
 

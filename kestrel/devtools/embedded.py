@@ -25,7 +25,6 @@ from pathlib import Path
 from types import FrameType
 
 import psycopg
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg.rows import dict_row
@@ -43,6 +42,7 @@ from kestrel.devtools.servers import (
     http_ok,
 )
 from kestrel.devtools.simulate import device_ids
+from kestrel.devtools.statefiles import expires_within, read_or_create_token
 from kestrel.devtools.supervisor import Supervisor
 from kestrel.store.migrate import migrate
 from kestrel_core.tokens import SCOPES
@@ -77,15 +77,6 @@ class Service(ManagedProcess):
 
     def start(self) -> None:
         self._spawn(self.argv, env=self.env)
-
-
-def _read_or_create_token(path: Path) -> str:
-    if path.exists():
-        return path.read_text().strip()
-    token = "kpa_" + secrets.token_urlsafe(32)  # the platform administrator's; not an API token (kst_)
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return token
 
 
 class EmbeddedStack:
@@ -195,7 +186,7 @@ class EmbeddedStack:
         if f"tenant:{DEMO_TENANT}" not in authorities:
             self._kestrel("pki", "tenant-ca", DEMO_TENANT)
         tls = self.state / "tls"
-        if _expires_within(tls / "server.crt", dt.timedelta(days=7)):
+        if expires_within(tls / "server.crt", dt.timedelta(days=7)):
             self._kestrel("pki", "server-cert", "--host", "localhost", "--ip", LOOPBACK, "--out-dir", str(tls))
         devices = self.state / "devices"
         if not (devices / f"{FIRST_DEVICE}.crt").exists():
@@ -253,7 +244,7 @@ class EmbeddedStack:
         seed.create_devices(self.postgres.url, DEMO_TENANT, [FIRST_DEVICE, *sims], exist_ok=True)
         print("  provisioning PKI and credentials ...", flush=True)
         self._provision()
-        token = _read_or_create_token(self.state / "admin-token")
+        token = read_or_create_token(self.state / "admin-token")
         signing_key = self.state / "api-signing.key"  # signs OAuth access tokens (Ed25519)
         if not signing_key.exists():
             signing_key.write_bytes(
@@ -375,15 +366,6 @@ class EmbeddedStack:
             for line in self.supervisor.check_all():
                 print(line, flush=True)
             time.sleep(0.5)
-
-
-def _expires_within(cert_file: Path, margin: dt.timedelta) -> bool:
-    """True when ``cert_file`` is missing, unreadable or expires within ``margin``."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    except (OSError, ValueError):
-        return True
-    return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < margin
 
 
 def run_embedded(state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: float, simulator: bool) -> None:
