@@ -27,23 +27,22 @@ from rules.ports import Rules
 from rules.transports import Failed, Transports
 
 log = logging.getLogger("kestrel.rules.notify")
-CLAIM: Final = """
-WITH due AS (
-    SELECT delivery_id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= now()
-    ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-)
-UPDATE deliveries d SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => %(lease)s)
-FROM due, channels c
-WHERE d.delivery_id = due.delivery_id AND c.tenant_id = d.tenant_id AND c.channel_id = d.channel_id
-RETURNING d.delivery_id, d.tenant_id, d.channel_id, d.kind, d.payload, d.attempts, d.created_at, c.config, c.secret,
-          c.per_minute
+DUE: Final = """
+SELECT d.delivery_id, d.tenant_id, d.channel_id, d.kind, d.payload, d.attempts, d.created_at, c.config, c.secret,
+       c.per_minute
+FROM deliveries d JOIN channels c ON c.tenant_id = d.tenant_id AND c.channel_id = d.channel_id
+WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+ORDER BY d.next_attempt_at LIMIT %s FOR UPDATE OF d SKIP LOCKED
 """
-SENT_LAST_MINUTE: Final = """
-SELECT tenant_id, channel_id, count(*) AS sent FROM deliveries
-WHERE status = 'delivered' AND delivered_at > now() - interval '60 seconds'
-  AND tenant_id = ANY(%s) AND channel_id = ANY(%s)
-GROUP BY tenant_id, channel_id
+#: Alarm deliveries of a channel first attempted in the last minute (retries count once).
+RECENT: Final = """
+SELECT count(*) AS n FROM deliveries
+WHERE tenant_id = %s AND channel_id = %s AND kind = 'alarm' AND last_attempt_at > now() - interval '60 seconds'
 """
+
+
+def _window(now: datetime, seconds: int) -> datetime:
+    return datetime.fromtimestamp(int(now.timestamp()) // seconds * seconds, UTC)
 
 
 def _digest_id(tenant: str, channel: str, window: datetime) -> str:
@@ -51,52 +50,56 @@ def _digest_id(tenant: str, channel: str, window: datetime) -> str:
 
 
 async def claim(rules: Rules, limit: int) -> list[dict[str, Any]]:
-    """Due deliveries, leased to this worker; the ones over their channel's rate are folded into its digest."""
-    lease = rules.settings.delivery_timeout_s * 3 + 5
+    """Due deliveries, leased to this worker. A first attempt past its channel's ``per_minute`` is folded into the
+    channel's digest of the current window instead (one per channel and window, sent when the window ends)."""
+    lease, width = rules.settings.delivery_timeout_s * 3 + 5, rules.settings.digest_window_s
     async with rules.pool.connection() as conn, conn.transaction():
-        rows = await fetch_all(conn, CLAIM, {"limit": limit, "lease": lease})
-        if not rows:
-            return []
-        sent = {
-            (r["tenant_id"], r["channel_id"]): r["sent"]
-            for r in await fetch_all(
-                conn, SENT_LAST_MINUTE, (list({r["tenant_id"] for r in rows}), list({r["channel_id"] for r in rows}))
+        rows = await fetch_all(conn, DUE, (limit,))
+        recent: dict[tuple[str, str], int] = {}
+        for key in sorted({(r["tenant_id"], r["channel_id"]) for r in rows}):
+            # One claimer per channel at a time, so that concurrent workers do not both spend its last slots.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('kestrel.channel'), hashtext(%s))", ("/".join(key),)
             )
-        }
-        send, now = [], datetime.now(UTC)
-        window = now.replace(second=0, microsecond=0)
+            recent[key] = (await fetch_all(conn, RECENT, key))[0]["n"]
+        send, window = [], _window(datetime.now(UTC), width)
         for row in sorted(rows, key=lambda r: r["created_at"]):
             key = (row["tenant_id"], row["channel_id"])
-            if row["kind"] == "digest" or sent.get(key, 0) < row["per_minute"]:
-                sent[key] = sent.get(key, 0) + 1
+            if row["kind"] == "digest" or row["attempts"] > 0 or recent[key] < row["per_minute"]:
+                recent[key] += row["kind"] == "alarm" and row["attempts"] == 0
                 send.append(row)
                 continue
-            await conn.execute(
-                "UPDATE deliveries SET status = 'digested', attempts = attempts - 1 WHERE delivery_id = %s",
-                (row["delivery_id"],),
-            )
+            digest = _digest_id(*key, window)
             await conn.execute(
                 "INSERT INTO deliveries (delivery_id, tenant_id, channel_id, kind, payload, next_attempt_at)"
                 " VALUES (%s, %s, %s, 'digest', %s, %s) ON CONFLICT (delivery_id) DO NOTHING",
-                (_digest_id(*key, window), *key, Jsonb({"window_start": window.isoformat()}),
-                 window + timedelta(seconds=60)),
-            )  # fmt: skip
+                (digest, *key, Jsonb({"window_start": window.isoformat()}), window + timedelta(seconds=width)),
+            )
+            await conn.execute("UPDATE deliveries SET status = 'digested', digest_id = %s WHERE delivery_id = %s",
+                               (digest, row["delivery_id"]))  # fmt: skip
             rules.counted("delivery", "digested")
+        if send:
+            await conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_attempt_at = coalesce(last_attempt_at, now()),"
+                " next_attempt_at = now() + make_interval(secs => %s) WHERE delivery_id = ANY(%s)",
+                (lease, [r["delivery_id"] for r in send]),
+            )
+        for row in send:
+            row["attempts"] += 1
         return send
 
 
 async def _digest(rules: Rules, row: dict[str, Any]) -> dict[str, Any]:
-    start = datetime.fromisoformat(row["payload"]["window_start"])
     async with rules.pool.connection() as conn:
         folded = await fetch_all(
             conn,
-            "SELECT payload FROM deliveries WHERE tenant_id = %s AND channel_id = %s AND status = 'digested'"
-            " AND kind = 'alarm' AND created_at < %s ORDER BY created_at DESC LIMIT 1000",
-            (row["tenant_id"], row["channel_id"], start + timedelta(seconds=60)),
+            "SELECT payload FROM deliveries WHERE digest_id = %s ORDER BY created_at LIMIT 1000",
+            (row["delivery_id"],),
         )
     return {
-        "kind": "digest", "tenant": row["tenant_id"], "channel": row["channel_id"], "window_start": start.isoformat(),
-        "count": len(folded), "events": [f["payload"] for f in folded[:20]],
+        "kind": "digest", "tenant": row["tenant_id"], "channel": row["channel_id"],
+        "window_start": row["payload"]["window_start"], "count": len(folded),
+        "events": [f["payload"] for f in folded[:20]],
     }  # fmt: skip
 
 

@@ -30,6 +30,8 @@ class RulesSettings(msgspec.Struct, frozen=True, kw_only=True):
     delivery_backoff_s: float = 1.0
     #: The longest wait between two attempts.
     delivery_backoff_cap_s: float = 300.0
+    #: Notifications past a channel's rate are folded into one digest per channel and window of this many seconds.
+    digest_window_s: int = 60
     #: One webhook or mail attempt gives up after this long.
     delivery_timeout_s: float = 5.0
     #: Webhooks to loopback, private and link-local addresses are refused unless this is set (SSRF protection).

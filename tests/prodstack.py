@@ -178,6 +178,7 @@ class ProdStack:
                 "KESTREL_RULES_DELIVERY_BACKOFF_S": "0.2",
                 "KESTREL_RULES_DELIVERY_BACKOFF_CAP_S": "1",
                 "KESTREL_RULES_DELIVERY_TIMEOUT_S": "2",
+                "KESTREL_RULES_DIGEST_WINDOW_S": "3",
                 "KESTREL_RULES_WEBHOOK_ALLOW_PRIVATE": "true",
             },
             "api": {

@@ -300,3 +300,31 @@ def test_a_malformed_message_is_dead_lettered_with_its_reason(stack: tuple[ProdS
     letters = asyncio.run(deadletters(s.nats.url, topic_contains="rules.", expect=1, timeout=20))
     mine = [d for d in letters if d["subject"].startswith("dlq.rules.") and device in d[streams.HDR_TOPIC]]
     assert mine and mine[0][streams.HDR_STAGE] == "rules", letters
+
+
+def test_a_storm_past_the_channels_rate_becomes_one_digest(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar], receiver: HttpReceiver
+) -> None:
+    s, _ = stack
+    tenant, devices = s.tenant(6, prefix="storm")
+    auth = tenant_token(s.url, tenant)
+    config = {"kind": "webhook", "url": receiver.url(f"/ok/{tenant}")}
+    channel = {"channel_id": "hook", "per_minute": 2, "config": config}
+    assert api.post(f"{V1}/channels", headers=auth, json=channel).status_code == 201
+    rule = hot(devices[0], ["hook"])
+    rule["scope"] = {}
+    rule["alarm"]["for_s"] = 0
+    assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+    now = int(time.time() * 1000)
+    for device in devices:  # six boilers overheat at once: six alarms, a channel allowing two a minute
+        asyncio.run(publish(s, tenant, device, [reading(now, 1, temp=99)]))
+    assert wait_until(lambda: len(rows(s, "SELECT 1 FROM alarms WHERE tenant_id = %s", tenant)) == 6, 20)
+    # The digest is the control: it arrives after the window, by when every individual delivery was decided.
+    assert wait_until(lambda: any(json.loads(r.body).get("kind") == "digest" for r in receiver.on(f"/ok/{tenant}")), 30)
+    bodies = [json.loads(r.body) for r in receiver.on(f"/ok/{tenant}")]
+    singles = [b for b in bodies if b.get("kind") != "digest"]
+    (digest,) = [b for b in bodies if b.get("kind") == "digest"]
+    assert len(singles) == 2 and digest["count"] == 4
+    assert {e["device"] for e in digest["events"]} | {b["device"] for b in singles} == set(devices)
+    statuses = Counter(r["status"] for r in rows(s, "SELECT status FROM deliveries WHERE tenant_id = %s", tenant))
+    assert statuses == {"delivered": 3, "digested": 4}

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import uuid
@@ -270,6 +271,13 @@ def _snapshot(database_url: str, tenant: str) -> dict[str, Any]:
                 "commands",
                 "command_events",
                 "provisioning_claims",
+                "rules",
+                "rule_versions",
+                "alarms",
+                "alarm_comments",
+                "alarm_events",
+                "channels",
+                "deliveries",
             )
         }
 
@@ -279,6 +287,11 @@ def _fill(path: str, ids: dict[str, str]) -> str:
 
 
 QUERY_VALUES = {"metric": "temp", "agg": "avg"}  # valid values for required query parameters
+RULE: dict[str, Any] = {
+    "name": "hot",
+    "alarm": {"when": {"op": "compare", "cmp": "gt", "left": {"kind": "metric", "name": "t"},
+                       "right": {"kind": "const", "value": 1}}},
+}  # fmt: skip
 BODIES: dict[str, Any] = {
     "/api/v1/tenants": {"tenant_id": "stolen-tenant"},
     "/api/v1/tenants/{tenant_id}": {"status": "suspended"},
@@ -295,6 +308,11 @@ BODIES: dict[str, Any] = {
     "/api/v1/devices/{device_id}/shadows/{name}": {"desired": {"pwned": True}},
     "/api/v1/devices/{device_id}/commands": {"name": "unlock"},
     "/api/v1/provisioning-claims": {"max_uses": 5},
+    "/api/v1/rules": RULE,
+    "/api/v1/rules/{rule_id}": RULE,
+    "/api/v1/rules/dry-run": {"rule": RULE, "start": "2026-01-01T00:00:00Z", "duration_s": 60},
+    "/api/v1/channels": {"channel_id": "hook", "config": {"kind": "webhook", "url": "https://h.example.com/"}},
+    "/api/v1/alarms/{alarm_id}/comments": {"body": "pwned"},
 }
 
 
@@ -314,6 +332,16 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
         ).raise_for_status()
     b_command = client.post(f"/api/v1/devices/{b_devices[0]}/commands", json={"name": "x"}, headers=auth_b).json()
     b_claim = client.post("/api/v1/provisioning-claims", json={}, headers=auth_b).json()["claim"]
+    b_rule = client.post("/api/v1/rules", json=RULE, headers=auth_b).json()
+    channel = {"channel_id": "b-hook", "config": {"kind": "webhook", "url": "https://b.example.com/"}}
+    client.post("/api/v1/channels", json=channel, headers=auth_b).raise_for_status()
+    b_alarm = "a" + secrets.token_hex(12)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO alarms (alarm_id, tenant_id, rule_id, rule_name, device_id, severity, raised_at)"
+            " VALUES (%s, %s, %s, 'hot', %s, 'major', now())",
+            (b_alarm, b, b_rule["rule_id"], b_devices[0]),
+        )
     ids = {
         "tenant_id": b,
         "device_id": b_devices[0],
@@ -323,6 +351,9 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
         "client_id": b_client["client_id"],
         "command_id": b_command["command_id"],
         "claim_id": b_claim["claim_id"],
+        "rule_id": b_rule["rule_id"],
+        "alarm_id": b_alarm,
+        "channel_id": "b-hook",
         "name": "config",
     }
     before = _snapshot(database_url, b)
@@ -344,7 +375,7 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
                 url,
                 params=required,
                 headers=auth_a,
-                json=body if method in ("post", "patch") else None,
+                json=body if method in ("post", "patch", "put") else None,
             )
             tried += 1
             if "{" in path:  # names one of B's objects: it does not exist for A

@@ -133,6 +133,8 @@ CREATE TABLE deliveries (
     status          text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'dead', 'digested')),
     attempts        integer NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_attempt_at timestamptz,    -- the channel's rate counts deliveries attempted in the last minute
+    digest_id       text,           -- the digest a rate-limited delivery was folded into
     last_error      text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     delivered_at    timestamptz,
@@ -141,7 +143,9 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX deliveries_alarm ON deliveries (alarm_id, created_at);
-CREATE INDEX deliveries_channel_sent ON deliveries (channel_id, delivered_at) WHERE status = 'delivered';
+CREATE INDEX deliveries_channel_recent ON deliveries (tenant_id, channel_id, last_attempt_at)
+    WHERE last_attempt_at IS NOT NULL;
+CREATE INDEX deliveries_digest ON deliveries (digest_id) WHERE digest_id IS NOT NULL;
 
 DO $$
 DECLARE
