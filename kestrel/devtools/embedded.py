@@ -332,7 +332,7 @@ class EmbeddedStack:
                 "  Devices         devicesvc (presence, shadows, commands), provisioner (JIT claims);"
                 " try `kestrel agent` (README: Operate a fleet)",
                 f"  Rules           rule workers (alarms, notifications; metrics :{p.rules_metrics});"
-                " try `kestrel rule` (README: Rules and alarms)",
+                " try `kestrel rule` (README: Rules, alarms and notifications)",
                 f"  Logs            {self.state}/logs/",
                 f"  CLI             kestrel --state-dir {self.state} ...   (or KESTREL_STATE_DIR={self.state})",
                 f"  Supervisor      http://{LOOPBACK}:{p.supervisor}/healthz  (every process: state, restarts)",
