@@ -152,7 +152,6 @@ async def attempt(rules: Rules, transports: Transports, row: dict[str, Any]) -> 
 
 async def deliveries_loop(rules: Rules) -> None:
     transports = Transports(rules.settings)
-    slots = asyncio.Semaphore(rules.settings.delivery_concurrency)
     in_flight: set[asyncio.Task[None]] = set()
 
     async def one(row: dict[str, Any]) -> None:
@@ -160,24 +159,24 @@ async def deliveries_loop(rules: Rules) -> None:
             await attempt(rules, transports, row)
         except Exception:
             log.exception("delivery attempt failed", extra={"delivery": row["delivery_id"]})
-        finally:
-            slots.release()
 
     try:
         while True:
             rules.deliveries_wake.clear()
             free = rules.settings.delivery_concurrency - len(in_flight)
+            if free <= 0:  # every slot busy: wait for one to end (never spin: the slots' tasks need the loop)
+                await asyncio.wait(set(in_flight), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
-                rows = await claim(rules, free) if free > 0 else []
+                rows = await claim(rules, free)
             except (psycopg.Error, OSError):
                 log.warning("could not claim deliveries; retrying", exc_info=True)
                 rows = []
             for row in rows:
-                await slots.acquire()
                 task = asyncio.create_task(one(row), name=f"delivery-{row['delivery_id']}")
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-            if len(rows) < free:
+            if len(rows) < free:  # nothing more due now
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(rules.deliveries_wake.wait(), 0.5)
     finally:
