@@ -17,11 +17,9 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -174,22 +172,11 @@ def throughput(root: Path, pg: PostgresServer, nats_url: str, devices: list[str]
 
 
 def latency(root: Path, pg: PostgresServer, nats_url: str, devices: list[str]) -> None:
-    seen: list[float] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-            seen.append(time.time() * 1000 - float(body["values"]["sent"]))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
     port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sink = subprocess.Popen([sys.executable, str(Path(__file__).with_name("webhook_sink.py")), str(port)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    if sink.stdout is None or sink.stdout.readline().strip() != "ready":
+        raise SystemExit("the webhook sink did not start")
     with psycopg.connect(pg.url) as conn:
         conn.execute("DELETE FROM deliveries; DELETE FROM channels")
         conn.execute("INSERT INTO channels (channel_id, tenant_id, kind, config, secret, per_minute)"
@@ -231,7 +218,8 @@ def latency(root: Path, pg: PostgresServer, nats_url: str, devices: list[str]) -
         asyncio.run(run())
     finally:
         stop(proc)
-        server.shutdown()
+        sink.terminate()
+    seen: list[float] = json.loads(sink.communicate(timeout=30)[0].strip().splitlines()[-1])
     if not seen:
         raise SystemExit("no webhook arrived")
     p50, p99 = statistics.quantiles(seen, n=100)[49], statistics.quantiles(seen, n=100)[98]

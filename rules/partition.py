@@ -97,7 +97,9 @@ class Partition:
             log.info("partition owned", extra={"partition": self.number, "after": self.position})
             while not self.release.is_set():
                 upcoming = self.deadlines.next()
-                wait = 0.5 if upcoming is None else min(0.5, max(0.01, (upcoming - now_ms()) / 1000))
+                wait = settings.fetch_wait_s
+                if upcoming is not None:
+                    wait = min(wait, max(0.005, (upcoming - now_ms()) / 1000))
                 try:
                     msgs = await sub.fetch(settings.batch_size, timeout=wait)
                 except TimeoutError:  # nats' and asyncio's (disconnected) alike

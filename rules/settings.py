@@ -18,6 +18,8 @@ class RulesSettings(msgspec.Struct, frozen=True, kw_only=True):
     partitions: int = 16
     #: Most readings one partition evaluates in one transaction.
     batch_size: int = 500
+    #: A caught-up partition waits at most this long for more readings before it evaluates what it has (latency).
+    fetch_wait_s: float = 0.5
     #: How often partitions are rebalanced between the live workers.
     rebalance_interval_s: float = 2.0
     #: Rules are re-read this often even without a change notification.

@@ -75,26 +75,27 @@ async def save_states(
     partition: int,
     changed: dict[Key, tuple[LoadedRule, DeviceState, int | None]],
 ) -> None:
-    """Upsert the states a batch changed (in the batch's transaction); a state whose rule was deleted meanwhile is
-    dropped by the join, so it never resurrects."""
+    """Upsert the states a batch changed (in the batch's transaction), in one statement; a state whose rule was
+    deleted meanwhile, or whose device is not the rule's tenant's, is dropped by the joins (it never resurrects)."""
     if not changed:
         return
-    rows = [
-        (rule_id, device, loaded.tenant, loaded.version, _encode.encode(state).decode(), deadline)
-        for (rule_id, device), (loaded, state, deadline) in changed.items()
-    ]
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "INSERT INTO rule_state (rule_id, device_id, tenant_id, partition, rule_version, state, deadline_ms)"
-            " SELECT r.rule_id, d.device_id, r.tenant_id, %s, %s, %s::jsonb, %s FROM rules r"
-            " JOIN devices d ON d.device_id = %s AND d.tenant_id = r.tenant_id"
-            " WHERE r.rule_id = %s AND r.tenant_id = %s"
-            " ON CONFLICT (rule_id, device_id) DO UPDATE SET state = excluded.state,"
-            " deadline_ms = excluded.deadline_ms, rule_version = excluded.rule_version,"
-            " partition = excluded.partition, updated_at = now()",
-            [(partition, version, state, deadline, device, rule_id, tenant)
-             for rule_id, device, tenant, version, state, deadline in rows],
-        )  # fmt: skip
+    columns: tuple[list[Any], ...] = ([], [], [], [], [])
+    for (rule_id, device), (loaded, state, deadline) in changed.items():
+        for column, value in zip(columns, (rule_id, device, loaded.version, _encode.encode(state).decode(), deadline),
+                                 strict=True):  # fmt: skip
+            column.append(value)
+    await conn.execute(
+        "INSERT INTO rule_state (rule_id, device_id, tenant_id, partition, rule_version, state, deadline_ms)"
+        " SELECT r.rule_id, d.device_id, r.tenant_id, %s, v.version, v.state::jsonb, v.deadline"
+        " FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::bigint[])"
+        "   AS v(rule_id, device_id, version, state, deadline)"
+        " JOIN rules r ON r.rule_id = v.rule_id"
+        " JOIN devices d ON d.device_id = v.device_id AND d.tenant_id = r.tenant_id"
+        " ON CONFLICT (rule_id, device_id) DO UPDATE SET state = excluded.state,"
+        " deadline_ms = excluded.deadline_ms, rule_version = excluded.rule_version,"
+        " partition = excluded.partition, updated_at = now()",
+        (partition, *columns),
+    )
 
 
 async def load_position(conn: AsyncConnection[Any], partition: int) -> int:
