@@ -122,7 +122,9 @@ def test_no_transition_is_lost_or_repeated_when_a_worker_or_nats_dies(
             return result
 
         expected = ["raised"] + ["cleared", "retriggered"] * ((READINGS - 2) // 2) + ["cleared"]
-        assert wait_until(lambda: all(len(v) >= READINGS for v in per_device().values()), 90), {d: len(v) for d, v in per_device().items()}
+        assert wait_until(lambda: all(len(v) >= READINGS for v in per_device().values()), 90), {
+            d: len(v) for d, v in per_device().items()
+        }
         total = DEVICES * READINGS
         # The control for "nothing more": the deliveries of every transition were made before we count.
         assert wait_until(lambda: len({r.headers["Idempotency-Key"] for r in receiver.on("/ok")}) >= total, 90)
