@@ -3,7 +3,8 @@ workers share them, with a lease so a crashed worker's claim returns), then sent
 flight, so a receiver that hangs holds one slot for at most the timeout and never the others. Outcomes: delivered;
 retried with jittered exponential backoff; dead after the last attempt (or at once when no retry can help), with the
 reason in the log. Per-channel rate limit: past ``per_minute`` deliveries in the last minute, an alarm's delivery is
-folded into one digest per channel and minute instead of being sent (a storm becomes one message)."""
+folded into one digest per channel and window instead of being sent (a storm becomes one message). One alarm's
+notifications reach a channel in the order of its transitions (a clear never overtakes its raise)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ SELECT d.delivery_id, d.tenant_id, d.channel_id, d.kind, d.payload, d.attempts, 
        c.per_minute
 FROM deliveries d JOIN channels c ON c.tenant_id = d.tenant_id AND c.channel_id = d.channel_id
 WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+  -- one alarm's notifications reach a channel in the order of its transitions: never ahead of an earlier one
+  AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.tenant_id = d.tenant_id AND e.channel_id = d.channel_id
+                  AND e.alarm_id = d.alarm_id AND e.status = 'pending' AND e.event_id < d.event_id)
 ORDER BY d.next_attempt_at LIMIT %s FOR UPDATE OF d SKIP LOCKED
 """
 #: Alarm deliveries of a channel first attempted in the last minute (retries count once).

@@ -143,6 +143,7 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX deliveries_alarm ON deliveries (alarm_id, created_at);
+CREATE INDEX deliveries_alarm_pending ON deliveries (alarm_id, channel_id, event_id) WHERE status = 'pending';
 CREATE INDEX deliveries_channel_recent ON deliveries (tenant_id, channel_id, last_attempt_at)
     WHERE last_attempt_at IS NOT NULL;
 CREATE INDEX deliveries_digest ON deliveries (digest_id) WHERE digest_id IS NOT NULL;
