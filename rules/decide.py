@@ -10,6 +10,8 @@ from typing import Any, Final
 
 import msgspec
 
+from kestrel_core.messages.alarms import AlarmEvent
+from kestrel_core.messages.alarms import Transition as AlarmTransition
 from kestrel_core.messages.telemetry import TelemetryEnvelope
 from kestrel_core.retry import Backoff
 from kestrel_core.rules.actions import in_scope
@@ -95,6 +97,16 @@ def evaluate(
     outcome.fired += [Fired(loaded, device, t) for t in transitions]
     outcome.errors += [(loaded.rule_id, e) for e in errors]
     return after
+
+
+def event_document(
+    row: dict[str, Any], event: AlarmTransition, at_ms: int, actor: str, values: dict[str, Any]
+) -> AlarmEvent:
+    return AlarmEvent(
+        tenant=row["tenant_id"], device=row["device_id"], alarm_id=row["alarm_id"], rule_id=row["rule_id"],
+        rule_name=row["rule_name"], event=event, severity=row["severity"], status=row["status"],
+        acknowledged=row["acknowledged"], at=at_ms, actor=actor, values=values,
+    )  # fmt: skip
 
 
 def deadline(loaded: LoadedRule, state: DeviceState) -> int | None:

@@ -24,23 +24,13 @@ from kestrel_core.errors import KestrelError
 from kestrel_core.messages.alarms import AlarmEvent, Transition
 from kestrel_core.rules.actions import Action, Republish, SendCommand, SetDesired
 from kestrel_core.rules.evaluate import Raised
-from rules.decide import Fired
+from rules.decide import Fired, event_document
 
 log = logging.getLogger("kestrel.rules")
 
 
 def _at(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def event_document(
-    row: dict[str, Any], event: Transition, at_ms: int, actor: str, values: dict[str, Any]
-) -> AlarmEvent:
-    return AlarmEvent(
-        tenant=row["tenant_id"], device=row["device_id"], alarm_id=row["alarm_id"], rule_id=row["rule_id"],
-        rule_name=row["rule_name"], event=event, severity=row["severity"], status=row["status"],
-        acknowledged=row["acknowledged"], at=at_ms, actor=actor, values=values,
-    )  # fmt: skip
 
 
 ALARM_ROW = "alarm_id, tenant_id, rule_id, rule_name, device_id, severity, status, acknowledged"

@@ -29,6 +29,7 @@ from kestrel.runtime.nats import deadletter_config, ensure_stream
 from kestrel.store.rows import fetch_all
 from kestrel_core import streams
 from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, AlarmEvent, alarm_subject, republish_subject
+from rules.decide import event_document
 
 log = logging.getLogger("kestrel.rules")
 RULES_STREAM: Final = "RULES_IN"
@@ -115,12 +116,8 @@ async def publish_outbox(pool: AsyncConnectionPool[Any], nc: NATS, limit: int = 
             (limit,),
         )
         for row in rows:
-            document = AlarmEvent(
-                tenant=row["tenant_id"], device=row["device_id"], alarm_id=row["alarm_id"], rule_id=row["rule_id"],
-                rule_name=row["rule_name"], event=row["event"], severity=row["severity"], status=row["status"],
-                acknowledged=row["acknowledged"], at=int(row["at"].timestamp() * 1000), actor=row["actor"],
-                values=row["values"],
-            )  # fmt: skip
+            at_ms = int(row["at"].timestamp() * 1000)
+            document = event_document(row, row["event"], at_ms, row["actor"], row["values"])
             await js.publish(
                 alarm_subject(document.tenant, document.device),
                 msgspec.json.encode(document),
