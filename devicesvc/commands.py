@@ -14,7 +14,7 @@ from devicesvc.ports import Twin
 from kestrel.store import commands
 from kestrel.store.rows import fetch_all, fetch_maybe
 from kestrel_core.errors import InvalidInput
-from kestrel_core.messages.twin import CommandEvent, CommandResponse
+from kestrel_core.messages.twin import CommandResponse
 from kestrel_core.topics import Uplink
 
 log = logging.getLogger("kestrel.devicesvc")
@@ -38,7 +38,6 @@ FOR UPDATE OF c SKIP LOCKED
 """
 #: How each deadline is computed, for the state it moves a command to.
 DEADLINES: Final = (("expired", "expires_at"), ("timed_out", "sent_at + make_interval(secs => timeout_s)"))
-EVENTS_CURSOR: Final = "command_events"
 
 
 async def record_response(twin: Twin, uplink: Uplink, response: CommandResponse) -> None:
@@ -136,29 +135,3 @@ async def expire(twin: Twin) -> None:
             )
             if rows:
                 twin.metrics.commands.labels(status).inc(len(rows))
-
-
-async def publish_events(twin: Twin) -> None:
-    """Every command transition (including the API's queued and cancelled) as a NATS event, in order; one replica
-    at a time holds the cursor."""
-    async with twin.pool.connection() as conn, conn.transaction():
-        await conn.execute("INSERT INTO twin_cursors (name) VALUES (%s) ON CONFLICT DO NOTHING", (EVENTS_CURSOR,))
-        cursor = await fetch_maybe(
-            conn, "SELECT last_id FROM twin_cursors WHERE name = %s FOR UPDATE SKIP LOCKED", (EVENTS_CURSOR,)
-        )
-        if cursor is None:
-            return  # another replica is publishing
-        rows = await fetch_all(
-            conn,
-            "SELECT e.id, e.tenant_id, c.device_id, e.command_id, e.event, e.detail, e.at, c.status"
-            " FROM command_events e JOIN commands c USING (command_id) WHERE e.id > %s ORDER BY e.id LIMIT 1000",
-            (cursor["last_id"],),
-        )
-        for row in rows:
-            event = CommandEvent(
-                tenant=row["tenant_id"], device=row["device_id"], command_id=row["command_id"], event=row["event"],
-                status=row["status"], detail=row["detail"], at=decide.ms(row["at"]) or 0,
-            )  # fmt: skip
-            await twin.events.publish(event, f"command-event:{row['id']}")
-        if rows:
-            await conn.execute("UPDATE twin_cursors SET last_id = %s WHERE name = %s", (rows[-1]["id"], EVENTS_CURSOR))

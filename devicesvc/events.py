@@ -7,39 +7,21 @@ from typing import Final
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from devicesvc.ports import Metrics
-from kestrel.runtime.nats import deadletter_config
+from kestrel.runtime.nats import deadletter_config, ensure_stream, events_config
 from kestrel_core import streams
 from kestrel_core.errors import InvalidInput
-from kestrel_core.messages.twin import CommandEvent, PresenceEvent, ShadowEvent, TwinEvent
+from kestrel_core.messages.twin import CommandEvent, LifecycleEvent, PresenceEvent, ShadowEvent, TwinEvent
 from kestrel_core.topics import twin_event_subject
 
 log = logging.getLogger("kestrel.devicesvc")
-EVENTS_STREAM: Final = "DEVICE_EVENTS"
-EVENTS_SUBJECTS: Final = ("v1.*.d.*.presence", "v1.*.d.*.shadow", "v1.*.d.*.command")
-_KINDS: Final = {PresenceEvent: "presence", ShadowEvent: "shadow", CommandEvent: "command"}
+_KINDS: Final = {PresenceEvent: "presence", ShadowEvent: "shadow", CommandEvent: "command", LifecycleEvent: "lifecycle"}
 
 
 async def ensure_events_stream(nc: NATS) -> None:
-    js = nc.jetstream()
-    config = StreamConfig(
-        name=EVENTS_STREAM,
-        subjects=list(EVENTS_SUBJECTS),
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=7 * 86400,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=streams.DUPLICATE_WINDOW_S,
-        num_replicas=1,
-    )
-    for stream in (config, deadletter_config()):
-        try:
-            await js.add_stream(stream)
-        except BadRequestError:
-            await js.update_stream(stream)
+    for stream in (events_config(), deadletter_config()):
+        await ensure_stream(nc, stream)
 
 
 class NatsEvents:

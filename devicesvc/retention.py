@@ -17,6 +17,9 @@ PRUNE: Final = (
     " WHERE disconnected_at < now() - make_interval(days => %s) LIMIT %s)",
     "DELETE FROM command_events WHERE id IN (SELECT e.id FROM command_events e JOIN commands c USING (command_id)"
     " WHERE c.completed_at < now() - make_interval(days => %s) LIMIT %s)",
+    "DELETE FROM lifecycle_events WHERE id IN (SELECT id FROM lifecycle_events WHERE at < now()"
+    " - make_interval(days => %s) AND id <= (SELECT coalesce(max(last_id), 0) FROM twin_cursors"
+    " WHERE name = 'lifecycle_events') LIMIT %s)",
     "DELETE FROM commands WHERE command_id IN (SELECT command_id FROM commands c WHERE completed_at < now()"
     " - make_interval(days => %s) AND NOT EXISTS (SELECT 1 FROM command_events e WHERE e.command_id = c.command_id)"
     " LIMIT %s)",

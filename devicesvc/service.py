@@ -20,7 +20,7 @@ import psycopg
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
-from devicesvc import commands, presence, retention, shadows
+from devicesvc import commands, journals, presence, retention, shadows
 from devicesvc.events import NatsEvents, ensure_events_stream
 from devicesvc.intake import Intake
 from devicesvc.ports import Metrics, Twin
@@ -63,7 +63,8 @@ async def scan(twin: Twin, periodic: bool, next_prune: list[float]) -> None:
     await shadows.clear_retained(twin)  # decommissioning is rare: the scan interval is soon enough
     await commands.expire(twin)
     await presence.sweep(twin)
-    await commands.publish_events(twin)
+    for journal in journals.JOURNALS:
+        await journals.publish(twin, journal)
     if time.monotonic() >= next_prune[0]:
         next_prune[0] = time.monotonic() + twin.settings.prune_interval_s
         await retention.prune(twin)

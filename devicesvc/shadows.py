@@ -54,7 +54,7 @@ async def publish_outbox(twin: Twin) -> int:
     async with twin.pool.connection() as conn, conn.transaction():
         rows = await fetch_all(
             conn,
-            "SELECT tenant_id, device_id, name, version, desired, reported, published FROM device_shadows"
+            "SELECT tenant_id, device_id, name, version, desired, reported, published, updated_at FROM device_shadows"
             " WHERE version > published_version ORDER BY updated_at LIMIT 500 FOR UPDATE SKIP LOCKED",
         )
         documents = [decide.desired_document(r) for r in rows]
@@ -76,7 +76,7 @@ async def publish_outbox(twin: Twin) -> int:
     for row, document in zip(rows, documents, strict=True):
         event = ShadowEvent(
             tenant=row["tenant_id"], device=row["device_id"], name=row["name"], version=row["version"],
-            reported=row["reported"], **document,
+            reported=row["reported"], at=decide.ms(row["updated_at"]) or 0, **document,
         )  # fmt: skip
         await twin.events.publish(event, f"shadow:{row['device_id']}:{row['name']}:{row['version']}")
     return len(rows)

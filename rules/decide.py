@@ -10,13 +10,15 @@ from typing import Any, Final
 
 import msgspec
 
+from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.alarms import AlarmEvent
 from kestrel_core.messages.alarms import Transition as AlarmTransition
-from kestrel_core.messages.telemetry import TelemetryEnvelope
+from kestrel_core.messages.telemetry import TelemetryEnvelope, decode_envelope
 from kestrel_core.retry import Backoff
 from kestrel_core.rules.actions import in_scope
 from kestrel_core.rules.evaluate import DeviceState, EvalError, Reading, Transition, advance, next_deadline
-from kestrel_core.rules.model import Rule
+from kestrel_core.rules.events import decode_event
+from kestrel_core.rules.model import OnEvents, OnSchedule, Rule
 
 Key = tuple[str, str]  # (rule id, device id)
 _metrics = msgspec.json.Decoder(dict[str, Any])
@@ -62,8 +64,41 @@ def readings(envelope: TelemetryEnvelope) -> list[Reading]:
     return [Reading(p.ts_us // 1000, p.seq, _metrics.decode(p.metrics)) for p in envelope.points]
 
 
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message of a partition: a device's readings, one twin event, or one schedule tick."""
+
+    tenant: str
+    device: str
+    readings: list[Reading]
+    shadow: dict[str, Any] | None = None
+    rule_id: str | None = None
+
+
+def incoming(subject: str, data: bytes, stream_seq: int) -> Incoming:
+    """A message of ``RULES_IN`` by its subject (``rules.{p}.t|e|k.{tenant}.{device}[...]``); ``InvalidInput`` when
+    it cannot be read (the caller dead-letters it)."""
+    parts = subject.split(".")
+    if len(parts) > 2 and parts[2] == "e":
+        event = decode_event(parts[-1], data, stream_seq)
+    elif len(parts) > 2 and parts[2] == "k":
+        event = decode_event("tick", data, stream_seq)
+    else:
+        envelope = decode_envelope(data)
+        return Incoming(envelope.tenant, envelope.device, readings(envelope))
+    if len(parts) < 5 or (event.tenant, event.device) != (parts[3], parts[4]):
+        raise InvalidInput("bad_event", "the event's device is not its subject's")
+    return Incoming(event.tenant, event.device, [event.reading], event.shadow, event.rule_id)
+
+
 def watches(rule: Rule, reading: Reading) -> bool:
-    return not rule.metrics or any(name in reading.metrics for name in rule.metrics)
+    """Whether the rule's trigger takes this reading."""
+    trigger = rule.trigger
+    if isinstance(trigger, OnEvents):
+        return reading.kind in trigger.events
+    if isinstance(trigger, OnSchedule):
+        return reading.kind == "tick"
+    return reading.kind == "telemetry" and (not rule.metrics or any(n in reading.metrics for n in rule.metrics))
 
 
 @dataclass(frozen=True, slots=True)

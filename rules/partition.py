@@ -22,10 +22,9 @@ from psycopg.rows import dict_row
 from kestrel.store.rows import fetch_all
 from kestrel_core import streams
 from kestrel_core.errors import InvalidInput
-from kestrel_core.messages.telemetry import decode_envelope
 from kestrel_core.rules.evaluate import DeviceState
 from rules import effects
-from rules.decide import Deadlines, Key, LoadedRule, Outcome, deadline, evaluate, readings, watches
+from rules.decide import Deadlines, Incoming, Key, LoadedRule, Outcome, deadline, evaluate, incoming, watches
 from rules.ports import Rules
 from rules.store import load_deadlines, load_position, load_states, save_position, save_states
 from rules.stream import RULES_STREAM, consumer_name, republish, take_consumer
@@ -142,33 +141,35 @@ class Partition:
     async def batch(self, msgs: list[Msg]) -> None:
         started = time.perf_counter()
         catalog, now = self.rules.catalog, now_ms()
-        work: list[tuple[str, list[LoadedRule], Any]] = []
+        work: list[tuple[Incoming, list[LoadedRule]]] = []
         good: list[Msg] = []
         for msg in msgs:
             try:
-                envelope = decode_envelope(msg.data)
+                came = incoming(msg.subject, msg.data, msg.metadata.sequence.stream)
             except InvalidInput as refusal:
                 await self._deadletter(msg, refusal)
                 continue
             good.append(msg)
-            work.append((envelope.device, catalog.for_device(envelope.tenant, envelope.device), readings(envelope)))
+            rules = catalog.for_device(came.tenant, came.device)
+            work.append((came, [r for r in rules if r.rule_id == came.rule_id] if came.rule_id else rules))
         due = self.deadlines.due(now)
-        needed = {(lr.rule_id, device) for device, rules, _ in work for lr in rules} | set(due)
+        needed = {(lr.rule_id, came.device) for came, rules in work for lr in rules} | set(due)
         if len(self.cache) > MAX_CACHED:
             self.cache.clear()
         self.cache.update(await load_states(self.conn, [k for k in needed if k not in self.cache]))
-        shadows = await self._shadows({device for device, rules, _ in work if any(lr.needs_shadow for lr in rules)})
+        shadows = await self._shadows({came.device for came, rules in work
+                                       if came.shadow is None and any(lr.needs_shadow for lr in rules)})  # fmt: skip
         outcome = Outcome()
         evaluations = 0
-        for device, rules, points in work:
-            for reading in points:
+        for came, rules in work:
+            shadow = came.shadow if came.shadow is not None else shadows.get(came.device)
+            for reading in came.readings:
                 for lr in rules:
                     if watches(lr.rule, reading):
-                        key = (lr.rule_id, device)
+                        key = (lr.rule_id, came.device)
                         state = self.cache.get(key, DeviceState())
-                        shadow = shadows.get(device)
                         self.cache[key] = evaluate(
-                            lr, device, state, outcome, until_ms=now, reading=reading, shadow=shadow
+                            lr, came.device, state, outcome, until_ms=now, reading=reading, shadow=shadow
                         )
                         evaluations += 1
         for rule_id, device in due:

@@ -24,6 +24,7 @@ from kestrel_core.retry import Backoff
 from rules.notify import deliveries_loop
 from rules.partition import Partition, try_lock
 from rules.ports import Metrics, Rules
+from rules.schedule import schedule_loop
 from rules.settings import RulesSettings
 from rules.store import load_catalog
 from rules.stream import ensure_streams, publish_outbox
@@ -142,6 +143,7 @@ async def run_rules(
                 group.create_task(catalog_loop(rules), name="rules-catalog"),
                 group.create_task(outbox_loop(rules), name="rules-outbox"),
                 group.create_task(deliveries_loop(rules), name="rules-deliveries"),
+                group.create_task(schedule_loop(rules), name="rules-schedule"),
             ]
             balancer = group.create_task(rebalance_loop(rules, group, stop), name="rules-rebalance")
             if ready is not None:

@@ -1,6 +1,8 @@
-"""The rule workers' JetStream side (ADR-0019): the partitioned stream ``RULES_IN`` sourced from ``TELEMETRY`` with a
-subject transform that puts the device's partition first (``rules.{p}.t.{tenant}.{device}[.{stream}]``, NATS's own
-deterministic ``partition`` mapping over tenant and device), one durable consumer per partition, the
+"""The rule workers' JetStream side (ADR-0019, ADR-0020): the partitioned stream ``RULES_IN`` sourced from
+``TELEMETRY``, ``DEVICE_EVENTS`` and ``RULE_TICKS`` with subject transforms that put the device's partition first
+(``rules.{p}.t.{tenant}.{device}[.{stream}]`` for readings, ``rules.{p}.e.{tenant}.{device}.{kind}`` for twin events,
+``rules.{p}.k.{tenant}.{device}`` for schedule ticks; NATS's own deterministic ``partition`` mapping over tenant and
+device, so a device's readings, events and ticks meet in one partition), one durable consumer per partition, the
 ``ALARM_EVENTS`` stream and the alarm events' outbox publisher."""
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel.runtime.nats import deadletter_config, ensure_stream
+from kestrel.runtime.nats import deadletter_config, ensure_stream, events_config
 from kestrel.store.rows import fetch_all
 from kestrel_core import streams
 from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, AlarmEvent, alarm_subject, republish_subject
@@ -33,10 +35,23 @@ from rules.decide import event_document
 
 log = logging.getLogger("kestrel.rules")
 RULES_STREAM: Final = "RULES_IN"
+TICKS_STREAM: Final = "RULE_TICKS"
+
+
+def tick_subject(tenant: str, device: str) -> str:
+    return f"rules.tick.{tenant}.{device}"
+
+
+def _w(n: int) -> str:
+    return f"{{{{wildcard({n})}}}}"
 
 
 def rules_config(partitions: int) -> StreamConfig:
     part = f"{{{{partition({partitions},1,2)}}}}"
+
+    def source(name: str, *moves: tuple[str, str]) -> StreamSource:
+        return StreamSource(name=name, subject_transforms=[SubjectTransform(src=a, dest=b) for a, b in moves])
+
     return StreamConfig(
         name=RULES_STREAM,
         retention=RetentionPolicy.LIMITS,
@@ -45,23 +60,30 @@ def rules_config(partitions: int) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         num_replicas=1,
         sources=[
-            StreamSource(
-                name=streams.TELEMETRY_STREAM,
-                subject_transforms=[
-                    SubjectTransform(
-                        src="v1.*.d.*.telemetry", dest=f"rules.{part}.t.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
-                    ),
-                    SubjectTransform(
-                        src="v1.*.d.*.telemetry.*",
-                        dest=f"rules.{part}.t.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}",
-                    ),
-                ],
-            )
+            source(streams.TELEMETRY_STREAM, ("v1.*.d.*.telemetry", f"rules.{part}.t.{_w(1)}.{_w(2)}"),
+                   ("v1.*.d.*.telemetry.*", f"rules.{part}.t.{_w(1)}.{_w(2)}.{_w(3)}")),
+            source(streams.EVENTS_STREAM, ("v1.*.d.*.*", f"rules.{part}.e.{_w(1)}.{_w(2)}.{_w(3)}")),
+            source(TICKS_STREAM, ("rules.tick.*.*", f"rules.{part}.k.{_w(1)}.{_w(2)}")),
         ],
+    )  # fmt: skip
+
+
+def ticks_config() -> StreamConfig:
+    return StreamConfig(
+        name=TICKS_STREAM,
+        subjects=["rules.tick.*.*"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=86400,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=streams.DUPLICATE_WINDOW_S,
+        num_replicas=1,
     )
 
 
 async def ensure_streams(nc: NATS, partitions: int) -> None:
+    await ensure_stream(nc, events_config())
+    await ensure_stream(nc, ticks_config())
     await ensure_stream(nc, rules_config(partitions))
     await ensure_stream(nc, deadletter_config())
     await ensure_stream(

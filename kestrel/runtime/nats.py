@@ -7,7 +7,7 @@ import logging
 
 import nats
 from nats.aio.client import Client as NATS
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from kestrel_core import streams
@@ -49,6 +49,20 @@ def deadletter_config(max_age_s: int = 14 * 86400) -> StreamConfig:
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=max_age_s,
+        duplicate_window=streams.DUPLICATE_WINDOW_S,
+        num_replicas=1,
+    )
+
+
+def events_config() -> StreamConfig:
+    """The twin events' stream, ensured by devicesvc (which publishes) and the rule workers (which source it)."""
+    return StreamConfig(
+        name=streams.EVENTS_STREAM,
+        subjects=list(streams.EVENTS_SUBJECTS),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 86400,
+        discard=DiscardPolicy.OLD,
         duplicate_window=streams.DUPLICATE_WINDOW_S,
         num_replicas=1,
     )

@@ -9,6 +9,9 @@ from typing import Any, Final
 
 TELEMETRY_STREAM: Final = "TELEMETRY"
 TELEMETRY_SUBJECTS: Final = ("v1.*.d.*.telemetry", "v1.*.d.*.telemetry.*")
+#: The device twin's events (devicesvc publishes them; the rule workers source them into their partitions).
+EVENTS_STREAM: Final = "DEVICE_EVENTS"
+EVENTS_SUBJECTS: Final = ("v1.*.d.*.presence", "v1.*.d.*.shadow", "v1.*.d.*.command", "v1.*.d.*.lifecycle")
 DEADLETTER_STREAM: Final = "DEADLETTER"
 DEADLETTER_SUBJECTS: Final = ("dlq.>",)
 WRITER_DURABLE: Final = "writer"

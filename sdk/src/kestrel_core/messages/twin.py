@@ -15,7 +15,8 @@ Broker -> platform
   ``$SYS/brokers/{node}/clients/{client}/connected|disconnected``  ``ClientEvent`` (EMQX's shape)
   ``$SYS/brokers/{node}/started`` (retained)                       ``BrokerStarted`` (our Mosquitto plugin)
 Platform -> integrators (NATS, stream DEVICE_EVENTS)
-  ``v1.{t}.d.{d}.presence|shadow|command``  ``PresenceEvent`` | ``ShadowEvent`` | ``CommandEvent``
+  ``v1.{t}.d.{d}.presence|shadow|command|lifecycle``
+      ``PresenceEvent`` | ``ShadowEvent`` | ``CommandEvent`` | ``LifecycleEvent``
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ class ShadowEvent(msgspec.Struct, frozen=True, kw_only=True):
     reported: dict[str, Any]
     desired: dict[str, Any]
     delta: dict[str, Any]
+    #: When the shadow last changed (ms); 0 from publishers before it was carried.
+    at: EpochMs = 0
 
 
 class CommandEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -165,4 +168,15 @@ class CommandEvent(msgspec.Struct, frozen=True, kw_only=True):
     at: EpochMs
 
 
-TwinEvent = PresenceEvent | ShadowEvent | CommandEvent
+class LifecycleEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The device's lifecycle status changed (registered, provisioned, active, suspended, decommissioned);
+    ``previous`` is empty when the device was created."""
+
+    tenant: str
+    device: str
+    status: str
+    previous: str
+    at: EpochMs
+
+
+TwinEvent = PresenceEvent | ShadowEvent | CommandEvent | LifecycleEvent

@@ -57,6 +57,8 @@ class Reading(msgspec.Struct, frozen=True):
     ts_ms: int
     seq: int
     metrics: dict[str, Any]
+    #: ``telemetry``, a twin event's kind (``kestrel_core.rules.events``) or ``tick`` (a schedule's).
+    kind: str = "telemetry"
 
 
 class Raised(msgspec.Struct, frozen=True, tag="raised"):

@@ -101,8 +101,34 @@ class AlarmSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     clear_for_s: Annotated[int, msgspec.Meta(ge=0, le=MAX_FOR_S)] = 0
 
 
+EventKind = Literal["presence", "shadow", "command", "lifecycle"]
+#: Ticks of schedule triggers come at most this often per device (each is a message in the device's partition).
+MIN_EVERY_S: Final = 60
+
+
+class OnTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="telemetry"):
+    """Evaluated on the device's readings (those with one of the rule's ``metrics``, when it names any)."""
+
+
+class OnEvents(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="events"):
+    """Evaluated on the device's twin events of these kinds (``kestrel_core.rules.events`` names their values)."""
+
+    events: Annotated[list[EventKind], msgspec.Meta(min_length=1, max_length=4)]
+
+
+class OnSchedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="schedule"):
+    """Evaluated for every device in scope every ``every_s`` seconds, on its presence and reported state."""
+
+    every_s: Annotated[int, msgspec.Meta(ge=MIN_EVERY_S, le=MAX_WINDOW_S)]
+
+
+Trigger = OnTelemetry | OnEvents | OnSchedule
+
+
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    #: What the rule is evaluated on: readings (the default), twin events, or a schedule.
+    trigger: Trigger = msgspec.field(default_factory=OnTelemetry)
     #: The metrics the rule reads (a reading without any of them is not evaluated); empty: every reading.
     metrics: Annotated[list[Name], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=list)
     alarm: AlarmSpec
@@ -154,6 +180,8 @@ def parse_rule(document: bytes | str | dict[str, object]) -> Rule:
 def check_bounds(rule: Rule) -> Rule:
     """Refuse a rule whose conditions nest deeper than MAX_DEPTH or have more than MAX_NODES nodes (what a schema
     cannot say); the rule otherwise."""
+    if rule.metrics and not isinstance(rule.trigger, OnTelemetry):
+        raise InvalidInput("bad_rule", "metrics filter readings: only a telemetry trigger takes them (at $.metrics)")
     nodes = _walk(rule.alarm.when, 1) + (_walk(rule.alarm.clear_when, 1) if rule.alarm.clear_when else 0)
     if nodes > MAX_NODES:
         raise InvalidInput("rule_too_large", f"a rule has at most {MAX_NODES} condition nodes")
