@@ -7,6 +7,7 @@ arrive (the positive control) before it is counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
@@ -328,3 +329,86 @@ def test_a_storm_past_the_channels_rate_becomes_one_digest(
     assert {e["device"] for e in digest["events"]} | {b["device"] for b in singles} == set(devices)
     statuses = Counter(r["status"] for r in rows(s, "SELECT status FROM deliveries WHERE tenant_id = %s", tenant))
     assert statuses == {"delivered": 3, "digested": 4}
+
+
+def _event_rule(name: str, kinds: list[str], value: str, when: str, clear: str, **extra: Any) -> dict[str, Any]:
+    def eq(expected: str) -> dict[str, Any]:
+        return {"op": "compare", "cmp": "eq", "left": {"kind": "metric", "name": value},
+                "right": {"kind": "const", "value": expected}}  # fmt: skip
+
+    return {"name": name, "trigger": {"kind": "events", "events": kinds},
+            "alarm": {"severity": "warning", "when": eq(when), "clear_when": eq(clear)}, **extra}  # fmt: skip
+
+
+def test_presence_and_lifecycle_events_raise_and_clear_alarms_for_their_tenant_only(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar]
+) -> None:
+    """Presence comes from devicesvc's broker events (the device connects over mTLS through the plugin), lifecycle
+    from its journal of the API's change: both reach the device's partition and raise, then clear."""
+    s, _ = stack
+    mine, (device,) = s.tenant(1, prefix="ev")
+    theirs, (their_device,) = s.tenant(1, prefix="evb")
+    auth = tenant_token(s.url, mine)
+    gone = _event_rule("left", ["presence"], "presence.event", "disconnected", "connected")
+    suspended = _event_rule("suspended", ["lifecycle"], "lifecycle.status", "suspended", "active")
+    for rule in (gone, suspended):
+        assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+
+    def history(name: str) -> list[tuple[str, str]]:
+        found = rows(s, "SELECT a.device_id, e.event FROM alarm_events e JOIN alarms a USING (alarm_id)"
+                        " WHERE a.tenant_id = %s AND a.rule_name = %s ORDER BY e.id", mine, name)  # fmt: skip
+        return [(r["device_id"], r["event"]) for r in found]
+
+    asyncio.run(publish(s, theirs, their_device, [reading(int(time.time() * 1000), 1, flow=1.0)]))  # B's goes away
+    asyncio.run(publish(s, mine, device, [reading(int(time.time() * 1000), 1, flow=1.0)]))  # connects and leaves
+    assert wait_until(lambda: history("left") == [(device, "raised")], 30), history("left")
+    # it comes back (clears) and leaves again (the cleared, unacknowledged alarm re-opens)
+    asyncio.run(publish(s, mine, device, [reading(int(time.time() * 1000), 2, flow=1.0)]))
+    expected = [(device, "raised"), (device, "cleared"), (device, "retriggered")]
+    assert wait_until(lambda: history("left") == expected, 30), history("left")
+    assert rows(s, "SELECT alarm_id FROM alarms WHERE device_id = %s", their_device) == []
+
+    for status, event in (("suspended", "raised"), ("active", "cleared")):
+        assert api.patch(f"{V1}/devices/{device}", json={"status": status}, headers=auth).status_code == 200
+        assert wait_until(lambda e=event: history("suspended")[-1:] == [(device, e)], 30), history("suspended")  # type: ignore[misc]
+    assert history("suspended") == [(device, "raised"), (device, "cleared")]
+
+
+def test_a_schedule_ticks_every_device_in_scope_once_per_period(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar]
+) -> None:
+    """A rule on a schedule sees each device in its scope at the period's start, with its presence: a device that
+    never connected is not online, so its alarm is raised at that instant; a device out of scope is never ticked."""
+    s, _ = stack
+    tenant, (watched, _unwatched) = s.tenant(2, prefix="sched")
+    auth = tenant_token(s.url, tenant)
+    offline = {"op": "compare", "cmp": "eq", "left": {"kind": "metric", "name": "tick.online"},
+               "right": {"kind": "const", "value": False}}  # fmt: skip
+    rule = {"name": "never online", "trigger": {"kind": "schedule", "every_s": 60}, "scope": {"devices": [watched]},
+            "alarm": {"severity": "info", "when": offline}}  # fmt: skip
+    created = api.post(f"{V1}/rules", json=rule, headers=auth)
+    assert created.status_code == 201, created.text
+    assert wait_until(lambda: len(rows(s, "SELECT 1 FROM alarms WHERE tenant_id = %s", tenant)) == 1, 30)
+    (alarm,) = rows(s, "SELECT device_id, raised_at FROM alarms WHERE tenant_id = %s", tenant)
+    assert alarm["device_id"] == watched
+    assert alarm["raised_at"].timestamp() % 60 == 0  # the period's start, the same instant for every device
+
+    async def ticks() -> list[str]:
+        nc = await nats.connect(s.nats.url)
+        try:
+            js = nc.jetstream()
+            sub = await js.subscribe(f"rules.tick.{tenant}.*", ordered_consumer=True)
+            subjects = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    subjects.append((await sub.next_msg(timeout=1)).subject)
+            return subjects
+        finally:
+            await nc.close()
+
+    assert asyncio.run(ticks()) == [f"rules.tick.{tenant}.{watched}"]
+    (slot,) = rows(s, "SELECT slot FROM rule_schedules WHERE rule_id = %s", created.json()["rule_id"])
+    assert slot["slot"] * 60 == int(alarm["raised_at"].timestamp())
+    dry = api.post(f"{V1}/rules/dry-run", headers=auth, json={"rule": rule, "start": "2026-01-01T00:00:00Z",
+                                                              "duration_s": 3600})  # fmt: skip
+    assert dry.status_code == 400 and "$.trigger" in dry.json()["detail"], dry.text
