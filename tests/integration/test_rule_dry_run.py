@@ -74,3 +74,37 @@ def test_the_dry_run_replays_the_tenants_readings_and_sees_no_other_tenant(
 async def _backwards(url: str, tenant: str, start: datetime) -> None:
     async with await psycopg.AsyncConnection.connect(url) as conn, tenant_scope(conn, tenant):
         await dry_run(conn, tenant, HOT, start=start, end=start - timedelta(seconds=1))
+
+
+def test_the_dry_run_replays_lifecycle_events_from_their_journal(database_url: str, api_database_url: str) -> None:
+    """A rule on lifecycle events replays the journal the database trigger keeps, for its tenant only: the device
+    suspended twice raises, clears and re-raises; another tenant's suspended device is not seen."""
+    mine, theirs = new_tenant(database_url, 1, prefix="drl"), new_tenant(database_url, 1, prefix="drl")
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for device, moves in ((mine.devices[0], ("suspended", "active", "suspended")),
+                              (theirs.devices[0], ("suspended",))):  # fmt: skip
+            for status in moves:
+                conn.execute("UPDATE devices SET status = %s WHERE device_id = %s", (status, device))
+    eq = {"op": "compare", "cmp": "eq", "left": {"kind": "metric", "name": "lifecycle.status"}}
+    rule = parse_rule({"name": "suspended", "trigger": {"kind": "events", "events": ["lifecycle"]}, "alarm": {
+        "when": {**eq, "right": {"kind": "const", "value": "suspended"}},
+        "clear_when": {**eq, "right": {"kind": "const", "value": "active"}}}})  # fmt: skip
+
+    async def run() -> object:
+        async with await psycopg.AsyncConnection.connect(api_database_url) as conn, tenant_scope(conn, mine.id):
+            return await dry_run(conn, mine.id, rule, start=start, end=datetime.now(UTC) + timedelta(seconds=1))
+
+    result = asyncio.run(run())
+    (outcome,) = result.devices  # type: ignore[attr-defined]
+    assert outcome.device_id == mine.devices[0]
+    assert [type(t) for t in outcome.transitions] == [Raised, Cleared, Raised]
+    presence = parse_rule({"name": "p", "trigger": {"kind": "events", "events": ["presence", "lifecycle"]},
+                           "alarm": {"when": {**eq, "right": {"kind": "const", "value": "x"}}}})  # fmt: skip
+
+    async def refused() -> None:
+        async with await psycopg.AsyncConnection.connect(api_database_url) as conn, tenant_scope(conn, mine.id):
+            await dry_run(conn, mine.id, presence, start=start, end=datetime.now(UTC))
+
+    with pytest.raises(InvalidInput, match=r"\$\.trigger"):
+        asyncio.run(refused())
