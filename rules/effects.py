@@ -8,8 +8,11 @@ savepoint and never stops the other effects."""
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -20,10 +23,12 @@ from psycopg.types.json import Jsonb
 from kestrel.store import alarms, commands, shadows
 from kestrel.store.rows import fetch_all, fetch_maybe
 from kestrel.store.session import Actor
-from kestrel_core.errors import KestrelError
-from kestrel_core.messages.alarms import AlarmEvent, Transition
-from kestrel_core.rules.actions import Action, Republish, SendCommand, SetDesired
+from kestrel_core.errors import InvalidInput, KestrelError
+from kestrel_core.messages.alarms import AlarmEvent, Transition, republish_subject
+from kestrel_core.messages.telemetry import Point, TelemetryEnvelope
+from kestrel_core.rules.actions import DERIVED_STREAM, Action, Republish, SendCommand, SetDesired, WriteMetric
 from kestrel_core.rules.evaluate import Raised
+from kestrel_core.topics import telemetry_topic
 from rules.decide import Fired, event_document
 
 log = logging.getLogger("kestrel.rules")
@@ -98,11 +103,41 @@ async def _notify(conn: AsyncConnection[Any], fired: Fired, event_id: int, docum
     return len(channels)
 
 
-ACTION_KINDS: Final = {SetDesired: "set_desired", SendCommand: "command", Republish: "republish"}
+ACTION_KINDS: Final = {SetDesired: "set_desired", SendCommand: "command", Republish: "republish",
+                       WriteMetric: "write_metric"}  # fmt: skip
 
 
-async def _act(conn: AsyncConnection[Any], fired: Fired, action: Action, actor: Actor) -> str | None:
-    """One action; returns the subject to republish on after the commit, if any."""
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message an action publishes once its transition is committed (deduplicated by ``msg_id``)."""
+
+    subject: str
+    data: bytes
+    msg_id: str
+
+
+def _derived(fired: Fired, action: WriteMetric, event_id: int) -> Outgoing:
+    """The transition's values named by the action as one reading of the device's ``rules`` stream, at the
+    transition's instant; its sequence is the alarm event's id, so it is stored once however often it is sent."""
+    values = fired.transition.values
+    metrics = {n: values[n] for n in action.metrics if n in values and _storable(values[n])}
+    if not metrics:
+        raise InvalidInput("no_value", "none of the values to write was known at the transition")
+    topic = telemetry_topic(fired.loaded.tenant, fired.device, DERIVED_STREAM)
+    point = Point(fired.transition.at_ms * 1000, event_id, msgspec.Raw(msgspec.json.encode(metrics)))
+    envelope = TelemetryEnvelope(tenant=fired.loaded.tenant, device=fired.device, stream=DERIVED_STREAM,
+                                 received_us=time.time_ns() // 1000, identity="server", points=[point])  # fmt: skip
+    return Outgoing(topic.subject, msgspec.json.encode(envelope), f"derived-{event_id}-{','.join(sorted(metrics))}")
+
+
+def _storable(value: Any) -> bool:
+    return isinstance(value, (bool, str)) or (isinstance(value, (int, float)) and math.isfinite(value))
+
+
+async def _act(
+    conn: AsyncConnection[Any], fired: Fired, action: Action, actor: Actor, event_id: int, document: AlarmEvent
+) -> Outgoing | None:
+    """One action; returns what to publish after the commit, if anything."""
     tenant, device = fired.loaded.tenant, fired.device
     if isinstance(action, SetDesired):
         await shadows.set_desired(conn, actor, tenant, device, action.shadow, action.state)
@@ -112,7 +147,10 @@ async def _act(conn: AsyncConnection[Any], fired: Fired, action: Action, actor: 
             expires_in_s=max(action.timeout_s, 300), max_attempts=5,
         )  # fmt: skip
     elif isinstance(action, Republish):
-        return action.subject
+        msg_id = f"republish-{document.alarm_id}-{document.event}-{document.at}-{action.subject}"[:200]
+        return Outgoing(republish_subject(tenant, action.subject), msgspec.json.encode(document), msg_id)
+    else:
+        return _derived(fired, action, event_id)
     return None
 
 
@@ -122,10 +160,10 @@ async def apply(
     *,
     allow_action: Callable[[str], bool],
     counted: Callable[[str, str], None],
-) -> list[tuple[str, AlarmEvent, str]]:
-    """Apply the batch's transitions in order; returns (tenant, event, republish subject) to publish after the
-    commit. ``allow_action(tenant)`` spends the tenant's action budget; ``counted(kind, outcome)`` counts."""
-    republish: list[tuple[str, AlarmEvent, str]] = []
+) -> list[Outgoing]:
+    """Apply the batch's transitions in order; returns what the actions publish after the commit.
+    ``allow_action(tenant)`` spends the tenant's action budget; ``counted(kind, outcome)`` counts."""
+    outgoing: list[Outgoing] = []
     for item in fired:
         raising = isinstance(item.transition, Raised)
         changed = await (_raise(conn, item) if raising else _clear(conn, item))
@@ -150,11 +188,11 @@ async def apply(
                 continue
             try:
                 async with conn.transaction():  # a savepoint: a failed action undoes itself only
-                    if (subject := await _act(conn, item, action, actor)) is not None:
-                        republish.append((item.loaded.tenant, document, subject))
+                    if (message := await _act(conn, item, action, actor, event_id, document)) is not None:
+                        outgoing.append(message)
                 counted(kind, "done")
             except KestrelError as exc:
                 counted(kind, "failed")
                 log.warning("rule action failed", extra={"rule": item.loaded.rule_id, "action": kind,
                                                          "device": item.device, "error": str(exc)})  # fmt: skip
-    return republish
+    return outgoing

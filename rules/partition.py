@@ -27,7 +27,7 @@ from rules import effects
 from rules.decide import Deadlines, Incoming, Key, LoadedRule, Outcome, deadline, evaluate, incoming, watches
 from rules.ports import Rules
 from rules.store import load_deadlines, load_position, load_states, save_position, save_states
-from rules.stream import RULES_STREAM, consumer_name, republish, take_consumer
+from rules.stream import RULES_STREAM, consumer_name, publish_after_commit, take_consumer
 
 log = logging.getLogger("kestrel.rules")
 PARTITION_LOCK: Final = 0x4B52  # advisory lock class of the partitions (the second key is the partition)
@@ -194,7 +194,7 @@ class Partition:
         if outcome.fired:
             self.rules.outbox_wake.set()
             self.rules.deliveries_wake.set()
-        await republish(self.rules.nc, published)
+        await publish_after_commit(self.rules.nc, published)
 
     def _count(self, outcome: Outcome, messages: int, evaluations: int, seconds: float) -> None:
         metrics = self.rules.metrics

@@ -30,8 +30,9 @@ from psycopg_pool import AsyncConnectionPool
 from kestrel.runtime.nats import deadletter_config, ensure_stream, events_config
 from kestrel.store.rows import fetch_all
 from kestrel_core import streams
-from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, AlarmEvent, alarm_subject, republish_subject
+from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, alarm_subject
 from rules.decide import event_document
+from rules.effects import Outgoing
 
 log = logging.getLogger("kestrel.rules")
 RULES_STREAM: Final = "RULES_IN"
@@ -153,13 +154,12 @@ async def publish_outbox(pool: AsyncConnectionPool[Any], nc: NATS, limit: int = 
     return len(rows)
 
 
-async def republish(nc: NATS, items: list[tuple[str, AlarmEvent, str]]) -> None:
-    """The rules' republish actions, after the commit (deduplicated by alarm and event time)."""
+async def publish_after_commit(nc: NATS, items: list[Outgoing]) -> None:
+    """What the actions publish (republished transitions, derived metrics), after the commit; each deduplicated by
+    its ``Nats-Msg-Id``. A publish that fails is logged and not retried (ADR-0020: at most once past a NATS outage)."""
     js = nc.jetstream()
-    for tenant, document, suffix in items:
-        msg_id = f"republish-{document.alarm_id}-{document.event}-{document.at}-{suffix}"
+    for item in items:
         try:
-            await js.publish(republish_subject(tenant, suffix), msgspec.json.encode(document),
-                             headers={streams.HDR_MSG_ID: msg_id[:200]}, timeout=5)  # fmt: skip
-        except Exception:  # noqa: BLE001 - NATS errors of every kind; the alarm is recorded
-            log.warning("could not republish an alarm event", extra={"alarm": document.alarm_id})
+            await js.publish(item.subject, item.data, headers={streams.HDR_MSG_ID: item.msg_id}, timeout=5)
+        except Exception:  # noqa: BLE001 - NATS errors of every kind; the transition is recorded
+            log.warning("could not publish an action's message", extra={"subject": item.subject})

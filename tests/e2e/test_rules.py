@@ -412,3 +412,30 @@ def test_a_schedule_ticks_every_device_in_scope_once_per_period(
     dry = api.post(f"{V1}/rules/dry-run", headers=auth, json={"rule": rule, "start": "2026-01-01T00:00:00Z",
                                                               "duration_s": 3600})  # fmt: skip
     assert dry.status_code == 400 and "$.trigger" in dry.json()["detail"], dry.text
+
+
+def test_a_derived_value_is_recorded_with_the_alarm_and_written_into_telemetry_once(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar]
+) -> None:
+    """The 10-minute average at the raise is in the alarm's values and stored as a reading of the device's ``rules``
+    stream at the raise's instant, through the same TELEMETRY stream and writer as the device's own readings."""
+    s, _ = stack
+    tenant, (device,) = s.tenant(1, prefix="drv")
+    auth = tenant_token(s.url, tenant)
+    rule = hot(device, [], derive={"temp_avg": {"kind": "window", "agg": "avg", "metric": "temp", "seconds": 600}},
+               on_raise=[{"do": "write_metric", "metrics": ["temp_avg"]}])  # fmt: skip
+    rule["alarm"]["for_s"] = 0
+    assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+    now = int(time.time() * 1000)
+    asyncio.run(publish(s, tenant, device, [reading(now - 2000, 1, temp=70), reading(now - 1000, 2, temp=80),
+                                            reading(now, 3, temp=99)]))  # fmt: skip
+    stored = "SELECT ts, metrics FROM telemetry WHERE device_id = %s AND stream = 'rules'"
+    assert wait_until(lambda: len(rows(s, stored, device)) == 1, 30)
+    (alarm,) = rows(s, "SELECT raised_at, raised_values FROM alarms WHERE tenant_id = %s", tenant)
+    assert alarm["raised_values"] == {"temp": 99, "temp_avg": 83.0}
+    (derived,) = rows(s, stored, device)
+    assert derived == {"ts": alarm["raised_at"], "metrics": {"temp_avg": 83.0}}
+    # the control: a later reading of the device is stored, and the derived one still once
+    asyncio.run(publish(s, tenant, device, [reading(now + 1000, 4, temp=98)]))
+    assert wait_until(lambda: len(rows(s, "SELECT 1 FROM telemetry WHERE device_id = %s", device)) == 5, 30)
+    assert len(rows(s, stored, device)) == 1

@@ -4,7 +4,8 @@ for the REST body, the CLI's file and the rule workers.
 A scope names devices, groups and tags; a device is in scope when it is named, or is a member of a named group, or
 carries every named tag; an empty scope is the whole tenant. Actions run once per alarm transition (raise or clear),
 inside the transaction that records the transition, so a redelivered reading never repeats them: set a desired
-state, send a command, or republish the transition on a NATS subject of the tenant (``v1.{tenant}.out.{subject}``).
+state, send a command, republish the transition on a NATS subject of the tenant (``v1.{tenant}.out.{subject}``), or
+write values of the transition into the device's telemetry (``write_metric``).
 Notifications go to the tenant's channels named in ``notify``. Every target is the rule's own tenant's: the API refuses
 another tenant's device or channel, and the workers resolve targets inside the tenant only.
 """
@@ -21,7 +22,11 @@ Id = Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$")]
 Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:=/-]{1,64}$")]
 #: A subject suffix: up to 8 tokens of letters, digits, ``_`` and ``-``.
 SubjectSuffix = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}$")]
+#: What telemetry accepts as a metric name (``kestrel_core.messages.telemetry``).
+MetricName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")]
 MAX_ACTIONS: Final = 8
+#: The telemetry stream derived metrics are written to.
+DERIVED_STREAM: Final = "rules"
 
 
 class Scope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -59,7 +64,15 @@ class Republish(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     subject: SubjectSuffix
 
 
-Action = SetDesired | SendCommand | Republish
+class WriteMetric(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="do",
+                  tag="write_metric"):  # fmt: skip
+    """Write these values of the transition (the rule's ``metrics`` or ``derive`` names) into the device's telemetry,
+    stream ``rules``, at the transition's instant: stored like a reading and seen by other rules."""
+
+    metrics: Annotated[list[MetricName], msgspec.Meta(min_length=1, max_length=16)]
+
+
+Action = SetDesired | SendCommand | Republish | WriteMetric
 Actions = Annotated[list[Action], msgspec.Meta(max_length=MAX_ACTIONS)]
 
 

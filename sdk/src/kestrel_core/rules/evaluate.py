@@ -11,6 +11,7 @@ undecided (no transition either way) and is reported as an ``EvalError`` to coun
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
 from typing import Any, Final
@@ -30,6 +31,7 @@ from kestrel_core.rules.model import (
     Rule,
     ShadowPath,
     Value,
+    keep_s,
     windows,
 )
 
@@ -167,7 +169,7 @@ def _apply(rule: Rule, state: DeviceState, reading: Reading) -> bool:
     key = (reading.ts_ms, reading.seq)
     if key <= state.last_key:
         return False
-    keep_ms = max(windows(rule.alarm.when), windows(rule.alarm.clear_when)) * 1000
+    keep_ms = keep_s(rule) * 1000
     state.last_key = key
     state.last_seen_ms[ANY] = reading.ts_ms
     for name, value in reading.metrics.items():
@@ -181,9 +183,17 @@ def _apply(rule: Rule, state: DeviceState, reading: Reading) -> bool:
     return True
 
 
-def _values(rule: Rule, state: DeviceState) -> dict[str, Any]:
+def _values(rule: Rule, state: DeviceState, shadow: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
+    """What a transition records: the rule's metrics (every last value, when it names none) and its derived values
+    (one that cannot be told at this instant is left out)."""
     names = rule.metrics or sorted(state.last_values)
-    return {n: state.last_values[n] for n in names if n in state.last_values}
+    values = {n: state.last_values[n] for n in names if n in state.last_values}
+    for name, value in rule.derive.items():
+        try:
+            values[name] = _value(value, state, shadow, now_ms)
+        except _Undecided:
+            values.pop(name, None)
+    return values
 
 
 def step(
@@ -225,8 +235,8 @@ def step(
     state.raised = not state.raised
     if state.raised:
         state.raised_count += 1
-        return state, [Raised(now_ms, _values(rule, state))], None
-    return state, [Cleared(now_ms, _values(rule, state))], None
+        return state, [Raised(now_ms, _values(rule, state, shadow or {}, now_ms))], None
+    return state, [Cleared(now_ms, _values(rule, state, shadow or {}, now_ms))], None
 
 
 def _absences(condition: Condition | None) -> list[Absent]:
@@ -254,7 +264,9 @@ def next_deadline(rule: Rule, state: DeviceState, after_ms: int) -> int | None:
     keep_ms = max(windows(alarm.when), windows(alarm.clear_when)) * 1000
     if keep_ms:
         for samples in state.samples.values():
-            candidates += [ts + keep_ms for ts, _ in samples[:1]]  # the oldest leaves first
+            # the oldest sample still in the conditions' window leaves it first (older ones may be kept for derive)
+            first = bisect.bisect_right(samples, (after_ms - keep_ms, math.inf))
+            candidates += [ts + keep_ms for ts, _ in samples[first : first + 1]]
     future = [c for c in candidates if c > after_ms]
     return min(future) if future else None
 

@@ -15,7 +15,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from kestrel_core.errors import InvalidInput
-from kestrel_core.rules.actions import Actions, Id, Scope
+from kestrel_core.rules.actions import Actions, Id, Scope, WriteMetric
 
 #: Bounds that keep one rule cheap to evaluate and its state small (per device).
 MAX_DEPTH: Final = 8
@@ -138,6 +138,9 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     notify: Annotated[list[Id], msgspec.Meta(max_length=8)] = msgspec.field(default_factory=list)
     on_raise: Actions = msgspec.field(default_factory=list)
     on_clear: Actions = msgspec.field(default_factory=list)
+    #: Values computed at each transition (a window's average, a rate, a shadow value...) and recorded with it: in
+    #: the alarm's values, the notifications and the ``write_metric`` action.
+    derive: Annotated[dict[Name, Value], msgspec.Meta(max_length=8)] = msgspec.field(default_factory=dict)
 
 
 def _walk(condition: Condition, depth: int) -> int:
@@ -164,6 +167,12 @@ def windows(condition: Condition | None) -> int:
     return max(v.seconds if isinstance(v, (Window, Rate)) else 0 for v in (condition.left, condition.right))
 
 
+def keep_s(rule: Rule) -> int:
+    """How far back a device's samples are kept for ``rule``: its conditions' windows and its derived values'."""
+    derived = [v.seconds for v in rule.derive.values() if isinstance(v, (Window, Rate))]
+    return max([windows(rule.alarm.when), windows(rule.alarm.clear_when), *derived])
+
+
 _decoder = msgspec.json.Decoder(Rule)
 
 
@@ -178,8 +187,14 @@ def parse_rule(document: bytes | str | dict[str, object]) -> Rule:
 
 
 def check_bounds(rule: Rule) -> Rule:
-    """Refuse a rule whose conditions nest deeper than MAX_DEPTH or have more than MAX_NODES nodes (what a schema
-    cannot say); the rule otherwise."""
+    """Refuse a rule whose conditions nest deeper than MAX_DEPTH or have more than MAX_NODES nodes, or that writes a
+    value it does not have (what a schema cannot say); the rule otherwise."""
+    known = set(rule.metrics) | set(rule.derive)
+    for side, actions in (("on_raise", rule.on_raise), ("on_clear", rule.on_clear)):
+        for i, action in enumerate(actions):
+            unknown = sorted(set(action.metrics) - known) if isinstance(action, WriteMetric) else []
+            if unknown:
+                raise InvalidInput("bad_rule", f"{unknown[0]} is neither in metrics nor in derive (at $.{side}[{i}])")
     if rule.metrics and not isinstance(rule.trigger, OnTelemetry):
         raise InvalidInput("bad_rule", "metrics filter readings: only a telemetry trigger takes them (at $.metrics)")
     nodes = _walk(rule.alarm.when, 1) + (_walk(rule.alarm.clear_when, 1) if rule.alarm.clear_when else 0)
