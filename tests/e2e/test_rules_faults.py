@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -33,6 +34,7 @@ from tests.receivers import http_receiver
 pytestmark = pytest.mark.e2e
 V1 = "/api/v1"
 DEVICES, READINGS = 6, 40
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 @pytest.fixture
@@ -62,6 +64,30 @@ def kill_nats(s: ProdStack) -> None:
     s.nats.stop(signal.SIGKILL)
     time.sleep(2)
     s.nats.start()
+
+
+async def stream_counts(url: str, tenant: str, devices: list[str]) -> dict[str, tuple[int, int]]:
+    """Per device: messages in TELEMETRY and in RULES_IN (where a lost reading went missing, when one does)."""
+    nc = await nats.connect(url)
+    try:
+        js, counts = nc.jetstream(), {}
+        for device in devices:
+            found = []
+            for stream, subject in (("TELEMETRY", f"v1.{tenant}.d.{device}.telemetry"),
+                                    ("RULES_IN", f"rules.*.t.{tenant}.{device}")):  # fmt: skip
+                sub = await js.pull_subscribe(subject, stream=stream)
+                found.append(int((await sub.consumer_info()).num_pending))
+                await sub.unsubscribe()
+            counts[device] = (found[0], found[1])
+        return counts
+    finally:
+        await nc.close()
+
+
+def stored(s: ProdStack, device: str) -> int:
+    with psycopg.connect(s.url) as conn:
+        row = conn.execute("SELECT count(*) FROM telemetry WHERE device_id = %s", (device,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 async def alarm_stream_count(url: str, tenant: str) -> int:
@@ -132,9 +158,14 @@ def test_no_transition_is_lost_or_repeated_when_a_worker_or_nats_dies(
             return result
 
         expected = ["raised"] + ["cleared", "retriggered"] * ((READINGS - 2) // 2) + ["cleared"]
-        assert wait_until(lambda: all(len(v) >= READINGS for v in per_device().values()), 90), {
-            d: len(v) for d, v in per_device().items()
-        }
+        if not wait_until(lambda: all(len(v) >= READINGS for v in per_device().values()), 90):
+            diagnosis = {"transitions": {d: len(v) for d, v in per_device().items()},
+                         "telemetry, rules_in": asyncio.run(stream_counts(s.nats.url, tenant, devices)),
+                         "stored": {d: stored(s, d) for d in devices}}  # fmt: skip
+            ARTIFACTS.mkdir(exist_ok=True)
+            report = ARTIFACTS / f"rules-faults-{fault.__name__}.txt"
+            report.write_text(f"{diagnosis}\n--- rules\n{s.log('rules')}\n--- rules-2\n{s.log('rules-2')}\n")
+            pytest.fail(f"transitions lost: {diagnosis} (logs in {report})")
         total = DEVICES * READINGS
         # The control for "nothing more": the deliveries of every transition were made before we count.
         assert wait_until(lambda: len({r.headers["Idempotency-Key"] for r in receiver.on("/ok")}) >= total, 90)
