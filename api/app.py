@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from api import (
     presence,
     rules,
     shadows,
+    streams,
     telemetry,
     tenants,
     tokens,
@@ -41,7 +44,10 @@ from api.graphql import graphql_controller
 from api.openapi import RefinedJson
 from api.problems import handle_exception, problem_specs
 from api.settings import ApiSettings
+from api.streams import ws
+from api.streams.hub import Hub
 from kestrel import __version__
+from kestrel.runtime.nats import connect_nats
 from kestrel.store.migrate import available_migrations, privileged
 from kestrel.store.pool import checked_pool
 from kestrel_core.errors import Unavailable
@@ -57,6 +63,7 @@ RESOURCES: Final[list[list[HTTPRouteHandler]]] = [
     presence.ROUTES,
     shadows.ROUTES,
     commands.ROUTES,
+    streams.ROUTES,
     rules.ROUTES,
     alarms.ROUTES,
     channels.ROUTES,
@@ -85,6 +92,11 @@ async def _refuse_privileged_role(pool: AsyncConnectionPool[Any]) -> None:
         return
     if refused:
         raise Unavailable(PRIVILEGED_DETAIL)
+
+
+async def _connect_hub(app: Litestar, url: str) -> None:
+    """NATS for the streams, in the background: the API serves everything else while NATS is away (streams 503)."""
+    app.state.hub = Hub(await connect_nats(url, "kestrel-api"))
 
 
 def _routes() -> list[HTTPRouteHandler]:
@@ -132,16 +144,32 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
                 await platform.open(wait=False)
                 await _refuse_privileged_role(platform)
         app.state.platform_pool = platform
+        app.state.hub = None
+        connecting = (
+            asyncio.create_task(_connect_hub(app, settings.nats_url)) if settings.nats_url and open_pool else None
+        )
         try:
             yield
         finally:
+            if connecting is not None:
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+            if app.state.hub is not None:
+                await app.state.hub.nc.close()
             await pool.close()
             if platform is not None:
                 await platform.close()
 
     api_v1 = Router(
         path="/api/v1",
-        route_handlers=[*_routes(), oauth.token, health.version, graphql_controller(settings.graphql_introspection)],
+        route_handlers=[
+            *_routes(),
+            oauth.token,
+            health.version,
+            ws.ws,
+            graphql_controller(settings.graphql_introspection),
+        ],
         dependencies={"principal": Provide(provide_principal)},
         security=[{"bearerAuth": []}],
         before_request=require_media_type,
@@ -160,6 +188,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
                 "rate_limiter": RateLimiter(),
                 "signing_keys": SigningKeys.load(settings.signing_key_file, settings.previous_signing_keys),
                 "schema_version": max(m.version for m in available_migrations("native")),
+                "stream_origins": frozenset(o.strip() for o in settings.stream_origins.split(",") if o.strip()),
             }
         ),
         openapi_config=_openapi(),

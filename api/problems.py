@@ -124,14 +124,19 @@ def _invalid_params(request: Request[Any, Any, Any], exc: ValidationException) -
     return out
 
 
+def status_and_kind(exc: KestrelError) -> tuple[int, str]:
+    """The HTTP status and problem kind of one of our errors (also what the WebSocket stream reports)."""
+    status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+    return status, f"invalid_input.{exc.reason}" if isinstance(exc, InvalidInput) else exc.kind
+
+
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     """Map any exception to problem details; unexpected ones become an opaque 500."""
     if isinstance(exc, KestrelError):
-        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+        status, kind = status_and_kind(exc)
         headers = {"WWW-Authenticate": 'Bearer realm="kestrel"'} if status == 401 else None
         if isinstance(exc, RateLimited):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-        kind = f"invalid_input.{exc.reason}" if isinstance(exc, InvalidInput) else exc.kind
         return problem_response(request, status, exc.detail, kind, headers=headers)
     if isinstance(exc, ValidationException):
         return problem_response(

@@ -27,6 +27,10 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     signing_key_file: str = ""
     #: Comma-separated public keys (PEM files) of rotated-out signing keys, still accepted until their tokens expire.
     previous_signing_keys: str = ""
+    #: NATS JetStream, where the real-time streams come from; empty: the stream endpoints answer 503.
+    nats_url: str = ""
+    #: Comma-separated origins (``https://console.example.com``) whose pages may open streams, besides the API's own.
+    stream_origins: str = ""
     #: Database connections kept open.
     pool_min: int = 1
     #: Most database connections.

@@ -188,6 +188,7 @@ class ProdStack:
                 "KESTREL_API_PLATFORM_DATABASE_URL": platform_url_for(self.postgres, self.url),
                 "KESTREL_API_PORT": port,
                 "KESTREL_API_ADMIN_TOKEN": ADMIN,
+                "KESTREL_API_NATS_URL": nats_url,
             },
         }[name]
         return dict(os.environ) | base | specific | self.extra_env.get(name, {})

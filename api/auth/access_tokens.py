@@ -10,6 +10,7 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -104,14 +105,18 @@ async def access_token_principal(request: Request[Any, Any, Any], token: str) ->
     except jwt.PyJWTError as exc:
         raise Unauthenticated("the access token is invalid or expired") from exc
     row = await client(request, str(claims["sub"]))
-    if (
-        row is None
-        or row["revoked_at"] is not None
-        or row["tenant_id"] != claims["tenant"]
-        or row["tenant_status"] != "active"
-    ):
-        raise Unauthenticated("the access token's client is revoked or its tenant inactive")
-    granted = frozenset(str(claims["scope"]).split()) & frozenset(row["scopes"])
+    granted = client_grants(row, str(claims["tenant"]), frozenset(str(claims["scope"]).split()))
+    assert row is not None
     if row["api_requests_per_s"] is not None:
         request.app.state.rate_limiter.check(row["tenant_id"], row["api_requests_per_s"])
-    return Principal(actor=f"oauth:{claims['sub']}", tenant=row["tenant_id"], scopes=granted)
+    expires_at = datetime.fromtimestamp(int(claims["exp"]), UTC)
+    return Principal(actor=f"oauth:{claims['sub']}", tenant=row["tenant_id"], scopes=granted,
+                     credential=f"oauth:{claims['sub']}", expires_at=expires_at)  # fmt: skip
+
+
+def client_grants(row: dict[str, Any] | None, tenant: str, asked: frozenset[str]) -> frozenset[str]:
+    """What an OAuth client (``kestrel_oauth_client_lookup``'s row) grants now of the scopes ``asked``;
+    ``Unauthenticated`` when it is revoked, of another tenant, or its tenant is not active."""
+    if row is None or row["revoked_at"] is not None or row["tenant_id"] != tenant or row["tenant_status"] != "active":
+        raise Unauthenticated("the access token's client is revoked or its tenant inactive")
+    return asked & frozenset(row["scopes"])

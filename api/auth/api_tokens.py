@@ -26,19 +26,26 @@ async def token_principal(request: Request[Any, Any, Any], token: str) -> Princi
         row = await credentials.token_lookup(conn, token_id)
     if row is None or not hmac.compare_digest(secret_digest(secret), row["secret_sha256"]):
         raise Unauthenticated("a valid bearer token is required")
+    granted = token_grants(row)
+    tenant = row["tenant_id"]
+    actor = f"token:{token_id}" if row["user_id"] is None else f"user:{row['user_id']}/token:{token_id}"
+    if row["api_requests_per_s"] is not None:
+        limiter: RateLimiter = request.app.state.rate_limiter
+        limiter.check(tenant, row["api_requests_per_s"])
+    return Principal(actor=actor, tenant=tenant, scopes=granted, credential=f"token:{token_id}",
+                     expires_at=row["expires_at"])  # fmt: skip
+
+
+def token_grants(row: dict[str, Any]) -> frozenset[str]:
+    """What a token (``kestrel_token_lookup``'s row) grants now; ``Unauthenticated`` when it grants nothing: expired,
+    revoked, its tenant not active or its user disabled. A user's token never exceeds the user's role."""
     if row["revoked_at"] is not None or row["expires_at"] <= datetime.now(UTC):
         raise Unauthenticated("the token is expired or revoked")
-    tenant = row["tenant_id"]
-    if tenant is None or row["tenant_status"] != "active":
+    if row["tenant_id"] is None or row["tenant_status"] != "active":
         raise Unauthenticated("the token's tenant is not active")
     granted = frozenset(row["scopes"])
-    actor = f"token:{token_id}"
     if row["user_id"] is not None:
         if row["user_status"] != "active":
             raise Unauthenticated("the token's user is disabled")
         granted &= ROLE_SCOPES.get(row["user_role"], frozenset())
-        actor = f"user:{row['user_id']}/token:{token_id}"
-    if row["api_requests_per_s"] is not None:
-        limiter: RateLimiter = request.app.state.rate_limiter
-        limiter.check(tenant, row["api_requests_per_s"])
-    return Principal(actor=actor, tenant=tenant, scopes=granted)
+    return granted

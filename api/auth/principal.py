@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from litestar import Request
@@ -27,6 +28,10 @@ class Principal:
     actor: str  # "platform-admin", "token:<id>", "user:<id>/token:<id>" or "oauth:<client>"
     tenant: str | None  # None: the platform administrator
     scopes: frozenset[str]
+    #: What authenticated it, to check again later (``token:<id>``, ``oauth:<client_id>``; empty: the platform's).
+    credential: str = ""
+    #: When that credential stops being valid (None: the platform's token, or unknown).
+    expires_at: datetime | None = None
 
     @property
     def platform(self) -> bool:

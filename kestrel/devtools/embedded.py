@@ -130,6 +130,7 @@ class EmbeddedStack:
                 "KESTREL_API_DATABASE_URL": self.postgres.api_url,
                 "KESTREL_API_PLATFORM_DATABASE_URL": self.postgres.platform_url,
                 "KESTREL_API_SIGNING_KEY_FILE": str(self.state / "api-signing.key"),
+                "KESTREL_API_NATS_URL": self.nats.url,
                 "KESTREL_AUTHSVC_PORT": str(self.ports.authsvc),
                 "KESTREL_AUTHSVC_BROKER_KEY": self.secrets["broker-key"],
                 "KESTREL_AUTHSVC_KICK_MQTT_PORT": str(self.ports.mqtt),

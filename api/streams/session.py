@@ -1,0 +1,131 @@
+"""One client's subscription from start to end, the same for SSE, WebSocket and GraphQL (ADR-0021): join the
+process's feed, replay what the client missed since its cursor, then live events with heartbeats; the credential is
+checked again every few seconds; the end says why (lagged, token expired or revoked, scope lost)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from psycopg_pool import AsyncConnectionPool
+
+from api.auth.principal import Principal
+from api.streams.access import recheck
+from api.streams.hub import Hub, Subscriber
+from kestrel.store.rows import fetch_all
+from kestrel.store.session import tenant_scope
+from kestrel_core.errors import Unauthenticated
+from kestrel_core.live import KIND_SCOPES, Cursor, Filter, LiveEvent, granted_kinds
+
+HEARTBEAT_S: Final = 15.0
+RECHECK_S: Final = 5.0
+#: Groups and tags are resolved to devices when the subscription starts and again this often.
+MEMBERS_S: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    cursor: Cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Lagged:
+    """The client fell too far behind; it resumes from ``cursor`` (everything before was delivered)."""
+
+    cursor: Cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """The stream ``family`` no longer holds events right after the client's cursor (retention): some are lost."""
+
+    family: str
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    reason: str  # token_expired_or_revoked, scope_lost
+
+
+Out = LiveEvent | Heartbeat | Lagged | Gap | End
+
+
+async def selected_devices(pool: AsyncConnectionPool[Any], tenant: str, wanted: Filter) -> frozenset[str] | None:
+    """The devices a filter selects in the tenant (named ones as given; groups and tags resolved); None: all."""
+    if not wanted.selects_devices:
+        return None
+    named = frozenset(wanted.devices)
+    if not (wanted.groups or wanted.tags):
+        return named
+    async with pool.connection() as conn, tenant_scope(conn, tenant):
+        rows = await fetch_all(
+            conn,
+            "SELECT d.device_id FROM devices d WHERE (cardinality(%(tags)s::text[]) > 0 AND d.tags @> %(tags)s::text[])"
+            " OR EXISTS (SELECT 1 FROM device_group_members m WHERE m.device_id = d.device_id"
+            "   AND m.group_id = ANY(%(groups)s))",
+            {"tags": list(wanted.tags), "groups": list(wanted.groups)},
+        )
+    return named | {r["device_id"] for r in rows}
+
+
+async def subscribe(pool: AsyncConnectionPool[Any], principal: Principal, wanted: Filter) -> Subscriber:
+    """A subscriber for ``principal``'s tenant: ``Forbidden`` for a kind its scopes do not allow."""
+    assert principal.tenant is not None
+    kinds = granted_kinds(wanted, principal.scopes)
+    devices = await selected_devices(pool, principal.tenant, wanted)
+    return Subscriber(tenant=principal.tenant, kinds=kinds, wanted=wanted, devices=devices)
+
+
+async def events(
+    hub: Hub,
+    pool: AsyncConnectionPool[Any],
+    principal: Principal,
+    subscriber: Subscriber,
+    cursor: Cursor | None,
+    *,
+    heartbeat_s: float = HEARTBEAT_S,
+    recheck_s: float = RECHECK_S,
+) -> AsyncIterator[Out]:
+    """Everything the client receives, until it ends (the caller stops iterating when the client leaves)."""
+    live_start = await hub.join(subscriber)
+    try:
+        if cursor is not None:
+            async for missed in hub.replay(subscriber, cursor, live_start):
+                yield Gap(missed) if isinstance(missed, str) else missed
+            subscriber.delivered = live_start
+        yield Heartbeat(live_start)  # where the live events start: a first resume point
+        now = time.monotonic()
+        next_beat, next_check, next_members = now + heartbeat_s, now + recheck_s, now + MEMBERS_S
+        while True:
+            wait = max(0.0, min(next_beat, next_check) - time.monotonic())
+            event = await subscriber.next(wait)
+            if event is not None:
+                yield event
+                next_beat = time.monotonic() + heartbeat_s
+            elif subscriber.lagged is not None:
+                yield Lagged(subscriber.lagged)
+                return
+            now = time.monotonic()
+            if now >= next_beat:
+                position = hub.position(subscriber.tenant)
+                if position is not None and not subscriber.queue:  # all it was sent: the feed's position is its own
+                    subscriber.delivered = position
+                yield Heartbeat(subscriber.delivered)
+                next_beat = now + heartbeat_s
+            if now >= next_check:
+                try:
+                    scopes = await recheck(pool, principal)
+                except Unauthenticated:
+                    yield End("token_expired_or_revoked")
+                    return
+                if any(KIND_SCOPES[k] not in scopes for k in subscriber.kinds):
+                    yield End("scope_lost")
+                    return
+                next_check = time.monotonic() + recheck_s
+            if now >= next_members and subscriber.wanted.selects_devices:
+                subscriber.devices = await selected_devices(pool, subscriber.tenant, subscriber.wanted)
+                next_members = now + MEMBERS_S
+    finally:
+        await hub.leave(subscriber)
