@@ -52,9 +52,10 @@ async def read_sse(response: httpx.Response, into: Sse) -> None:
 async def sse(url: str, headers: dict[str, str] | None = None, **params: str) -> AsyncIterator[Sse]:
     """An open SSE stream collecting in the background; closed on exit."""
     into = Sse()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client, client.stream(
-        "GET", url, headers=headers or {}, params=params
-    ) as response:
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client,
+        client.stream("GET", url, headers=headers or {}, params=params) as response,
+    ):
         into.status = response.status_code
         if response.status_code != 200:
             await response.aread()

@@ -5,15 +5,19 @@ GraphQL clients. Every "never receives" has a later event that must arrive first
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from kestrel.devtools.servers import PostgresServer
+from kestrel.store import credentials
+from kestrel.store.session import operator, run_blocking
 from tests.conftest import _nats, tenant_token
 from tests.e2e.test_rules import publish, reading
 from tests.prodstack import ProdStack, prod_stack
@@ -101,9 +105,81 @@ def test_a_ticket_opens_one_stream_once_and_a_foreign_origin_is_refused(stack: P
             assert await wait_for(lambda: first.events("heartbeat"))
         async with sse(f"{base(s)}/stream", ticket=ticket) as again:
             assert again.status == 401, again.received
-        fresh = httpx.post(f"{base(s)}/stream/tickets", headers=auth).json()["ticket"]
+        fresh = (await asyncio.to_thread(httpx.post, f"{base(s)}/stream/tickets", headers=auth)).json()["ticket"]
         async with sse(f"{base(s)}/stream", {"Origin": "https://evil.example"}, ticket=fresh) as foreign:
             assert foreign.status == 403, foreign.received
             assert "origin" in json.dumps(foreign.received)
+
+    asyncio.run(run())
+
+
+def _fleet(s: ProdStack, prefix: str) -> tuple[str, str, dict[str, str]]:
+    """A tenant with one device in group ``plant`` tagged ``site:1``: the same names in every tenant."""
+    tenant, (device,) = s.tenant(1, prefix=prefix)
+    auth = tenant_token(s.url, tenant)
+    assert httpx.post(f"{base(s)}/groups", headers=auth, json={"group_id": "plant"}).status_code == 201
+    assert httpx.put(f"{base(s)}/groups/plant/devices/{device}", headers=auth).status_code in (200, 201, 204)
+    assert httpx.patch(f"{base(s)}/devices/{device}", headers=auth, json={"tags": ["site:1"]}).status_code == 200
+    return tenant, device, auth
+
+
+def test_a_client_never_receives_another_tenants_events_whatever_filter_it_asks_for(stack: ProdStack) -> None:
+    """Tenant B has the same group and tag names as A. Each of A's hostile filters also selects A's own device: B's
+    device publishes first, A's after it (the control), and only A's reaches the client."""
+    s = stack
+    mine, my_device, auth = _fleet(s, "iso-a")
+    theirs, their_device, _ = _fleet(s, "iso-b")
+    hostile: list[dict[str, str]] = [
+        {},  # everything A may see
+        {"devices": f"{their_device},{my_device}"},
+        {"groups": "plant"},
+        {"tags": "site:1"},
+        {"kinds": "telemetry,presence,shadow,command,lifecycle,alarm", "metrics": "temp"},
+        {"cursor": "t0.e0.a0"},  # replay of the streams from their start
+    ]
+    refused = [{"devices": "*"}, {"devices": ">"}, {"devices": f"{theirs}.d.{their_device}"}, {"kinds": "secrets"},
+               {"cursor": "t1.e1"}, {"tags": "a b"}]  # fmt: skip
+
+    async def run() -> None:
+        for params in refused:
+            async with sse(f"{base(s)}/stream", auth, **params) as bad:
+                assert bad.status == 400, (params, bad.received)
+        stamp = int(time.time() * 1000)
+        async with contextlib.AsyncExitStack() as opened:
+            clients = [await opened.enter_async_context(sse(f"{base(s)}/stream", auth, **p)) for p in hostile]
+            assert await wait_for(lambda: all(c.events("heartbeat") for c in clients))
+            await publish(s, theirs, their_device, [reading(stamp, 1, temp=66.0)])
+            await publish(s, mine, my_device, [reading(stamp, 1, temp=21.0)])
+            for params, client in zip(hostile, clients, strict=True):
+                assert await wait_for(lambda c=client: 21.0 in readings_of(c.received, my_device)), params  # type: ignore[misc]
+                assert {e["device"] for _, _, e in client.received if "device" in e} <= {my_device}, params
+                assert their_device not in json.dumps(client.received) and theirs not in json.dumps(client.received)
+
+    asyncio.run(run())
+
+
+def test_a_revoked_or_expired_token_ends_the_stream(stack: ProdStack) -> None:
+    s = stack
+    tenant, _ = s.tenant(0, prefix="rv")
+    admin = tenant_token(s.url, tenant)
+    created = httpx.post(f"{base(s)}/tokens", headers=admin, json={"scopes": ["telemetry:read"], "name": "viewer"})
+    token = created.json()
+    _, short = run_blocking(s.url, lambda c: credentials.create_token(
+        c, operator(), tenant, ["telemetry:read"], expires_at=datetime.now(UTC) + timedelta(seconds=4), name="short"),
+        tenant=tenant)  # fmt: skip
+
+    async def run() -> None:
+        async with sse(f"{base(s)}/stream", {"Authorization": f"Bearer {token['token']}"}) as revoked, \
+                sse(f"{base(s)}/stream", {"Authorization": f"Bearer {short}"}) as expiring, \
+                sse(f"{base(s)}/stream", admin) as control:  # fmt: skip
+            assert await wait_for(lambda: revoked.events("heartbeat") and expiring.events("heartbeat"))
+            revoke = await asyncio.to_thread(httpx.delete, f"{base(s)}/tokens/{token['token_id']}", headers=admin)
+            assert revoke.status_code == 204
+            assert await wait_for(lambda: revoked.events("end"), 15)
+            assert await wait_for(lambda: expiring.events("end"), 15)
+            assert revoked.events("end")[0][2] == {"reason": "token_expired_or_revoked"}
+            assert not control.events("end")  # the admin's own stream goes on
+        async with sse(f"{base(s)}/stream", {"Authorization": f"Bearer {token['token']}"}) as again:
+            assert again.status == 401
 
     asyncio.run(run())
