@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,6 +14,9 @@ from typing import Any
 
 import httpx
 import websockets
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
 
 
 @dataclass
@@ -108,3 +112,51 @@ async def ws(url: str, headers: dict[str, str] | None = None, origin: str | None
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+class StalledWs:
+    """A WebSocket client on a plain socket with a small receive buffer that reads only when told to (sans-I/O
+    protocol of ``websockets``): a client that stops reading, for certain."""
+
+    def __init__(self, url: str, headers: dict[str, str], rcvbuf: int = 16 * 1024) -> None:
+        uri = parse_uri(url)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect((uri.host, uri.port))
+        self.protocol = ClientProtocol(uri, max_size=2**24)
+        request = self.protocol.connect()
+        request.headers.update(headers)
+        self.protocol.send_request(request)
+        self._flush()
+        self.pending: list[dict[str, Any]] = []
+        while self.protocol.handshake_exc is None and self.protocol.state.name == "CONNECTING":
+            self._read()
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
+
+    def _flush(self) -> None:
+        for chunk in self.protocol.data_to_send():
+            self.sock.sendall(chunk)
+
+    def _read(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("closed")
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame) and event.opcode == Opcode.TEXT:
+                self.pending.append(json.loads(event.data))
+        self._flush()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.protocol.send_text(json.dumps(message).encode())
+        self._flush()
+
+    def recv(self, timeout: float = 20.0) -> dict[str, Any]:
+        self.sock.settimeout(timeout)
+        while not self.pending:
+            self._read()
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -25,11 +25,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge
 
 from kestrel_core.live import FAMILIES, Cursor, Filter, LiveEvent, parse_cursor
 from kestrel_core.messages.telemetry import decode_envelope
 
 log = logging.getLogger("kestrel.api.streams")
+CLIENTS = Gauge("kestrel_api_stream_clients", "Stream subscriptions open in this process")
+QUEUED = Gauge("kestrel_api_stream_queued_bytes", "Bytes of events waiting for stream clients in this process")
+LAGGED = Counter("kestrel_api_stream_lagged", "Subscriptions ended because their client fell behind")
+FEEDS = Gauge("kestrel_api_stream_feeds", "Tenants with a feed (three JetStream consumers) in this process")
 _any = msgspec.json.Decoder()
 _metrics = msgspec.json.Decoder(dict[str, Any])
 #: Most bytes of events one client may have waiting; past it the client is told it lagged and is ended.
@@ -80,8 +85,8 @@ class Subscriber:
     devices: frozenset[str] | None
     queue: deque[tuple[LiveEvent, int]] = field(default_factory=deque)
     queued_bytes: int = 0
-    #: Set when it fell too far behind: the last cursor it was given, where it resumes.
-    lagged: Cursor | None = None
+    #: Set when it fell too far behind: it is sent what was queued, then told to resume from ``delivered``.
+    lagged: bool = False
     delivered: Cursor = field(default_factory=Cursor)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -102,10 +107,11 @@ class Subscriber:
 
     def offer(self, event: LiveEvent, size: int) -> None:
         """Queue without waiting; past the bounds the subscriber has lagged (it keeps what was queued)."""
-        if self.lagged is not None:
+        if self.lagged:
             return
         if self.queued_bytes + size > QUEUE_BYTES or len(self.queue) >= QUEUE_EVENTS:
-            self.lagged = self.delivered
+            self.lagged = True
+            LAGGED.inc()
             self.ready.set()
             return
         self.queue.append((event, size))
@@ -116,7 +122,7 @@ class Subscriber:
         """The next queued event, once it is the client's (``delivered`` moves to it); None after ``wait_s`` with
         nothing to send, or once the subscriber lagged and what it had queued is sent."""
         if not self.queue:
-            if self.lagged is not None:
+            if self.lagged:
                 return None
             self.ready.clear()
             with contextlib.suppress(TimeoutError):
@@ -182,10 +188,17 @@ class Hub:
         self.nc = nc
         self.feeds: dict[str, Feed] = {}
         self._lock = asyncio.Lock()
+        CLIENTS.set_function(lambda: self.clients)
+        QUEUED.set_function(lambda: self.queued_bytes)
+        FEEDS.set_function(lambda: len(self.feeds))
 
     @property
     def clients(self) -> int:
         return sum(len(f.subscribers) for f in self.feeds.values())
+
+    @property
+    def queued_bytes(self) -> int:
+        return sum(s.queued_bytes for f in list(self.feeds.values()) for s in list(f.subscribers))
 
     async def join(self, subscriber: Subscriber) -> Cursor:
         """Start delivering live events to ``subscriber``; the feed's position at that instant (where live begins)."""

@@ -104,8 +104,8 @@ async def events(
             if event is not None:
                 yield event
                 next_beat = time.monotonic() + heartbeat_s
-            elif subscriber.lagged is not None:
-                yield Lagged(subscriber.lagged)
+            elif subscriber.lagged:
+                yield Lagged(subscriber.delivered)  # everything up to it was sent; the rest is in the streams
                 return
             now = time.monotonic()
             if now >= next_beat:

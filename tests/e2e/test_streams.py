@@ -15,13 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
+from api.streams.hub import QUEUE_BYTES
 from kestrel.devtools.servers import PostgresServer
 from kestrel.store import credentials
 from kestrel.store.session import operator, run_blocking
 from tests.conftest import _nats, tenant_token
 from tests.e2e.test_rules import publish, reading
 from tests.prodstack import ProdStack, prod_stack
-from tests.streamclients import sse, wait_for, ws
+from tests.streamclients import StalledWs, sse, wait_for, ws
 
 pytestmark = pytest.mark.e2e
 V1 = "/api/v1"
@@ -183,3 +184,72 @@ def test_a_revoked_or_expired_token_ends_the_stream(stack: ProdStack) -> None:
             assert again.status == 401
 
     asyncio.run(run())
+
+
+def test_a_client_that_stops_reading_is_bounded_told_where_it_stopped_and_never_slows_another(
+    stack: ProdStack,
+) -> None:
+    """A WebSocket client stops reading (a small receive buffer, no reads) while a device sends 24 MB of readings;
+    the API's queued bytes stay within one client's bound (1 MiB), a second client receives every reading with a
+    latency measured against the device's clock, and the slow one, reading again, is told it lagged with a cursor
+    from which a new subscription gets the rest: every reading exactly once between the two."""
+    s = stack
+    tenant, (device,) = s.tenant(1, prefix="slow")
+    auth = tenant_token(s.url, tenant)
+    count, pad = 600, "x" * 250
+    bulky = {f"m{i:03d}": pad for i in range(150)}  # ~40 KB a reading
+    url = f"ws://127.0.0.1:{s.ports['api']}{V1}/ws"
+
+    async def run() -> None:
+        slow = StalledWs(url, auth)
+        try:
+            await stall_and_catch_up(slow)
+        finally:
+            slow.close()
+
+    async def stall_and_catch_up(slow: StalledWs) -> None:
+        async with sse(f"{base(s)}/stream", auth, kinds="telemetry", metrics="seq_no,sent") as fast:
+            slow.send({"type": "subscribe", "id": "slow", "filter": {"kinds": ["telemetry"]}})
+            assert slow.recv()["type"] == "subscribed"
+            assert await wait_for(lambda: fast.events("heartbeat"))
+            peak = 0.0
+            sender = asyncio.create_task(publish(s, tenant, device, [
+                reading(int(time.time() * 1000), i, seq_no=i, sent=time.time(), **bulky) for i in range(count)]))  # fmt: skip
+            latencies: list[float] = []
+            seen = 0
+            while not sender.done() or seen < count:
+                peak = max(peak, await asyncio.to_thread(s_metric, s, "kestrel_api_stream_queued_bytes"))
+                fresh = [e for _, _, e in fast.events("telemetry")][seen:]
+                now = time.time()
+                latencies += [now - r["metrics"]["sent"] for e in fresh for r in e["data"]["readings"]]
+                seen += len(fresh)
+                await asyncio.sleep(0.05)
+                if sender.done() and sender.exception():
+                    raise sender.exception()  # type: ignore[misc]
+            got = [r["metrics"]["seq_no"] for _, _, e in fast.events("telemetry") for r in e["data"]["readings"]]
+            assert got == list(range(count))  # the other client missed nothing, in order
+            latencies.sort()
+            print(f"\nfast client latency p50 {latencies[len(latencies) // 2]:.3f} s, max {latencies[-1]:.3f} s;"
+                  f" queued peak {peak / 1024:.0f} KiB")  # fmt: skip
+            assert latencies[-1] < 5.0  # generous: the publishes themselves take seconds; a blocked fan-out never ends
+            assert peak <= 2 * QUEUE_BYTES  # two clients, each within its bound, whatever the slow one was sent
+        # the slow client reads again: what reached it, then where it stopped
+        first: list[int] = []
+        while (message := await asyncio.to_thread(slow.recv))["type"] != "lagged":
+            if message["type"] == "event":
+                first += [r["seq"] for r in message["event"]["data"]["readings"]]
+        assert 0 < len(first) < count
+        slow.send({"type": "subscribe", "id": "again", "filter": {"kinds": ["telemetry"]}, "cursor": message["cursor"]})
+        rest: list[int] = []
+        while len(first) + len(rest) < count:
+            message = await asyncio.to_thread(slow.recv)
+            if message["type"] == "event" and message["id"] == "again":
+                rest += [r["seq"] for r in message["event"]["data"]["readings"]]
+        assert first + rest == list(range(count)), (len(first), first[-3:], rest[:3], len(rest))
+
+    asyncio.run(run())
+
+
+def s_metric(s: ProdStack, family: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{s.ports['api']}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(family + " "))
