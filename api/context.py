@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -16,7 +17,7 @@ from kestrel.store.session import tenant_scope
 from kestrel_core.errors import Unavailable
 
 
-def pool(request: Request[Any, Any, Any]) -> AsyncConnectionPool[Any]:
+def pool(request: ASGIConnection[Any, Any, Any, Any]) -> AsyncConnectionPool[Any]:
     """The API role's pool (kestrel_api: row-level security applies to everything it reads or writes)."""
     result: AsyncConnectionPool[Any] = request.app.state.pool
     return result

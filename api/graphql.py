@@ -12,15 +12,22 @@ from typing import Any
 
 import strawberry
 from litestar import Request
+from litestar.enums import ScopeType
+from litestar.types import Scope
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.extensions import DisableIntrospection, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.litestar import BaseContext, make_graphql_controller
 from strawberry.scalars import JSON
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import Info
+from strawberry.types.unset import UNSET, UnsetType
 
 from api.auth import Principal, provide_principal
 from api.context import tenant_transaction
+from api.streams import graphql as live
+from api.streams.graphql import Subscription
 from kestrel.store import alarms, commands, devices, groups, presence, rules, shadows, telemetry
-from kestrel_core.errors import InvalidInput, NotFound
+from kestrel_core.errors import InvalidInput, KestrelError, NotFound
 from kestrel_core.topics import is_valid_id
 
 MAX_DEPTH = 6
@@ -178,10 +185,16 @@ class Alarm:
 ALARM_FIELDS = tuple(Alarm.__annotations__)
 
 
+#: A WebSocket's caller until ``connection_init`` authenticates it: allowed nothing.
+NOBODY = Principal(actor="anonymous", tenant=None, scopes=frozenset())
+
+
 class Context(BaseContext, kw_only=True):
-    """Strawberry's Litestar context with the authenticated caller (strawberry fills in ``request``)."""
+    """Strawberry's Litestar context with the authenticated caller (strawberry fills in ``request``, or ``websocket``
+    and ``connection_params`` for subscriptions)."""
 
     principal: Principal
+    connection_params: dict[str, Any] | None = None
 
     @property
     def http(self) -> Request[Any, Any, Any]:
@@ -277,19 +290,33 @@ def build_schema(introspection: bool) -> strawberry.Schema:
     ]
     if not introspection:
         extensions.append(DisableIntrospection)
-    return strawberry.Schema(query=Query, extensions=extensions)
+    return strawberry.Schema(query=Query, subscription=Subscription, extensions=extensions)
 
 
 def graphql_controller(introspection: bool) -> type:
     """The GraphQL endpoint. Its contract is the committed SDL (``api/schema.graphql``), not the OpenAPI document."""
     schema = build_schema(introspection)
 
-    async def context_getter(request: Request[Any, Any, Any]) -> Context:
-        return Context(principal=await provide_principal(request))
+    async def context_getter(scope: Scope) -> Context:
+        if scope["type"] == ScopeType.WEBSOCKET:
+            return Context(principal=NOBODY)  # until connection_init authenticates it (on_ws_connect)
+        return Context(principal=await provide_principal(Request(scope)))
 
-    controller = make_graphql_controller(
-        schema, path="/graphql", graphql_ide=None, allow_queries_via_get=False, context_getter=context_getter
-    )
-    controller.include_in_schema = False
-    controller.opt = {"accepts": ("application/json",)}  # POST only (queries via GET are off): JSON or 415
-    return controller
+    base = make_graphql_controller(
+        schema, path="/graphql", graphql_ide=None, allow_queries_via_get=False, context_getter=context_getter,
+        subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+    )  # fmt: skip
+
+    class Controller(base):  # type: ignore[misc,valid-type]
+        async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+            assert context.websocket is not None
+            try:
+                context.principal = await live.connect(context.websocket, context.connection_params or {})
+            except KestrelError as exc:
+                raise ConnectionRejectionError({"reason": exc.detail}) from exc
+            unset: UnsetType = UNSET
+            return unset
+
+    Controller.include_in_schema = False
+    Controller.opt = {"accepts": ("application/json",)}  # POST only (queries via GET are off): JSON or 415
+    return Controller

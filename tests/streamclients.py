@@ -160,3 +160,34 @@ class StalledWs:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def graphql_subscription(
+    url: str, init: dict[str, Any], query: str, variables: dict[str, Any] | None = None
+) -> AsyncIterator[Ws]:
+    """A graphql-transport-ws connection: ``connection_init`` with ``init``, then one subscription ``query`` (id
+    "1"); ``received`` collects every server message (``next``, ``error``, ``complete``)."""
+    async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as socket:  # type: ignore[list-item]
+        await socket.send(json.dumps({"type": "connection_init", "payload": init}))
+        try:
+            ack = json.loads(await asyncio.wait_for(socket.recv(), 10))
+        except websockets.ConnectionClosed as closed:
+            raise ConnectionError(f"refused: {closed}") from closed
+        if ack.get("type") != "connection_ack":
+            raise ConnectionError(f"refused: {ack}")
+        await socket.send(json.dumps({"id": "1", "type": "subscribe",
+                                      "payload": {"query": query, "variables": variables or {}}}))  # fmt: skip
+        client = Ws(socket)
+
+        async def read() -> None:
+            async for raw in socket:
+                client.received.append(json.loads(raw))
+
+        task = asyncio.create_task(read())
+        try:
+            yield client
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

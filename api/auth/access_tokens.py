@@ -17,7 +17,7 @@ from typing import Any, Final
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from litestar import Request
+from litestar.connection import ASGIConnection
 
 from api.auth.principal import Principal
 from api.context import pool
@@ -80,13 +80,13 @@ def new_signing_key_pem() -> bytes:
     )
 
 
-async def client(request: Request[Any, Any, Any], client_id: str) -> dict[str, Any] | None:
+async def client(request: ASGIConnection[Any, Any, Any, Any], client_id: str) -> dict[str, Any] | None:
     """The OAuth client ``client_id`` names, with its tenant's status (before any tenant is known)."""
     async with pool(request).connection() as conn:
         return await credentials.client_lookup(conn, client_id)
 
 
-async def access_token_principal(request: Request[Any, Any, Any], token: str) -> Principal:
+async def access_token_principal(request: ASGIConnection[Any, Any, Any, Any], token: str) -> Principal:
     """The principal of a valid access token; ``Unauthenticated`` for anything else."""
     keys: SigningKeys = request.app.state.signing_keys
     try:

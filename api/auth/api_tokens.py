@@ -7,7 +7,7 @@ import hmac
 from datetime import UTC, datetime
 from typing import Any
 
-from litestar import Request
+from litestar.connection import ASGIConnection
 
 from api.auth.principal import Principal, RateLimiter
 from api.context import pool
@@ -16,7 +16,7 @@ from kestrel_core.errors import Unauthenticated
 from kestrel_core.tokens import ROLE_SCOPES, TOKEN_PATTERN, secret_digest
 
 
-async def token_principal(request: Request[Any, Any, Any], token: str) -> Principal:
+async def token_principal(request: ASGIConnection[Any, Any, Any, Any], token: str) -> Principal:
     """The principal of a valid API token; ``Unauthenticated`` for anything else."""
     match = TOKEN_PATTERN.match(token)
     if match is None:

@@ -12,6 +12,7 @@ import hmac
 from typing import Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 
 from api.auth.access_tokens import access_token_principal
 from api.auth.api_tokens import token_principal
@@ -21,15 +22,21 @@ from kestrel_core.tokens import TOKEN_PREFIX
 
 
 async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return await bearer_principal(request, request.headers.get("authorization", ""))
+
+
+async def bearer_principal(connection: ASGIConnection[Any, Any, Any, Any], authorization: str) -> Principal:
+    """The principal of an ``Authorization`` value (``Bearer <token>``), from a header or, on a GraphQL WebSocket,
+    the ``connection_init`` payload; ``Unauthenticated`` for anything else."""
+    scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("a valid bearer token is required")
-    expected: str = request.app.state.admin_token
+    expected: str = connection.app.state.admin_token
     if expected and hmac.compare_digest(token.encode(), expected.encode()):  # first: whatever its format
         return Principal(actor="platform-admin", tenant=None, scopes=frozenset())
     if token.startswith(TOKEN_PREFIX):
-        return await token_principal(request, token)
+        return await token_principal(connection, token)
     if token.count(".") == 2:  # an OAuth access token (a JWT)
-        return await access_token_principal(request, token)
+        return await access_token_principal(connection, token)
     raise Unauthenticated("a valid bearer token is required")

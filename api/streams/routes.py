@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, get, post
 from litestar.connection import ASGIConnection
-from litestar.params import Parameter, QueryParameter
+from litestar.params import HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from psycopg_pool import AsyncConnectionPool
 
 from api.auth import CallerPrincipal, Principal
-from api.auth.bearer import provide_principal
+from api.auth.bearer import bearer_principal
 from api.context import tenant_transaction
 from api.streams.access import check_origin, issue_ticket, redeem_ticket
 from api.streams.hub import Hub
@@ -48,7 +48,7 @@ async def stream_principal(connection: ASGIConnection[Any, Any, Any, Any], ticke
     check_origin(connection, connection.app.state.stream_origins)
     if ticket:
         return await redeem_ticket(pool_of(connection), ticket)
-    principal = await provide_principal(connection)  # type: ignore[arg-type]
+    principal = await bearer_principal(connection, connection.headers.get("authorization", ""))
     if principal.tenant is None:
         raise Unavailable("streams are a tenant's: use a tenant's API token or OAuth access token")
     return principal
@@ -94,7 +94,7 @@ async def stream(
     metrics: List = None,
     cursor: Annotated[str | None, QueryParameter(description="Resume after this cursor (or Last-Event-ID)")] = None,
     ticket: Annotated[str | None, QueryParameter(description="A stream ticket, for browsers")] = None,
-    last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+    last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
 ) -> ServerSentEvent:
     """Events as they happen (``event``: the kind; ``id``: the cursor), heartbeats every 15 s; ``lagged`` (too slow:
     reconnect with the cursor), ``gap`` (events lost to retention) and ``end`` (token expired or revoked) say why a

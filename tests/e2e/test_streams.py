@@ -22,7 +22,7 @@ from kestrel.store.session import operator, run_blocking
 from tests.conftest import _nats, tenant_token
 from tests.e2e.test_rules import publish, reading
 from tests.prodstack import ProdStack, prod_stack
-from tests.streamclients import StalledWs, sse, wait_for, ws
+from tests.streamclients import StalledWs, graphql_subscription, sse, wait_for, ws
 
 pytestmark = pytest.mark.e2e
 V1 = "/api/v1"
@@ -49,23 +49,39 @@ def readings_of(received: list[tuple[str, str, Any]], device: str) -> list[float
             for r in e["data"]["readings"] if "temp" in r["metrics"]]  # fmt: skip
 
 
-def test_an_sse_and_a_websocket_client_receive_a_reading_published_over_mtls(stack: ProdStack) -> None:
+SUBSCRIPTION = "subscription($kinds: [String!]) { events(kinds: $kinds) { kind device cursor data } }"
+
+
+def test_sse_websocket_and_graphql_clients_receive_a_reading_published_over_mtls(stack: ProdStack) -> None:
+    """Three kinds of client at once; the device's connection (presence, from devicesvc) comes before its reading."""
     s = stack
     tenant, (device,) = s.tenant(1, prefix="live")
     auth = tenant_token(s.url, tenant)
+    api = f"ws://127.0.0.1:{s.ports['api']}{V1}"
 
     async def run() -> None:
-        async with sse(f"{base(s)}/stream", auth, kinds="telemetry") as events, \
-                ws(f"ws://127.0.0.1:{s.ports['api']}{V1}/ws", auth) as socket:  # fmt: skip
+        async with sse(f"{base(s)}/stream", auth, kinds="telemetry,presence") as events, \
+                ws(f"{api}/ws", auth) as socket, \
+                graphql_subscription(f"{api}/graphql", {"authorization": auth["Authorization"]}, SUBSCRIPTION,
+                                     {"kinds": ["telemetry"]}) as gql:  # fmt: skip
             assert events.status == 200, events.received
             await socket.send({"type": "subscribe", "id": "s1", "filter": {"kinds": ["telemetry"]}})
             assert await wait_for(lambda: socket.of("subscribed") and events.events("heartbeat"))
+            await asyncio.sleep(0.5)  # the GraphQL subscription has no "subscribed" message: let it join its feed
             await publish(s, tenant, device, [reading(int(time.time() * 1000), 1, temp=21.5)])
             assert await wait_for(lambda: readings_of(events.received, device) == [21.5])
             assert await wait_for(lambda: len(socket.of("event")) == 1)
             (message,) = socket.of("event")
             assert message["id"] == "s1" and message["event"]["device"] == device
             assert message["event"]["data"]["readings"][0]["metrics"] == {"temp": 21.5}
+            assert await wait_for(lambda: len(gql.of("next")) == 1)
+            event = gql.of("next")[0]["payload"]["data"]["events"]
+            assert event["kind"] == "telemetry" and event["data"]["readings"][0]["metrics"] == {"temp": 21.5}
+            presence = [e for kind, _, e in events.received if kind == "presence"]
+            assert presence and presence[0]["data"]["event"] == "connected" and presence[0]["device"] == device
+        with pytest.raises(ConnectionError, match=r"refused: .*4403"):
+            async with graphql_subscription(f"{api}/graphql", {"authorization": "Bearer kst_nope"}, SUBSCRIPTION):
+                pass
 
     asyncio.run(run())
 
