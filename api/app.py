@@ -188,6 +188,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
                 "rate_limiter": RateLimiter(),
                 "signing_keys": SigningKeys.load(settings.signing_key_file, settings.previous_signing_keys),
                 "schema_version": max(m.version for m in available_migrations("native")),
+                "stream_max_s": settings.stream_max_s,
                 "stream_origins": frozenset(o.strip() for o in settings.stream_origins.split(",") if o.strip()),
             }
         ),

@@ -29,6 +29,9 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     previous_signing_keys: str = ""
     #: NATS JetStream, where the real-time streams come from; empty: the stream endpoints answer 503.
     nats_url: str = ""
+    #: A stream ends after this long (``end``, reason ``max_lifetime``) and its client reconnects with its cursor,
+    #: missing nothing: connections spread over the replicas again after a deploy or a scale-out.
+    stream_max_s: float = 3600.0
     #: Comma-separated origins (``https://console.example.com``) whose pages may open streams, besides the API's own.
     stream_origins: str = ""
     #: Database connections kept open.

@@ -95,21 +95,27 @@ def platform_url_for(postgres: PostgresServer, database_url: str) -> str:
     return postgres.platform_url.rsplit("/", 1)[0] + "/" + database_url.rsplit("/", 1)[1]
 
 
-def start_api(postgres: PostgresServer, database_url: str, root: Path, admin_token: str) -> tuple[ServiceProcess, int]:
+def start_api(
+    postgres: PostgresServer, database_url: str, root: Path, admin_token: str, extra_env: dict[str, str] | None = None
+) -> tuple[ServiceProcess, int]:
     """``python -m api`` (uvicorn, a free loopback port) on ``database_url`` as the API's and the platform's roles,
-    with an OAuth signing key; started and ready."""
+    with an OAuth signing key (and ``extra_env``); started and ready."""
     from api.auth.access_tokens import new_signing_key_pem  # noqa: PLC0415 - only the tests that run an API
 
     port = free_port()
     key = root / "signing.key"
     key.write_bytes(new_signing_key_pem())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")} | {
-        "KESTREL_API_DATABASE_URL": api_url_for(postgres, database_url),
-        "KESTREL_API_PLATFORM_DATABASE_URL": platform_url_for(postgres, database_url),
-        "KESTREL_API_ADMIN_TOKEN": admin_token,
-        "KESTREL_API_PORT": str(port),
-        "KESTREL_API_SIGNING_KEY_FILE": str(key),
-    }
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("KESTREL_")}
+        | {
+            "KESTREL_API_DATABASE_URL": api_url_for(postgres, database_url),
+            "KESTREL_API_PLATFORM_DATABASE_URL": platform_url_for(postgres, database_url),
+            "KESTREL_API_ADMIN_TOKEN": admin_token,
+            "KESTREL_API_PORT": str(port),
+            "KESTREL_API_SIGNING_KEY_FILE": str(key),
+        }
+        | (extra_env or {})
+    )
     api = ServiceProcess(name="api", log_path=root / "api.log", argv=[sys.executable, "-m", "api"], env=env)
     api.start()
     if not wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 30):

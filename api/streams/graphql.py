@@ -67,7 +67,9 @@ class Subscription:
             subscriber = await subscribe(pool_of(socket), principal, wanted)
         except KestrelError as exc:
             raise GraphQLError(exc.detail) from exc
-        async for out in events(hub_of(socket), pool_of(socket), principal, subscriber, resume):
+        async for out in events(
+            hub_of(socket), pool_of(socket), principal, subscriber, resume, max_s=socket.app.state.stream_max_s
+        ):
             if isinstance(out, LiveEvent):
                 yield StreamEvent(kind=out.kind, device=out.device, cursor=out.cursor, data=out.data)
             elif isinstance(out, Lagged):

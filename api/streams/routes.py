@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from api.auth import CallerPrincipal, Principal
 from api.auth.bearer import bearer_principal
 from api.context import tenant_transaction
+from api.problems import problem_specs
 from api.streams.access import check_origin, issue_ticket, redeem_ticket
 from api.streams.hub import Hub
 from api.streams.session import End, Gap, Heartbeat, Lagged, Out, events, subscribe
@@ -23,7 +24,9 @@ from kestrel_core.errors import Unavailable
 from kestrel_core.live import Cursor, LiveEvent, parse_cursor, parse_filter
 
 _encode = msgspec.json.Encoder()
-List = Annotated[str | None, QueryParameter(description="Comma-separated", max_length=65_000)]
+#: A filter in a URL stays within what HTTP servers take in a request head (16 KiB); a longer one goes over the
+#: WebSocket, in a message.
+List = Annotated[str | None, QueryParameter(description="Comma-separated", max_length=2000)]
 
 
 class Ticket(msgspec.Struct, frozen=True):
@@ -84,7 +87,7 @@ def sse_message(out: Out) -> ServerSentEventMessage:
 
 
 @get("/stream", operation_id="streamEvents", summary="Server-Sent Events of the tenant's devices", tags=["streams"],
-     security=[{"bearerAuth": []}, {}])  # fmt: skip
+     security=[{"bearerAuth": []}, {}], responses=problem_specs(503), media_type="text/event-stream")  # fmt: skip
 async def stream(
     request: Request[Any, Any, Any],
     kinds: List = None,
@@ -99,15 +102,17 @@ async def stream(
     """Events as they happen (``event``: the kind; ``id``: the cursor), heartbeats every 15 s; ``lagged`` (too slow:
     reconnect with the cursor), ``gap`` (events lost to retention) and ``end`` (token expired or revoked) say why a
     stream changes or stops. Reconnecting with ``Last-Event-ID`` delivers exactly what was missed."""
-    hub = hub_of(request)
     principal = await stream_principal(request, ticket)
     wanted = parse_filter({"kinds": _csv(kinds), "devices": _csv(devices), "groups": _csv(groups),
                            "tags": _csv(tags), "metrics": _csv(metrics)})  # fmt: skip
     resume: Cursor | None = parse_cursor(last_event_id or cursor or "") if (last_event_id or cursor) else None
     subscriber = await subscribe(pool_of(request), principal, wanted)
+    hub = hub_of(request)  # last: every refusal above is the caller's, this one is ours (NATS away: 503)
 
     async def messages() -> Any:
-        async for out in events(hub, pool_of(request), principal, subscriber, resume):
+        async for out in events(
+            hub, pool_of(request), principal, subscriber, resume, max_s=request.app.state.stream_max_s
+        ):
             yield sse_message(out)
 
     return ServerSentEvent(messages(), retry_duration=2000, headers={"Cache-Control": "no-store"})

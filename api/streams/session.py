@@ -46,7 +46,7 @@ class Gap:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    reason: str  # token_expired_or_revoked, scope_lost
+    reason: str  # token_expired_or_revoked, scope_lost, max_lifetime (reconnect with the cursor)
 
 
 Out = LiveEvent | Heartbeat | Lagged | Gap | End
@@ -85,10 +85,12 @@ async def events(
     subscriber: Subscriber,
     cursor: Cursor | None,
     *,
+    max_s: float = 3600.0,
     heartbeat_s: float = HEARTBEAT_S,
     recheck_s: float = RECHECK_S,
 ) -> AsyncIterator[Out]:
     """Everything the client receives, until it ends (the caller stops iterating when the client leaves)."""
+    ends_at = time.monotonic() + max_s
     live_start = await hub.join(subscriber)
     try:
         if cursor is not None:
@@ -99,7 +101,10 @@ async def events(
         now = time.monotonic()
         next_beat, next_check, next_members = now + heartbeat_s, now + recheck_s, now + MEMBERS_S
         while True:
-            wait = max(0.0, min(next_beat, next_check) - time.monotonic())
+            if time.monotonic() >= ends_at:
+                yield End("max_lifetime")
+                return
+            wait = max(0.0, min(next_beat, next_check, ends_at) - time.monotonic())
             event = await subscriber.next(wait)
             if event is not None:
                 yield event

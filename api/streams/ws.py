@@ -72,7 +72,9 @@ class Connection:
     async def pump(self, sub_id: str, subscriber: Any, cursor: Any) -> None:
         hub = hub_of(self.socket)
         try:
-            async for out in events(hub, pool_of(self.socket), self.principal, subscriber, cursor):
+            async for out in events(
+                hub, pool_of(self.socket), self.principal, subscriber, cursor, max_s=self.socket.app.state.stream_max_s
+            ):
                 if isinstance(out, LiveEvent):
                     await self.send({"type": "event", "id": sub_id, "event": out})
                 elif isinstance(out, Heartbeat):

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from kestrel.devtools import seed
-from kestrel.devtools.servers import PostgresServer
+from kestrel.devtools.servers import NatsServer, PostgresServer
 from kestrel.store.session import operator, run_blocking
 from kestrel_core.tokens import secret_digest
 from tests.conftest import isolated_database, start_api, tenant_token
@@ -43,11 +43,15 @@ class Target:
 
 
 @pytest.fixture(params=list(SEEDS))
-def target(request: pytest.FixtureRequest, postgres: PostgresServer, tmp_path: Path) -> Iterator[Target]:
+def target(
+    request: pytest.FixtureRequest, postgres: PostgresServer, nats_server: NatsServer, tmp_path: Path
+) -> Iterator[Target]:
     """An API of its own on a database of its own for each run: device ids are global, so two runs sharing a
-    database would collide on the ids their generators draw first (409s the fuzzer reads as a schema mismatch)."""
+    database would collide on the ids their generators draw first (409s the fuzzer reads as a schema mismatch).
+    Its streams end after 0.2 s (a stream's lifetime), so the fuzzer gets a whole answer from ``GET /stream``."""
     database_url = isolated_database(postgres, "fuzz")
-    api, port = start_api(postgres, database_url, tmp_path, PLATFORM)
+    streams = {"KESTREL_API_NATS_URL": nats_server.url, "KESTREL_API_STREAM_MAX_S": "0.2"}
+    api, port = start_api(postgres, database_url, tmp_path, PLATFORM, streams)
     yield Target(request.param, port, database_url)
     api.stop()
 
