@@ -9,6 +9,7 @@ APT_PACKAGES=(
   postgresql-15                                    # PostgreSQL binaries (we run our own cluster)
   mosquitto-dev libmosquitto-dev libcurl4-openssl-dev libcjson-dev libssl-dev gcc make  # auth plugin build
   python3 python3-venv ca-certificates curl openssl
+  chromium chromium-driver                         # the console's browser tests (headless)
 )
 
 missing=()

@@ -40,6 +40,7 @@ from api import (
 from api.auth import RateLimiter, provide_principal
 from api.auth.access_tokens import SigningKeys
 from api.bounds import BODY_LIMIT, accepted_media_types, require_media_type
+from api.console import console_routers
 from api.graphql import graphql_controller
 from api.openapi import RefinedJson
 from api.problems import handle_exception, problem_specs
@@ -177,7 +178,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
     )
     prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
     return Litestar(
-        route_handlers=[api_v1, *health.ROUTES],
+        route_handlers=[api_v1, *health.ROUTES, *console_routers()],
         logging_config=None,  # keep kestrel.runtime.logs' JSON lines (Litestar would install its own format)
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},

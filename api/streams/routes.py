@@ -29,9 +29,12 @@ _encode = msgspec.json.Encoder()
 List = Annotated[str | None, QueryParameter(description="Comma-separated", max_length=2000)]
 
 
-class Ticket(msgspec.Struct, frozen=True):
+class Ticket(msgspec.Struct, frozen=True, kw_only=True):
     ticket: str
     expires_at: datetime
+    #: Whose streams it opens, and the scopes they are checked against (what the console shows and hides).
+    tenant: str
+    scopes: list[str]
 
 
 def hub_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Hub:
@@ -65,7 +68,7 @@ async def create_ticket(request: Request[Any, Any, Any], principal: CallerPrinci
     tenant = principal.tenant or ""
     async with tenant_transaction(request, tenant) as conn:
         ticket, expires_at = await issue_ticket(conn, principal)
-    return Ticket(ticket, expires_at)
+    return Ticket(ticket=ticket, expires_at=expires_at, tenant=tenant, scopes=sorted(principal.scopes))
 
 
 def _csv(value: str | None) -> list[str]:
