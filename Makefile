@@ -39,6 +39,7 @@ bench: install
 	$(PY) bench/api_bench.py
 	$(PY) bench/twin_bench.py
 	$(PY) bench/rules_bench.py
+	$(PY) bench/streams_bench.py
 
 # Regenerate the committed documents: OpenAPI, GraphQL SDL, AsyncAPI, the services' KESTREL_* tables.
 openapi: install

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("run.py", "identity_bench.py", "api_bench.py", "twin_bench.py", "rules_bench.py")
+SCRIPTS = ("run.py", "identity_bench.py", "api_bench.py", "twin_bench.py", "rules_bench.py", "streams_bench.py")
 RATIO = re.compile(r"ratio to (?:the )?[^:]*:\s*(-?[0-9.]+(?:e[-+]?[0-9]+)?|nan|inf)", re.IGNORECASE)
 TIMEOUT_S = 300
 

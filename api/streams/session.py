@@ -86,12 +86,14 @@ async def events(
     cursor: Cursor | None,
     *,
     max_s: float = 3600.0,
+    joined: Cursor | None = None,
     heartbeat_s: float = HEARTBEAT_S,
     recheck_s: float = RECHECK_S,
 ) -> AsyncIterator[Out]:
-    """Everything the client receives, until it ends (the caller stops iterating when the client leaves)."""
+    """Everything the client receives, until it ends (the caller stops iterating when the client leaves).
+    ``joined``: the caller joined the hub already (``hub.join``), at that position, to tell the client it is live."""
     ends_at = time.monotonic() + max_s
-    live_start = await hub.join(subscriber)
+    live_start = joined if joined is not None else await hub.join(subscriber)
     try:
         if cursor is not None:
             async for missed in hub.replay(subscriber, cursor, live_start):

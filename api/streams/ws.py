@@ -66,15 +66,16 @@ class Connection:
         except KestrelError as exc:
             await self.problem(exc, sub_id)
             return
-        await self.send({"type": "subscribed", "id": sub_id})
-        self.pumps[sub_id] = asyncio.create_task(self.pump(sub_id, subscriber, cursor))
+        # joined before "subscribed" is said: whatever is published after the client reads it reaches it
+        live_start = await hub_of(self.socket).join(subscriber)
+        self.pumps[sub_id] = asyncio.create_task(self.pump(sub_id, subscriber, cursor, live_start))
+        await self.send({"type": "subscribed", "id": sub_id, "cursor": str(live_start)})
 
-    async def pump(self, sub_id: str, subscriber: Any, cursor: Any) -> None:
+    async def pump(self, sub_id: str, subscriber: Any, cursor: Any, live_start: Any) -> None:
         hub = hub_of(self.socket)
         try:
-            async for out in events(
-                hub, pool_of(self.socket), self.principal, subscriber, cursor, max_s=self.socket.app.state.stream_max_s
-            ):
+            async for out in events(hub, pool_of(self.socket), self.principal, subscriber, cursor,
+                                    max_s=self.socket.app.state.stream_max_s, joined=live_start):  # fmt: skip
                 if isinstance(out, LiveEvent):
                     await self.send({"type": "event", "id": sub_id, "event": out})
                 elif isinstance(out, Heartbeat):

@@ -323,7 +323,11 @@ class EmbeddedStack:
                 f"  MQTT devices    mqtts://localhost:{p.mqtt_tls}     (mTLS: device certificates)",
                 f"                  mqtts://localhost:{p.mqtt_jwt}     (TLS: JWT as password)",
                 f"  MQTT loopback   mqtt://{LOOPBACK}:{p.mqtt}          (development; authenticated too)",
+                f"  Console         http://{LOOPBACK}:{p.api}/console/   "
+                f"(sign in with the token in {self.state}/demo-token)",
                 f"  REST API        http://{LOOPBACK}:{p.api}/api/v1   (OpenAPI: /schema, /schema/openapi.json)",
+                f"  Streams         http://{LOOPBACK}:{p.api}/api/v1/stream (SSE)  ws://{LOOPBACK}:{p.api}/api/v1/ws"
+                "  (README: Real-time streams)",
                 f"  NATS JetStream  nats://{LOOPBACK}:{p.nats}          (monitoring http://{LOOPBACK}:{p.nats_monitor})",
                 f"  PostgreSQL      {LOOPBACK}:{p.postgres}            "
                 f"(database kestrel; URL in {self.state}/kestrel.env)",
