@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from litestar import Response, Router
+from litestar.datastructures import CacheControlHeader
 from litestar.static_files import create_static_files_router
 
 log = logging.getLogger("kestrel.api")
 HERE: Final = Path(__file__).resolve().parent
 VENDOR: Final = HERE.parents[1] / "node_modules" / "uplot" / "dist"
+#: The page and its script are checked again on every load (a deploy shows at once); uPlot is versioned by npm.
+REVALIDATE: Final = CacheControlHeader(no_cache=True)
 SECURITY_HEADERS: Final = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
     " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -32,7 +35,7 @@ def console_routers(vendor: Path = VENDOR) -> list[Router]:
     """``/console`` (the page) and ``/console/vendor`` (uPlot); without uPlot installed the console still works,
     without charts, and says so in the log."""
     routers = [create_static_files_router(path="/console", directories=[HERE], html_mode=True, name="console",
-                                          after_request=_secure)]  # fmt: skip
+                                          after_request=_secure, cache_control=REVALIDATE)]  # fmt: skip
     if (vendor / "uPlot.iife.min.js").is_file():
         routers.append(create_static_files_router(path="/console/vendor", directories=[vendor], name="console-vendor",
                                                   after_request=_secure))  # fmt: skip

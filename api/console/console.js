@@ -453,6 +453,8 @@ async function route() {
     if (page === "device" && arg) {
       await openDevice(decodeURIComponent(arg));
       $("#device-view").hidden = false;
+      state.plot = null;  // drawn again now that the page has its width
+      drawChart();
     } else if (page === "alarms" && has("alarms:read")) {
       $("#alarms-view").hidden = false;
       $("#nav-alarms").setAttribute("aria-current", "page");
@@ -483,6 +485,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#alarm-status").addEventListener("change", loadAlarms);
   $("#token-form").addEventListener("submit", createToken);
   window.addEventListener("hashchange", route);
+  window.addEventListener("resize", () => { if (state.plot) state.plot.setSize({ width: $("#chart").clientWidth, height: 260 }); });
   if (state.token) {
     try { await start(); route(); } catch { signOut(); }
   }
