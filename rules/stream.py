@@ -27,7 +27,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel.runtime.nats import deadletter_config, ensure_stream, events_config
+from kestrel.runtime.nats import deadletter_config, ensure_stream, event_stream_config, events_config
 from kestrel.store.rows import fetch_all
 from kestrel_core import streams
 from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, alarm_subject
@@ -70,16 +70,7 @@ def rules_config(partitions: int) -> StreamConfig:
 
 
 def ticks_config() -> StreamConfig:
-    return StreamConfig(
-        name=TICKS_STREAM,
-        subjects=["rules.tick.*.*"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=86400,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=streams.DUPLICATE_WINDOW_S,
-        num_replicas=1,
-    )
+    return event_stream_config(TICKS_STREAM, ["rules.tick.*.*"], max_age_s=86400)
 
 
 async def ensure_streams(nc: NATS, partitions: int) -> None:
@@ -87,19 +78,7 @@ async def ensure_streams(nc: NATS, partitions: int) -> None:
     await ensure_stream(nc, ticks_config())
     await ensure_stream(nc, rules_config(partitions))
     await ensure_stream(nc, deadletter_config())
-    await ensure_stream(
-        nc,
-        StreamConfig(
-            name=ALARM_STREAM,
-            subjects=[*ALARM_SUBJECTS, "v1.*.out.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 86400,
-            discard=DiscardPolicy.OLD,
-            duplicate_window=streams.DUPLICATE_WINDOW_S,
-            num_replicas=1,
-        ),
-    )
+    await ensure_stream(nc, event_stream_config(ALARM_STREAM, [*ALARM_SUBJECTS, "v1.*.out.>"]))
 
 
 def consumer_name(partition: int) -> str:

@@ -31,7 +31,15 @@ from kestrel_core.topics import DEVICE_UPLINK_FILTERS, TELEMETRY_FILTERS
 from kestrel_device.client import new_device_key
 from pki.builtin import BuiltinCA
 from tests.balancer import Balancer, balancer
-from tests.conftest import ServiceProcess, api_url_for, isolated_database, platform_url_for, scrape, wait_until
+from tests.conftest import (
+    ServiceProcess,
+    _nats,
+    api_url_for,
+    isolated_database,
+    platform_url_for,
+    scrape,
+    wait_until,
+)
 
 PASSPHRASE = "prod-" + uuid.uuid4().hex
 ADMIN = "kpa_prod_" + uuid.uuid4().hex
@@ -314,3 +322,16 @@ def prod_stack(
             for process in reversed(list(stack.processes.values())):
                 process.stop(signal.SIGTERM, timeout=20)
             broker.stop()
+
+
+@contextmanager
+def stack_with_api(postgres: PostgresServer, root: Path) -> Iterator[ProdStack]:
+    """A NATS of its own and the production path with the API as a process: authsvc, bridge, writer, devicesvc and
+    the API (the streams' and the console's tests)."""
+    nats_server = _nats(root / "nats")
+    nats_server.start()
+    try:
+        with prod_stack(postgres, nats_server, root, services=("authsvc", "bridge", "writer", "devicesvc", "api")) as s:
+            yield s
+    finally:
+        nats_server.stop()

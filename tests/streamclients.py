@@ -97,21 +97,28 @@ class Ws:
 
 
 @contextlib.asynccontextmanager
+async def collecting(socket: Any) -> AsyncIterator[Ws]:
+    """Every message the socket receives, collected in the background until the block ends."""
+    client = Ws(socket)
+
+    async def read() -> None:
+        async for raw in socket:
+            client.received.append(json.loads(raw))
+
+    task = asyncio.create_task(read())
+    try:
+        yield client
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+@contextlib.asynccontextmanager
 async def ws(url: str, headers: dict[str, str] | None = None, origin: str | None = None) -> AsyncIterator[Ws]:
-    async with websockets.connect(url, additional_headers=headers or {}, origin=origin, max_size=2**22) as socket:  # type: ignore[arg-type]
-        client = Ws(socket)
-
-        async def read() -> None:
-            async for raw in socket:
-                client.received.append(json.loads(raw))
-
-        task = asyncio.create_task(read())
-        try:
-            yield client
-        finally:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+    connecting = websockets.connect(url, additional_headers=headers or {}, origin=origin, max_size=2**22)  # type: ignore[arg-type]
+    async with connecting as socket, collecting(socket) as client:
+        yield client
 
 
 class StalledWs:
@@ -178,16 +185,5 @@ async def graphql_subscription(
             raise ConnectionError(f"refused: {ack}")
         await socket.send(json.dumps({"id": "1", "type": "subscribe",
                                       "payload": {"query": query, "variables": variables or {}}}))  # fmt: skip
-        client = Ws(socket)
-
-        async def read() -> None:
-            async for raw in socket:
-                client.received.append(json.loads(raw))
-
-        task = asyncio.create_task(read())
-        try:
+        async with collecting(socket) as client:
             yield client
-        finally:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task

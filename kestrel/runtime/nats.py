@@ -54,18 +54,23 @@ def deadletter_config(max_age_s: int = 14 * 86400) -> StreamConfig:
     )
 
 
-def events_config() -> StreamConfig:
-    """The twin events' stream, ensured by devicesvc (which publishes) and the rule workers (which source it)."""
+def event_stream_config(name: str, subjects: list[str], max_age_s: int = 7 * 86400) -> StreamConfig:
+    """A stream of events kept for ``max_age_s`` (oldest dropped first), deduplicated by ``Nats-Msg-Id``."""
     return StreamConfig(
-        name=streams.EVENTS_STREAM,
-        subjects=list(streams.EVENTS_SUBJECTS),
+        name=name,
+        subjects=subjects,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        max_age=7 * 86400,
+        max_age=max_age_s,
         discard=DiscardPolicy.OLD,
         duplicate_window=streams.DUPLICATE_WINDOW_S,
         num_replicas=1,
     )
+
+
+def events_config() -> StreamConfig:
+    """The twin events' stream, ensured by devicesvc (which publishes) and the rule workers (which source it)."""
+    return event_stream_config(streams.EVENTS_STREAM, list(streams.EVENTS_SUBJECTS))
 
 
 async def ensure_stream(nc: NATS, config: StreamConfig) -> None:

@@ -22,8 +22,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from kestrel.devtools.servers import PostgresServer
 from kestrel_device.client import DeviceClient
-from tests.conftest import _nats, tenant_token
-from tests.prodstack import ProdStack, prod_stack
+from tests.conftest import tenant_token
+from tests.prodstack import ProdStack, stack_with_api
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
@@ -32,14 +32,8 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 @pytest.fixture(scope="module")
 def stack(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProdStack]:
-    root = tmp_path_factory.mktemp("console")
-    nats_server = _nats(root / "nats")
-    nats_server.start()
-    try:
-        with prod_stack(postgres, nats_server, root, services=("authsvc", "bridge", "writer", "devicesvc", "api")) as s:
-            yield s
-    finally:
-        nats_server.stop()
+    with stack_with_api(postgres, tmp_path_factory.mktemp("console")) as s:
+        yield s
 
 
 @contextlib.contextmanager

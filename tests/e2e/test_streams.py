@@ -19,9 +19,9 @@ from api.streams.hub import QUEUE_BYTES
 from kestrel.devtools.servers import PostgresServer
 from kestrel.store import credentials
 from kestrel.store.session import operator, run_blocking
-from tests.conftest import _nats, tenant_token
+from tests.conftest import tenant_token
 from tests.e2e.test_rules import publish, reading
-from tests.prodstack import ProdStack, prod_stack
+from tests.prodstack import ProdStack, stack_with_api
 from tests.streamclients import StalledWs, graphql_subscription, sse, wait_for, ws
 
 pytestmark = pytest.mark.e2e
@@ -30,14 +30,8 @@ V1 = "/api/v1"
 
 @pytest.fixture(scope="module")
 def stack(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProdStack]:
-    root = tmp_path_factory.mktemp("streams")
-    nats_server = _nats(root / "nats")
-    nats_server.start()
-    try:
-        with prod_stack(postgres, nats_server, root, services=("authsvc", "bridge", "writer", "devicesvc", "api")) as s:
-            yield s
-    finally:
-        nats_server.stop()
+    with stack_with_api(postgres, tmp_path_factory.mktemp("streams")) as s:
+        yield s
 
 
 def base(s: ProdStack) -> str:
@@ -79,6 +73,9 @@ def test_sse_websocket_and_graphql_clients_receive_a_reading_published_over_mtls
             assert event["kind"] == "telemetry" and event["data"]["readings"][0]["metrics"] == {"temp": 21.5}
             presence = [e for kind, _, e in events.received if kind == "presence"]
             assert presence and presence[0]["data"]["event"] == "connected" and presence[0]["device"] == device
+            # three clients of one tenant, one feed in the process (three JetStream consumers), not one per client
+            assert await asyncio.to_thread(s_metric, s, "kestrel_api_stream_feeds") == 1
+            assert await asyncio.to_thread(s_metric, s, "kestrel_api_stream_clients") == 3
         with pytest.raises(ConnectionError, match=r"refused: .*4403"):
             async with graphql_subscription(f"{api}/graphql", {"authorization": "Bearer kst_nope"}, SUBSCRIPTION):
                 pass
@@ -122,6 +119,10 @@ def test_a_ticket_opens_one_stream_once_and_a_foreign_origin_is_refused(stack: P
             assert await wait_for(lambda: first.events("heartbeat"))
         async with sse(f"{base(s)}/stream", ticket=ticket) as again:
             assert again.status == 401, again.received
+        # a kind the token's scopes do not cover is refused, naming the scope
+        narrow = tenant_token(s.url, tenant, "telemetry:read")
+        async with sse(f"{base(s)}/stream", narrow, kinds="telemetry,alarm") as refused:
+            assert refused.status == 403 and "alarms:read" in json.dumps(refused.received)
         fresh = (await asyncio.to_thread(httpx.post, f"{base(s)}/stream/tickets", headers=auth)).json()["ticket"]
         async with sse(f"{base(s)}/stream", {"Origin": "https://evil.example"}, ticket=fresh) as foreign:
             assert foreign.status == 403, foreign.received

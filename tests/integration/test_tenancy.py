@@ -378,6 +378,10 @@ def test_tenant_a_against_every_route_with_tenant_b_ids(client: TestClient, data
                 json=body if method in ("post", "patch", "put") else None,
             )
             tried += 1
+            if path == "/api/v1/stream":  # past every check it needs NATS, which this in-process API lacks; the
+                # streams' isolation is attacked with hostile filters over real NATS in tests/e2e/test_streams.py
+                assert resp.status_code == 503 and "NATS" in resp.text, resp.text
+                continue
             if "{" in path:  # names one of B's objects: it does not exist for A
                 assert resp.status_code == 404 or (path.startswith("/api/v1/tenants") and resp.status_code == 403), (
                     method,
