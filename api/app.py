@@ -95,9 +95,9 @@ async def _refuse_privileged_role(pool: AsyncConnectionPool[Any]) -> None:
         raise Unavailable(PRIVILEGED_DETAIL)
 
 
-async def _connect_hub(app: Litestar, url: str) -> None:
+async def _connect_hub(app: Litestar, settings: ApiSettings) -> None:
     """NATS for the streams, in the background: the API serves everything else while NATS is away (streams 503)."""
-    app.state.hub = Hub(await connect_nats(url, "kestrel-api"))
+    app.state.hub = Hub(await connect_nats(settings.nats_url, "kestrel-api"), settings.stream_max_per_tenant)
 
 
 def _routes() -> list[HTTPRouteHandler]:
@@ -146,9 +146,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
                 await _refuse_privileged_role(platform)
         app.state.platform_pool = platform
         app.state.hub = None
-        connecting = (
-            asyncio.create_task(_connect_hub(app, settings.nats_url)) if settings.nats_url and open_pool else None
-        )
+        connecting = asyncio.create_task(_connect_hub(app, settings)) if settings.nats_url and open_pool else None
         try:
             yield
         finally:

@@ -32,6 +32,8 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: A stream ends after this long (``end``, reason ``max_lifetime``) and its client reconnects with its cursor,
     #: missing nothing: connections spread over the replicas again after a deploy or a scale-out.
     stream_max_s: float = 3600.0
+    #: Most streams one tenant may have open on one API process (past it: 429); a tenant cannot starve the others.
+    stream_max_per_tenant: int = 1000
     #: Comma-separated origins (``https://console.example.com``) whose pages may open streams, besides the API's own.
     stream_origins: str = ""
     #: Database connections kept open.

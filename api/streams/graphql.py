@@ -64,7 +64,7 @@ class Subscription:
             wanted = parse_filter({"kinds": kinds or [], "devices": devices or [], "groups": groups or [],
                                    "tags": tags or [], "metrics": metrics or []})  # fmt: skip
             resume = parse_cursor(cursor) if cursor else None
-            subscriber = await subscribe(pool_of(socket), principal, wanted)
+            subscriber = await subscribe(hub_of(socket), pool_of(socket), principal, wanted)
         except KestrelError as exc:
             raise GraphQLError(exc.detail) from exc
         async for out in events(

@@ -27,6 +27,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
 
+from kestrel_core.errors import RateLimited
 from kestrel_core.live import FAMILIES, Cursor, Filter, LiveEvent, parse_cursor
 from kestrel_core.messages.telemetry import decode_envelope
 
@@ -184,8 +185,9 @@ class Feed:
 class Hub:
     """Every tenant's feed in this process."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, per_tenant: int = 1000) -> None:
         self.nc = nc
+        self.per_tenant = per_tenant
         self.feeds: dict[str, Feed] = {}
         self._lock = asyncio.Lock()
         CLIENTS.set_function(lambda: self.clients)
@@ -199,6 +201,14 @@ class Hub:
     @property
     def queued_bytes(self) -> int:
         return sum(s.queued_bytes for f in list(self.feeds.values()) for s in list(f.subscribers))
+
+    def admit(self, tenant: str) -> None:
+        """``RateLimited`` when the tenant already has ``per_tenant`` subscriptions in this process (checked as a
+        stream opens; concurrent opens may pass it by a few)."""
+        feed = self.feeds.get(tenant)
+        if feed is not None and len(feed.subscribers) >= self.per_tenant:
+            raise RateLimited(f"the tenant has {self.per_tenant} streams open on this API process"
+                              " (KESTREL_API_STREAM_MAX_PER_TENANT)", retry_after=5.0)  # fmt: skip
 
     async def join(self, subscriber: Subscriber) -> Cursor:
         """Start delivering live events to ``subscriber``; the feed's position at that instant (where live begins)."""

@@ -90,7 +90,7 @@ def sse_message(out: Out) -> ServerSentEventMessage:
 
 
 @get("/stream", operation_id="streamEvents", summary="Server-Sent Events of the tenant's devices", tags=["streams"],
-     security=[{}], responses=problem_specs(503), media_type="text/event-stream")  # fmt: skip
+     security=[{}], responses=problem_specs(429, 503), media_type="text/event-stream")  # fmt: skip
 async def stream(
     request: Request[Any, Any, Any],
     kinds: List = None,
@@ -109,8 +109,8 @@ async def stream(
     wanted = parse_filter({"kinds": _csv(kinds), "devices": _csv(devices), "groups": _csv(groups),
                            "tags": _csv(tags), "metrics": _csv(metrics)})  # fmt: skip
     resume: Cursor | None = parse_cursor(last_event_id or cursor or "") if (last_event_id or cursor) else None
-    subscriber = await subscribe(pool_of(request), principal, wanted)
-    hub = hub_of(request)  # last: every refusal above is the caller's, this one is ours (NATS away: 503)
+    subscriber = await subscribe(request.app.state.get("hub"), pool_of(request), principal, wanted)
+    hub = hub_of(request)
 
     async def messages() -> Any:
         async for out in events(

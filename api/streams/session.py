@@ -16,7 +16,7 @@ from api.streams.access import recheck
 from api.streams.hub import Hub, Subscriber
 from kestrel.store.rows import fetch_all
 from kestrel.store.session import tenant_scope
-from kestrel_core.errors import Unauthenticated
+from kestrel_core.errors import Unauthenticated, Unavailable
 from kestrel_core.live import KIND_SCOPES, Cursor, Filter, LiveEvent, granted_kinds
 
 HEARTBEAT_S: Final = 15.0
@@ -70,10 +70,16 @@ async def selected_devices(pool: AsyncConnectionPool[Any], tenant: str, wanted: 
     return named | {r["device_id"] for r in rows}
 
 
-async def subscribe(pool: AsyncConnectionPool[Any], principal: Principal, wanted: Filter) -> Subscriber:
-    """A subscriber for ``principal``'s tenant: ``Forbidden`` for a kind its scopes do not allow."""
+async def subscribe(
+    hub: Hub | None, pool: AsyncConnectionPool[Any], principal: Principal, wanted: Filter
+) -> Subscriber:
+    """A subscriber for ``principal``'s tenant: ``Forbidden`` for a kind its scopes do not allow, ``Unavailable``
+    without NATS (``hub`` None), ``RateLimited`` when the tenant has its most streams open in this process."""
     assert principal.tenant is not None
     kinds = granted_kinds(wanted, principal.scopes)
+    if hub is None:
+        raise Unavailable("streams need NATS (KESTREL_API_NATS_URL)")
+    hub.admit(principal.tenant)
     devices = await selected_devices(pool, principal.tenant, wanted)
     return Subscriber(tenant=principal.tenant, kinds=kinds, wanted=wanted, devices=devices)
 

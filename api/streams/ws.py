@@ -62,7 +62,7 @@ class Connection:
         try:
             wanted = parse_filter(message.get("filter"))
             cursor = parse_cursor(message["cursor"]) if message.get("cursor") else None
-            subscriber = await subscribe(pool_of(self.socket), self.principal, wanted)
+            subscriber = await subscribe(hub_of(self.socket), pool_of(self.socket), self.principal, wanted)
         except KestrelError as exc:
             await self.problem(exc, sub_id)
             return

@@ -301,3 +301,34 @@ def test_a_graphql_subscription_resumes_from_its_cursor(stack: ProdStack) -> Non
             assert await wait_for(lambda: temps(second) == [2.0, 3.0, 4.0])
 
     asyncio.run(run())
+
+
+def test_a_tenant_cannot_open_more_streams_than_its_share_of_a_process(stack: ProdStack) -> None:
+    """With two streams per tenant allowed, a tenant's third is 429 while another tenant still opens its own; closing
+    one makes room again. (The API restarts with the limit, then without it.)"""
+    s = stack
+    s.extra_env["api"] = {"KESTREL_API_STREAM_MAX_PER_TENANT": "2"}
+    s.stop("api")
+    s.start("api")
+    try:
+        busy, _ = s.tenant(0, prefix="cap")
+        other, _ = s.tenant(0, prefix="capb")
+        auth, other_auth = tenant_token(s.url, busy), tenant_token(s.url, other)
+
+        async def run() -> None:
+            async with sse(f"{base(s)}/stream", auth) as one, sse(f"{base(s)}/stream", auth) as two:
+                assert await wait_for(lambda: one.events("heartbeat") and two.events("heartbeat"))
+                async with sse(f"{base(s)}/stream", auth) as third:
+                    assert third.status == 429, third.received
+                async with sse(f"{base(s)}/stream", other_auth) as theirs:  # the control: another tenant is served
+                    assert theirs.status == 200
+            # both closed: their subscriptions have left the feed
+            assert await wait_for(lambda: s_metric(s, "kestrel_api_stream_clients") == 0)
+            async with sse(f"{base(s)}/stream", auth) as again:
+                assert again.status == 200
+
+        asyncio.run(run())
+    finally:
+        s.extra_env.pop("api")
+        s.stop("api")
+        s.start("api")
