@@ -71,8 +71,10 @@ def test_sse_websocket_and_graphql_clients_receive_a_reading_published_over_mtls
             assert await wait_for(lambda: len(gql.of("next")) == 1)
             event = gql.of("next")[0]["payload"]["data"]["events"]
             assert event["kind"] == "telemetry" and event["data"]["readings"][0]["metrics"] == {"temp": 21.5}
+            # the connection's presence comes through devicesvc, another pipeline: it may follow the reading
+            assert await wait_for(lambda: any(kind == "presence" for kind, _, _ in events.received))
             presence = [e for kind, _, e in events.received if kind == "presence"]
-            assert presence and presence[0]["data"]["event"] == "connected" and presence[0]["device"] == device
+            assert presence[0]["data"]["event"] == "connected" and presence[0]["device"] == device
             # three clients of one tenant, one feed in the process (three JetStream consumers), not one per client
             assert await asyncio.to_thread(s_metric, s, "kestrel_api_stream_feeds") == 1
             assert await asyncio.to_thread(s_metric, s, "kestrel_api_stream_clients") == 3
