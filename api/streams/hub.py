@@ -188,6 +188,7 @@ class Hub:
     def __init__(self, nc: NATS, per_tenant: int = 1000) -> None:
         self.nc = nc
         self.per_tenant = per_tenant
+        self._stopping: set[asyncio.Task[None]] = set()
         self.feeds: dict[str, Feed] = {}
         self._lock = asyncio.Lock()
         CLIENTS.set_function(lambda: self.clients)
@@ -222,14 +223,24 @@ class Hub:
             subscriber.delivered = feed.position
             return feed.position
 
-    async def leave(self, subscriber: Subscriber) -> None:
-        async with self._lock:
-            feed = self.feeds.get(subscriber.tenant)
-            if feed is None:
-                return
-            feed.subscribers.discard(subscriber)
-            if not feed.subscribers:
-                del self.feeds[subscriber.tenant]
+    def leave(self, subscriber: Subscriber) -> None:
+        """Stop delivering to ``subscriber`` at once, without awaiting: it is called as a stream ends, often because
+        its client went away and its task is being cancelled, when an await would be cancelled too and leave it in
+        the feed. A feed left without subscribers is stopped by a task of its own."""
+        feed = self.feeds.get(subscriber.tenant)
+        if feed is None:
+            return
+        feed.subscribers.discard(subscriber)
+        if not feed.subscribers:
+            task = asyncio.get_running_loop().create_task(self._stop_if_unused(subscriber.tenant))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def _stop_if_unused(self, tenant: str) -> None:
+        async with self._lock:  # after any join in progress: a subscriber that came meanwhile keeps the feed
+            feed = self.feeds.get(tenant)
+            if feed is not None and not feed.subscribers:
+                del self.feeds[tenant]
                 await feed.stop()
 
     def position(self, tenant: str) -> Cursor | None:

@@ -141,4 +141,4 @@ async def events(
                 subscriber.devices = await selected_devices(pool, subscriber.tenant, subscriber.wanted)
                 next_members = now + MEMBERS_S
     finally:
-        await hub.leave(subscriber)
+        hub.leave(subscriber)  # no await: a cancelled stream must still leave

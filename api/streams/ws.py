@@ -67,8 +67,11 @@ class Connection:
             await self.problem(exc, sub_id)
             return
         # joined before "subscribed" is said: whatever is published after the client reads it reaches it
-        live_start = await hub_of(self.socket).join(subscriber)
-        self.pumps[sub_id] = asyncio.create_task(self.pump(sub_id, subscriber, cursor, live_start))
+        hub = hub_of(self.socket)
+        live_start = await hub.join(subscriber)
+        pump = asyncio.create_task(self.pump(sub_id, subscriber, cursor, live_start))
+        pump.add_done_callback(lambda _: hub.leave(subscriber))  # also when cancelled before it ran at all
+        self.pumps[sub_id] = pump
         await self.send({"type": "subscribed", "id": sub_id, "cursor": str(live_start)})
 
     async def pump(self, sub_id: str, subscriber: Any, cursor: Any, live_start: Any) -> None:
