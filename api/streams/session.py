@@ -14,10 +14,11 @@ from psycopg_pool import AsyncConnectionPool
 from api.auth.principal import Principal
 from api.streams.access import recheck
 from api.streams.hub import Hub, Subscriber
-from kestrel.store.rows import fetch_all
+from kestrel.store.dryrun import scoped_devices
 from kestrel.store.session import tenant_scope
 from kestrel_core.errors import Unauthenticated, Unavailable
 from kestrel_core.live import KIND_SCOPES, Cursor, Filter, LiveEvent, granted_kinds
+from kestrel_core.rules.actions import Scope
 
 HEARTBEAT_S: Final = 15.0
 RECHECK_S: Final = 5.0
@@ -53,21 +54,16 @@ Out = LiveEvent | Heartbeat | Lagged | Gap | End
 
 
 async def selected_devices(pool: AsyncConnectionPool[Any], tenant: str, wanted: Filter) -> frozenset[str] | None:
-    """The devices a filter selects in the tenant (named ones as given; groups and tags resolved); None: all."""
+    """The devices a filter selects in the tenant, as a rule's scope does (``scoped_devices``); the devices it names
+    count even before they exist. None: every device."""
     if not wanted.selects_devices:
         return None
     named = frozenset(wanted.devices)
     if not (wanted.groups or wanted.tags):
         return named
+    scope = Scope(devices=list(wanted.devices), groups=list(wanted.groups), tags=list(wanted.tags))
     async with pool.connection() as conn, tenant_scope(conn, tenant):
-        rows = await fetch_all(
-            conn,
-            "SELECT d.device_id FROM devices d WHERE (cardinality(%(tags)s::text[]) > 0 AND d.tags @> %(tags)s::text[])"
-            " OR EXISTS (SELECT 1 FROM device_group_members m WHERE m.device_id = d.device_id"
-            "   AND m.group_id = ANY(%(groups)s))",
-            {"tags": list(wanted.tags), "groups": list(wanted.groups)},
-        )
-    return named | {r["device_id"] for r in rows}
+        return named | frozenset(await scoped_devices(conn, tenant, scope) or ())
 
 
 async def subscribe(
