@@ -6,6 +6,7 @@ platform did: every transition exactly once in the alarm history, in the NATS al
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -80,6 +81,23 @@ async def stream_counts(url: str, tenant: str, devices: list[str]) -> dict[str, 
                 await sub.unsubscribe()
             counts[device] = (found[0], found[1])
         return counts
+    finally:
+        await nc.close()
+
+
+async def rules_in_order(url: str, tenant: str, device: str) -> list[tuple[int, int]]:
+    """The device's readings in RULES_IN as (stream sequence, reading seq), in stream order: whether a lost reading
+    arrived after a newer one (and was dropped as late) or was skipped by the consumer."""
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().pull_subscribe(f"rules.*.t.{tenant}.{device}", stream="RULES_IN")
+        found: list[tuple[int, int]] = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                for msg in await sub.fetch(100, timeout=1):
+                    for point in json.loads(msg.data)["points"]:
+                        found.append((msg.metadata.sequence.stream, point[1]))
+        return found
     finally:
         await nc.close()
 
@@ -161,7 +179,10 @@ def test_no_transition_is_lost_or_repeated_when_a_worker_or_nats_dies(
         if not wait_until(lambda: all(len(v) >= READINGS for v in per_device().values()), 90):
             diagnosis = {"transitions": {d: len(v) for d, v in per_device().items()},
                          "telemetry, rules_in": asyncio.run(stream_counts(s.nats.url, tenant, devices)),
-                         "stored": {d: stored(s, d) for d in devices}}  # fmt: skip
+                         "stored": {d: stored(s, d) for d in devices},
+                         "rules_in order of the short devices": {
+                             d: asyncio.run(rules_in_order(s.nats.url, tenant, d))
+                             for d, v in per_device().items() if len(v) < READINGS}}  # fmt: skip
             ARTIFACTS.mkdir(exist_ok=True)
             report = ARTIFACTS / f"rules-faults-{fault.__name__}.txt"
             report.write_text(f"{diagnosis}\n--- rules\n{s.log('rules')}\n--- rules-2\n{s.log('rules-2')}\n")
