@@ -1,13 +1,18 @@
 """Intake: every message from the broker, acknowledged (PUBACK) only after what it says is committed, or after it
 was dead-lettered with its reason. One worker per hash bucket of device ids keeps a device's messages in order;
-devices run in parallel; runs of reported state share one transaction."""
+devices run in parallel; runs of reported state share one transaction.
+
+A message whose handling failed for a passing reason (the database or NATS unreachable, a connection broken
+mid-transaction) is tried again here, with backoff, before the worker takes the next: the broker would redeliver an
+unacknowledged message only on a new connection (MQTT 5, 4.4), and this connection stays up, so leaving it would
+strand it in the broker's in-flight window until devicesvc reconnected."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 
@@ -16,10 +21,15 @@ from devicesvc.ports import Twin
 from kestrel.runtime.mqtt import Ack
 from kestrel.store.shadows import now_ms
 from kestrel_core.errors import InvalidInput
+from kestrel_core.retry import Backoff
 from kestrel_core.topics import parse_uplink
 
 log = logging.getLogger("kestrel.devicesvc")
 Item = tuple[str, bytes, Any, Ack]
+#: Between attempts at messages whose handling failed for a passing reason.
+RETRY: Final = Backoff(base_s=0.2, cap_s=5.0)
+#: Failures that pass: the database restarting or unreachable (a pool timeout is one), a broken connection.
+TRANSIENT: Final = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 
 
 def _first(properties: Any, name: str) -> Any:
@@ -52,27 +62,41 @@ class Intake:
                 end = index
                 while end < len(batch) and decide.is_report(batch[end][0]):
                     end += 1
-                try:
-                    if end > index:
-                        await self.reported(batch[index:end])
-                    else:
-                        await self.one(*batch[index])
-                except Exception:  # a bug must not end this worker: its devices' messages would wait forever
-                    log.exception("unexpected error handling device messages; they stay unacknowledged")
+                run = batch[index:end] if end > index else batch[index : index + 1]
+                await self.until_done(run)
                 index = max(end, index + 1)
             self.twin.metrics.handle_seconds.observe(time.perf_counter() - started)
 
-    async def one(self, topic: str, payload: bytes, properties: Any, ack: Ack) -> None:
+    async def until_done(self, run: list[Item]) -> None:
+        """Handle a run of reports (or one other message) until nothing of it is left for a passing reason."""
+        failures = 0
+        while run:
+            try:
+                run = await self.reported(run) if decide.is_report(run[0][0]) else await self.one(*run[0])
+            except Exception:  # a bug must not end this worker: its devices' messages would wait forever
+                log.exception("unexpected error handling device messages; they stay unacknowledged")
+                return
+            if run:
+                failures += 1
+                self.twin.metrics.retries.inc()
+                await asyncio.sleep(RETRY.delay(failures))
+
+    async def one(self, topic: str, payload: bytes, properties: Any, ack: Ack) -> list[Item]:
+        """Handle one message; what is left to try again (itself, when it failed for a passing reason)."""
         try:
             await self.handle(topic, payload, properties)
         except InvalidInput as exc:
             if not await self.twin.events.deadletter(topic, payload, exc):
-                return  # not stored anywhere: no PUBACK, the broker redelivers after a reconnect
-        except (psycopg.Error, OSError):
+                return [(topic, payload, properties, ack)]  # not stored anywhere yet: no PUBACK
+        except TRANSIENT as exc:
+            log.warning("could not handle a device message; trying again", extra={"topic": topic, "error": str(exc)})
+            return [(topic, payload, properties, ack)]
+        except psycopg.Error:
             log.exception("could not handle a device message; it stays unacknowledged", extra={"topic": topic})
-            return
+            return []
         self.handled += 1
         ack()
+        return []
 
     async def handle(self, topic: str, payload: bytes, properties: Any) -> None:
         decide.check_size(payload, self.twin.settings.max_payload_bytes)
@@ -94,32 +118,41 @@ class Intake:
         elif uplink.kind == "status" and (value := decide.status(payload)) is not None:
             await presence.device_status(self.twin, uplink, value)
 
-    async def reported(self, items: list[Item]) -> None:
-        """Reported state of many devices in one transaction (in arrival order per device), then the PUBACKs."""
+    async def reported(self, items: list[Item]) -> list[Item]:
+        """Reported state of many devices in one transaction (in arrival order per device), then the PUBACKs; what is
+        left to try again: all of them when the transaction failed for a passing reason (nothing was stored), the
+        refused ones whose dead-lettering failed (a refusal stores nothing: trying it again is harmless)."""
         self.twin.metrics.messages.labels("reported").inc(len(items))
-        refused: list[tuple[str, bytes, Ack, InvalidInput]] = []
+        refused: list[tuple[Item, InvalidInput]] = []
         accepted: list[tuple[decide.Report, Item]] = []
         for item in items:
             topic, payload, _properties, ack = item
             try:
                 accepted.append((decide.report(topic, payload, now_ms(), self.twin.settings.max_payload_bytes), item))
             except InvalidInput as exc:
-                refused.append((topic, payload, ack, exc))
+                refused.append((item, exc))
         done: list[Ack] = []
         if accepted:
             try:
                 outcome = await shadows.store_reports(self.twin, [r for r, _ in accepted])
-            except (psycopg.Error, OSError):
+            except TRANSIENT as exc:
+                log.warning("could not store reported state; trying again", extra={"error": str(exc)})
+                return items
+            except psycopg.Error:
                 log.exception("could not store reported state; the messages stay unacknowledged")
-                return
-            for (_, (topic, payload, _p, ack)), refusal in zip(accepted, outcome, strict=True):
+                return []
+            for (_, item), refusal in zip(accepted, outcome, strict=True):
                 if refusal is None:
-                    done.append(ack)
+                    done.append(item[3])
                 else:
-                    refused.append((topic, payload, ack, refusal))
+                    refused.append((item, refusal))
         for ack in done:
             ack()
         self.handled += len(done)
-        for topic, payload, ack, refusal in refused:
-            if await self.twin.events.deadletter(topic, payload, refusal):
-                ack()
+        left: list[Item] = []
+        for item, refusal in refused:
+            if await self.twin.events.deadletter(item[0], item[1], refusal):
+                item[3]()
+            else:
+                left.append(item)
+        return left

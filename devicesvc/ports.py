@@ -51,6 +51,9 @@ class Metrics:
         self.published = Counter(
             "kestrel_devicesvc_published", "Messages published to devices", ["kind"], registry=registry
         )
+        self.retries = Counter(
+            "kestrel_devicesvc_retries", "Device messages tried again after a passing failure", registry=registry
+        )
         self.handle_seconds = Histogram(
             "kestrel_devicesvc_handle_seconds",
             "Time to handle what one worker took at once",
