@@ -123,6 +123,8 @@ class JetStreamPublisher:
     _outbox: collections.deque[str] = field(default_factory=collections.deque)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The connection's reconnect count when the pending messages were last (re)sent in order.
+    _reconnects: int = 0
 
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox()
@@ -174,6 +176,11 @@ class JetStreamPublisher:
                     await self._send(token, pending)
 
     async def _send(self, token: str, pending: _Pending) -> None:
+        if not self.nc.is_connected:
+            return  # sent with the others, in order, once the connection is back
+        if self.nc.stats["reconnects"] != self._reconnects:
+            await self._resend_in_order()  # this one included
+            return
         try:
             await self.nc.publish(
                 pending.subject, pending.payload, reply=f"{self._prefix}.{token}", headers=pending.headers
@@ -205,9 +212,39 @@ class JetStreamPublisher:
         pending.sent_at = time.monotonic() - self.ack_timeout_s + min(0.1 * 2**pending.attempts, 2.0)
         self.on_retry(reason)
 
+    async def _resend_in_order(self) -> None:
+        """After a reconnect, send every unacknowledged message again, oldest first, before anything newer.
+
+        What was in flight when the connection broke is lost with it, while what was submitted during the outage
+        waited for the new connection: resent only after its acknowledgement timeout, an older message reached the
+        stream seconds after newer ones of the same device, and the rule workers, which evaluate a device's readings
+        in time order, dropped it as late (issue 13). The stream drops the copies of those that did arrive."""
+        self._reconnects = self.nc.stats["reconnects"]
+        self._outbox.clear()  # everything pending goes now
+        now = time.monotonic()
+        resent = 0
+        for token, pending in list(self._pending.items()):  # insertion order: submission order
+            if token not in self._pending:
+                continue
+            pending.sent_at = now
+            pending.attempts += 1
+            resent += 1
+            self.on_retry("reconnect")
+            try:
+                await self.nc.publish(
+                    pending.subject, pending.payload, reply=f"{self._prefix}.{token}", headers=pending.headers
+                )
+            except Exception as exc:  # noqa: BLE001 - disconnected again: the next reconnect resends
+                log.debug("resend deferred: %s", exc)
+                break
+        log.info("resent unacknowledged messages after a reconnect", extra={"count": resent})
+
     async def _retry_loop(self) -> None:
         while True:
             await asyncio.sleep(0.2)
+            if self.nc.is_connected and self.nc.stats["reconnects"] != self._reconnects:
+                await self._resend_in_order()
+                continue
             now = time.monotonic()
             for token, pending in list(self._pending.items()):
                 if now - pending.sent_at >= self.ack_timeout_s and token in self._pending:
