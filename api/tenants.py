@@ -4,7 +4,7 @@ reads its own (ADR-0012)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, Response, get, patch, post
@@ -25,6 +25,10 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
     max_devices: int | None
     api_requests_per_s: int | None
     ingest_messages_per_s: int | None
+    #: Rules the tenant may have, and rule actions (desired state, commands, republish, derived metrics) per second
+    #: across every rule worker.
+    max_rules: int
+    rule_actions_per_s: int
     version: int
     created_at: datetime
 
@@ -43,6 +47,8 @@ class TenantPatch(msgspec.Struct, **STRICT):
     max_devices: Limit32 | None = None
     api_requests_per_s: Limit32 | None = None
     ingest_messages_per_s: Limit32 | None = None
+    max_rules: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
+    rule_actions_per_s: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
 
 
 @get("/tenants", operation_id="listTenants", summary="List tenants (platform administrator)", tags=["tenants"])

@@ -29,6 +29,7 @@ from kestrel_core.topics import (
     PROVISION_CLIENT_PREFIX,
     PROVISION_REQUEST_FILTER,
     TELEMETRY_FILTERS,
+    TENANT_OUT_FILTER,
     VERSION,
     device_publish_topics,
     device_subscribe_filters,
@@ -148,6 +149,8 @@ def service_acl(role: str) -> list[AclRule]:
                 f"{VERSION}/+/d/+/status",
             )
         ]
+    elif role == "rules":
+        rules = [AclRule(permission="allow", action="publish", topic=TENANT_OUT_FILTER, qos=[0, 1])]
     elif role == "provisioning":
         rules = [
             AclRule(permission="allow", action="subscribe", topic=PROVISION_REQUEST_FILTER, qos=[0, 1]),

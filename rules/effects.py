@@ -28,7 +28,7 @@ from kestrel_core.messages.alarms import AlarmEvent, Transition, republish_subje
 from kestrel_core.messages.telemetry import Point, TelemetryEnvelope
 from kestrel_core.rules.actions import DERIVED_STREAM, Action, Republish, SendCommand, SetDesired, WriteMetric
 from kestrel_core.rules.evaluate import Raised
-from kestrel_core.topics import telemetry_topic
+from kestrel_core.topics import telemetry_topic, tenant_out_topic
 from rules.decide import Fired, event_document
 
 log = logging.getLogger("kestrel.rules")
@@ -109,11 +109,14 @@ ACTION_KINDS: Final = {SetDesired: "set_desired", SendCommand: "command", Republ
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message an action publishes once its transition is committed (deduplicated by ``msg_id``)."""
+    """A message an action publishes once its transition is committed: on NATS (deduplicated by ``msg_id``) or, with
+    ``mqtt``, on the broker (``subject`` is then the MQTT topic)."""
 
     subject: str
     data: bytes
     msg_id: str
+    kind: str = "republish"  # the action's kind, for the counts
+    mqtt: bool = False
 
 
 def _derived(fired: Fired, action: WriteMetric, event_id: int) -> Outgoing:
@@ -127,7 +130,8 @@ def _derived(fired: Fired, action: WriteMetric, event_id: int) -> Outgoing:
     point = Point(fired.transition.at_ms * 1000, event_id, msgspec.Raw(msgspec.json.encode(metrics)))
     envelope = TelemetryEnvelope(tenant=fired.loaded.tenant, device=fired.device, stream=DERIVED_STREAM,
                                  received_us=time.time_ns() // 1000, identity="server", points=[point])  # fmt: skip
-    return Outgoing(topic.subject, msgspec.json.encode(envelope), f"derived-{event_id}-{','.join(sorted(metrics))}")
+    msg_id = f"derived-{event_id}-{','.join(sorted(metrics))}"
+    return Outgoing(topic.subject, msgspec.json.encode(envelope), msg_id, kind="write_metric")
 
 
 def _storable(value: Any) -> bool:
@@ -148,10 +152,22 @@ async def _act(
         )  # fmt: skip
     elif isinstance(action, Republish):
         msg_id = f"republish-{document.alarm_id}-{document.event}-{document.at}-{action.subject}"[:200]
+        if action.to == "mqtt":
+            return Outgoing(tenant_out_topic(tenant, action.subject), msgspec.json.encode(document), msg_id, mqtt=True)
         return Outgoing(republish_subject(tenant, action.subject), msgspec.json.encode(document), msg_id)
     else:
         return _derived(fired, action, event_id)
     return None
+
+
+def wanted(fired: list[Fired]) -> dict[str, int]:
+    """How many actions each tenant's transitions would take (what a batch reserves of the tenants' rates)."""
+    wants: dict[str, int] = {}
+    for item in fired:
+        actions = item.loaded.rule.on_raise if isinstance(item.transition, Raised) else item.loaded.rule.on_clear
+        if actions:
+            wants[item.loaded.tenant] = wants.get(item.loaded.tenant, 0) + len(actions)
+    return wants
 
 
 async def apply(
@@ -162,7 +178,8 @@ async def apply(
     counted: Callable[[str, str], None],
 ) -> list[Outgoing]:
     """Apply the batch's transitions in order; returns what the actions publish after the commit.
-    ``allow_action(tenant)`` spends the tenant's action budget; ``counted(kind, outcome)`` counts."""
+    ``allow_action(tenant)`` spends one of the tenant's actions reserved for the batch; ``counted(kind, outcome)``
+    counts."""
     outgoing: list[Outgoing] = []
     for item in fired:
         raising = isinstance(item.transition, Raised)

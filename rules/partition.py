@@ -26,7 +26,7 @@ from kestrel_core.rules.evaluate import DeviceState
 from rules import effects
 from rules.decide import Deadlines, Incoming, Key, LoadedRule, Outcome, deadline, evaluate, incoming, watches
 from rules.ports import Rules
-from rules.store import load_deadlines, load_position, load_states, save_position, save_states
+from rules.store import load_deadlines, load_position, load_states, save_position, save_states, spend_actions
 from rules.stream import RULES_STREAM, consumer_name, publish_after_commit, take_consumer
 
 log = logging.getLogger("kestrel.rules")
@@ -94,13 +94,17 @@ class Partition:
             for key, at_ms in await load_deadlines(self.conn, self.number):
                 self.deadlines.set(key, at_ms)
             log.info("partition owned", extra={"partition": self.number, "after": self.position})
+            held: list[Msg] = []  # fetched, not yet evaluated (the reorder hold), in stream order
+            held_until = 0.0
             while not self.release.is_set():
                 upcoming = self.deadlines.next()
                 wait = settings.fetch_wait_s
                 if upcoming is not None:
                     wait = min(wait, max(0.005, (upcoming - now_ms()) / 1000))
+                if held:
+                    wait = min(wait, max(0.001, held_until - time.monotonic()))
                 try:
-                    msgs = await sub.fetch(settings.batch_size, timeout=wait)
+                    msgs = await sub.fetch(max(1, settings.batch_size - len(held)), timeout=wait)
                 except TimeoutError:  # nats' and asyncio's (disconnected) alike
                     msgs = []
                 gap = not self._in_order(msgs) if msgs else (
@@ -109,11 +113,17 @@ class Partition:
                     self.rules.metrics.resumed.inc()
                     log.warning("deliveries lost; resuming after the committed position",
                                 extra={"partition": self.number, "after": self.position})  # fmt: skip
+                    held = []  # all after the committed position: fetched again
                     await sub.unsubscribe()
                     sub = await self._subscribe()
                     continue
-                if msgs or (upcoming is not None and upcoming <= now_ms()):
-                    await self.batch(msgs)
+                if msgs and not held:
+                    held_until = time.monotonic() + settings.reorder_ms / 1000
+                held += msgs
+                ready = bool(held) and (time.monotonic() >= held_until or len(held) >= settings.batch_size)
+                if ready or (upcoming is not None and upcoming <= now_ms()):
+                    await self.batch(held)
+                    held = []
             await sub.unsubscribe()
         finally:
             await self.conn.close()  # releases the lock
@@ -161,17 +171,25 @@ class Partition:
                                        if came.shadow is None and any(lr.needs_shadow for lr in rules)})  # fmt: skip
         outcome = Outcome()
         evaluations = 0
-        for came, rules in work:
+        late = 0
+        # Each device's readings in time order, as the dry run reads them from storage: one that overtook an older
+        # one on the way is put back in its place (arrival order across devices does not matter).
+        steps = sorted(((came, reading, rules) for came, rules in work for reading in came.readings),
+                       key=lambda step: (step[0].device, step[1].ts_ms, step[1].seq))  # fmt: skip
+        for came, reading, rules in steps:
             shadow = came.shadow if came.shadow is not None else shadows.get(came.device)
-            for reading in came.readings:
-                for lr in rules:
-                    if watches(lr.rule, reading):
-                        key = (lr.rule_id, came.device)
-                        state = self.cache.get(key, DeviceState())
-                        self.cache[key] = evaluate(
-                            lr, came.device, state, outcome, until_ms=now, reading=reading, shadow=shadow
-                        )
-                        evaluations += 1
+            for lr in rules:
+                if watches(lr.rule, reading):
+                    key = (lr.rule_id, came.device)
+                    state = self.cache.get(key, DeviceState())
+                    late += (reading.ts_ms, reading.seq) <= state.last_key
+                    self.cache[key] = evaluate(
+                        lr, came.device, state, outcome, until_ms=now, reading=reading, shadow=shadow
+                    )
+                    evaluations += 1
+        if late:
+            self.rules.metrics.late.inc(late)
+            log.info("late readings skipped", extra={"partition": self.number, "count": late})
         for rule_id, device in due:
             loaded, stored = catalog.by_id.get(rule_id), self.cache.get((rule_id, device))
             if loaded is not None and stored is not None:
@@ -182,11 +200,18 @@ class Partition:
             loaded = catalog.by_id[key[0]]
             changed[key] = (loaded, state, deadline(loaded, state))
             self.deadlines.set(key, changed[key][2])
+        budget = await spend_actions(self.conn, effects.wanted(outcome.fired)) if outcome.fired else {}
+
+        def allow_action(tenant: str) -> bool:
+            left = budget.get(tenant, 0)
+            budget[tenant] = left - 1
+            return left > 0
+
         async with self.conn.transaction():
             if msgs:
                 await save_position(self.conn, self.number, msgs[-1].metadata.sequence.stream)
             await save_states(self.conn, self.number, changed)
-            published = await effects.apply(self.conn, outcome.fired, allow_action=self.rules.allow_action,
+            published = await effects.apply(self.conn, outcome.fired, allow_action=allow_action,
                                             counted=self.rules.counted)  # fmt: skip
         if msgs:
             self.position = msgs[-1].metadata.sequence.stream
@@ -194,7 +219,7 @@ class Partition:
         if outcome.fired:
             self.rules.outbox_wake.set()
             self.rules.deliveries_wake.set()
-        await publish_after_commit(self.rules.nc, published)
+        await publish_after_commit(self.rules.nc, published, self.rules.mqtt, self.rules.counted)
 
     def _count(self, outcome: Outcome, messages: int, evaluations: int, seconds: float) -> None:
         metrics = self.rules.metrics

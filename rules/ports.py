@@ -11,8 +11,8 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel_core.ratelimit import TokenBuckets
 from rules.decide import Catalog
+from rules.egress import MqttEgress
 from rules.settings import RulesSettings
 
 
@@ -27,6 +27,8 @@ class Metrics:
                                ["kind", "outcome"], registry=registry)  # fmt: skip
         self.deadlettered = Counter("kestrel_rules_deadlettered", "Messages dead-lettered, by reason", ["reason"],
                                     registry=registry)  # fmt: skip
+        self.late = Counter("kestrel_rules_late", "Readings skipped for a rule and device: not newer than the last one"
+                            " evaluated (they came later than the reorder hold)", registry=registry)  # fmt: skip
         self.resumed = Counter("kestrel_rules_resumed", "Partitions resumed after lost deliveries", registry=registry)
         self.partitions = Gauge("kestrel_rules_partitions", "Partitions this worker owns", registry=registry)
         self.batch_seconds = Histogram(
@@ -45,14 +47,11 @@ class Rules:
     nc: NATS
     metrics: Metrics
     catalog: Catalog = field(default_factory=Catalog)
-    actions: TokenBuckets = field(default_factory=TokenBuckets)
-    action_rates: dict[str, int] = field(default_factory=dict)
+    #: The broker, for republish actions with ``to: mqtt``; None without a principal (KESTREL_RULES_MQTT_USERNAME).
+    mqtt: MqttEgress | None = None
     outbox_wake: asyncio.Event = field(default_factory=asyncio.Event)
     deliveries_wake: asyncio.Event = field(default_factory=asyncio.Event)
     reload_wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def allow_action(self, tenant: str) -> bool:
-        return self.actions.take(tenant, float(self.action_rates.get(tenant, 50))) is None
 
     def counted(self, kind: str, outcome: str) -> None:
         self.metrics.effects.labels(kind, outcome).inc()

@@ -19,8 +19,8 @@ from psycopg.rows import dict_row
 
 from kestrel.store.alarms import NOTIFY as ALARMS_CHANNEL
 from kestrel.store.pool import checked_pool
-from kestrel.store.rows import fetch_all
 from kestrel_core.retry import Backoff
+from rules.egress import MqttEgress
 from rules.notify import deliveries_loop
 from rules.partition import Partition, try_lock
 from rules.ports import Metrics, Rules
@@ -41,8 +41,6 @@ MEMBERS: Final = (
 async def reload(rules: Rules) -> None:
     async with rules.pool.connection() as conn:
         rules.catalog = await load_catalog(conn)
-        rates = await fetch_all(conn, "SELECT tenant_id, rule_actions_per_s FROM tenants")
-    rules.action_rates = {r["tenant_id"]: r["rule_actions_per_s"] for r in rates}
 
 
 async def catalog_loop(rules: Rules) -> None:
@@ -135,10 +133,12 @@ async def run_rules(
 ) -> None:
     await ensure_streams(nc, settings.partitions)
     async with checked_pool(database_url, min_size=1, max_size=settings.delivery_concurrency // 4 + 4) as pool:
-        rules = Rules(settings, database_url, pool, nc, Metrics(registry))
+        egress = MqttEgress(settings) if settings.mqtt_username else None
+        rules = Rules(settings, database_url, pool, nc, Metrics(registry), mqtt=egress)
         await reload(rules)
         async with asyncio.TaskGroup() as group:
             loops: list[asyncio.Task[Any]] = [
+                *([group.create_task(egress.run(), name="rules-mqtt")] if egress else []),
                 group.create_task(listen(rules), name="rules-listen"),
                 group.create_task(catalog_loop(rules), name="rules-catalog"),
                 group.create_task(outbox_loop(rules), name="rules-outbox"),
@@ -152,4 +152,7 @@ async def run_rules(
             await balancer
             for task in loops:
                 task.cancel()
+        if egress is not None:
+            with contextlib.suppress(Exception):  # a broker that is gone gets no goodbye
+                await egress.close()
         log.info("rule worker stopped", extra={"worker": settings.worker})

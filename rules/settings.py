@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
-from kestrel_core.settings import Secret
+from kestrel_core.settings import MqttSettings, Secret
 
 
-class RulesSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """``KESTREL_RULES_*``; the database comes from ``KESTREL_DATABASE_URL``."""
+class RulesSettings(MqttSettings, frozen=True, kw_only=True):
+    """``KESTREL_RULES_*``; the database comes from ``KESTREL_DATABASE_URL``. The broker (``KESTREL_RULES_MQTT_*``,
+    the ``rules`` principal) carries republish actions with ``to: mqtt``; without ``KESTREL_RULES_MQTT_USERNAME`` the
+    workers do not connect and such actions fail (counted ``failed``, logged)."""
 
     #: NATS JetStream (the telemetry is sourced into the partitioned stream RULES_IN).
     nats_url: str = "nats://127.0.0.1:4222"
@@ -20,6 +22,11 @@ class RulesSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int = 500
     #: A caught-up partition waits at most this long for more readings before it evaluates what it has (latency).
     fetch_wait_s: float = 0.5
+    #: How long a partition holds what it fetched, for readings that overtook older ones on the way (two bridges, a
+    #: resend after a NATS restart), before it evaluates each device's readings in time order. A reading that comes
+    #: later than that behind a newer one of the same device is skipped for the rules and counted
+    #: (``kestrel_rules_late_total``); it is stored all the same. The added alarm latency is at most this (ms).
+    reorder_ms: int = 100
     #: How often partitions are rebalanced between the live workers.
     rebalance_interval_s: float = 2.0
     #: Rules are re-read this often even without a change notification.

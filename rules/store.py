@@ -109,3 +109,14 @@ async def save_position(conn: AsyncConnection[Any], partition: int, stream_seq: 
         " DO UPDATE SET stream_seq = excluded.stream_seq, updated_at = now()",
         (partition, stream_seq),
     )
+
+
+async def spend_actions(conn: AsyncConnection[Any], wants: dict[str, int]) -> dict[str, int]:
+    """Reserve up to ``wants[tenant]`` actions of each tenant's current second, across every worker (migration 0020);
+    how many each got. ``conn`` is in autocommit: each reservation is a transaction of its own, so the tenant's row is
+    locked only for that moment, and tenants are taken in one order."""
+    granted: dict[str, int] = {}
+    for tenant in sorted(wants):
+        rows = await fetch_all(conn, "SELECT kestrel_spend_rule_actions(%s, %s) AS n", (tenant, wants[tenant]))
+        granted[tenant] = int(rows[0]["n"])
+    return granted

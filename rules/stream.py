@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -33,6 +34,7 @@ from kestrel_core import streams
 from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, alarm_subject
 from rules.decide import event_document
 from rules.effects import Outgoing
+from rules.egress import MqttEgress
 
 log = logging.getLogger("kestrel.rules")
 RULES_STREAM: Final = "RULES_IN"
@@ -133,12 +135,22 @@ async def publish_outbox(pool: AsyncConnectionPool[Any], nc: NATS, limit: int = 
     return len(rows)
 
 
-async def publish_after_commit(nc: NATS, items: list[Outgoing]) -> None:
-    """What the actions publish (republished transitions, derived metrics), after the commit; each deduplicated by
-    its ``Nats-Msg-Id``. A publish that fails is logged and not retried (ADR-0020: at most once past a NATS outage)."""
+async def publish_after_commit(
+    nc: NATS, items: list[Outgoing], mqtt: MqttEgress | None, counted: Callable[[str, str], None]
+) -> None:
+    """What the actions publish (republished transitions, derived metrics), after the commit: on NATS each
+    deduplicated by its ``Nats-Msg-Id``, on MQTT at QoS 1. A publish that fails is logged, counted ``unsent`` and not
+    retried (ADR-0020, ADR-0022: at most once past an outage)."""
     js = nc.jetstream()
     for item in items:
+        if item.mqtt:
+            if mqtt is None or not mqtt.publish(item.subject, item.data):
+                counted(item.kind, "unsent")
+                log.warning("could not publish an action's message on MQTT",
+                            extra={"topic": item.subject, "configured": mqtt is not None})  # fmt: skip
+            continue
         try:
             await js.publish(item.subject, item.data, headers={streams.HDR_MSG_ID: item.msg_id}, timeout=5)
         except Exception:  # noqa: BLE001 - NATS errors of every kind; the transition is recorded
+            counted(item.kind, "unsent")
             log.warning("could not publish an action's message", extra={"subject": item.subject})

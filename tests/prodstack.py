@@ -177,7 +177,8 @@ class ProdStack:
                 "KESTREL_DEVICES_SCAN_INTERVAL_S": "0.2",
             },
             "provisioner": principal("PROVISIONER", "provisioner") | {"KESTREL_PKI_PASSPHRASE": PASSPHRASE},
-            "rules": {
+            "rules": principal("RULES", "rules")
+            | {
                 "KESTREL_RULES_NATS_URL": nats_url,
                 "KESTREL_RULES_METRICS_PORT": port,
                 "KESTREL_RULES_WORKER": key,
@@ -288,7 +289,8 @@ def prod_stack(
     (root / "server.crt").write_text(cert_pem)
     (root / "server.key").write_text(key_pem)
     (root / "ca.pem").write_text(ca.root_pem())
-    roles = {"authsvc": "control", "ingest": "ingest", "devicesvc": "devices", "provisioner": "provisioning"}
+    roles = {"authsvc": "control", "ingest": "ingest", "devicesvc": "devices", "provisioner": "provisioning",
+             "rules": "rules"}  # fmt: skip
     secrets = {name: seed.create_service_principal(url, name, role) for name, role in roles.items()}
     ports = {name: free_port() for name in ("authsvc", "api", "bridge", "writer", "devicesvc")}
     auth = BrokerAuth(

@@ -144,6 +144,10 @@ class EmbeddedStack:
                 "KESTREL_DEVICES_METRICS_PORT": "0",
                 "KESTREL_RULES_NATS_URL": self.nats.url,
                 "KESTREL_RULES_METRICS_PORT": str(self.ports.rules_metrics),
+                "KESTREL_RULES_MQTT_PORT": str(self.ports.mqtt),
+                "KESTREL_RULES_CLIENT_ID": "svc:rules:1",
+                "KESTREL_RULES_MQTT_USERNAME": "rules",
+                "KESTREL_RULES_MQTT_PASSWORD": self.secrets["rules"],
                 # Loopback only, so webhooks to `kestrel webhook-sink` work; production leaves this off (SSRF).
                 "KESTREL_RULES_WEBHOOK_ALLOW_PRIVATE": "true",
                 "KESTREL_PROVISIONER_MQTT_PORT": str(self.ports.mqtt),
@@ -210,6 +214,7 @@ class EmbeddedStack:
             "authsvc": seed.create_service_principal(self.postgres.url, "authsvc", "control", rotate=True),
             "devicesvc": seed.create_service_principal(self.postgres.url, "devicesvc", "devices", rotate=True),
             "provisioner": seed.create_service_principal(self.postgres.url, "provisioner", "provisioning", rotate=True),
+            "rules": seed.create_service_principal(self.postgres.url, "rules", "rules", rotate=True),
             "broker-key": "bk_" + secrets.token_urlsafe(32),
         }
         self.mosquitto.auth = BrokerAuth(

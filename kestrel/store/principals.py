@@ -14,7 +14,7 @@ from kestrel_core.errors import Conflict, InvalidInput, NotFound
 from kestrel_core.tokens import SERVICE_SECRET_PREFIX, secret_digest
 from kestrel_core.topics import require_id
 
-ROLES: Final = ("ingest", "control", "devices", "provisioning")
+ROLES: Final = ("ingest", "control", "devices", "provisioning", "rules")
 
 
 async def create(conn: AsyncConnection[Any], actor: Actor, name: str, role: str, *, rotate: bool = False) -> str:

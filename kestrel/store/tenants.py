@@ -16,7 +16,10 @@ from kestrel.store.session import Actor
 from kestrel_core.errors import Conflict, NotFound, PreconditionFailed
 from kestrel_core.topics import require_id
 
-COLUMNS: Final = "tenant_id, name, status, max_devices, api_requests_per_s, ingest_messages_per_s, version, created_at"
+COLUMNS: Final = (
+    "tenant_id, name, status, max_devices, api_requests_per_s, ingest_messages_per_s, max_rules, rule_actions_per_s,"
+    " version, created_at"
+)
 #: Raised by kestrel_platform_update_tenant when If-Match names an older version.
 STALE_VERSION: Final = "P0412"
 

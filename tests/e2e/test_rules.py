@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,13 +29,14 @@ from kestrel.runtime.mqttclient import MqttPublisher
 from kestrel_core import streams
 from kestrel_core.rules.channels import SIGNATURE_HEADER, verify
 from kestrel_core.settings import Secret
-from tests.conftest import _nats, api_url_for, tenant_token, wait_until
+from tests.conftest import _nats, api_url_for, platform_url_for, tenant_token, wait_until
 from tests.jetstream_helpers import deadletters
 from tests.prodstack import ProdStack, prod_stack
 from tests.receivers import HttpReceiver, Mailbox, http_receiver, smtp_server
 
 pytestmark = pytest.mark.e2e
 V1 = "/api/v1"
+PLATFORM = "platform-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,9 @@ def stack(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def api(stack: tuple[ProdStack, Mailbox]) -> Iterator[TestClient[Litestar]]:
     s, _ = stack
-    settings = ApiSettings(admin_token=Secret("unused-" + str(time.time_ns())))
+    settings = ApiSettings(
+        admin_token=Secret(PLATFORM), platform_database_url=Secret(platform_url_for(s.postgres, s.url))
+    )
     with TestClient(create_app(settings, api_url_for(s.postgres, s.url))) as client:
         yield client
 
@@ -439,3 +443,109 @@ def test_a_derived_value_is_recorded_with_the_alarm_and_written_into_telemetry_o
     asyncio.run(publish(s, tenant, device, [reading(now + 1000, 4, temp=98)]))
     assert wait_until(lambda: len(rows(s, "SELECT 1 FROM telemetry WHERE device_id = %s", device)) == 5, 30)
     assert len(rows(s, stored, device)) == 1
+
+
+def test_readings_that_overtook_older_ones_are_evaluated_in_time_order_and_late_ones_are_counted(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar]
+) -> None:
+    """A device's readings reach the workers out of order when two bridges forward them or one resends after a NATS
+    restart: the worker evaluates them in time order (as the dry run reads them), so a spike that arrived after the
+    reading that followed it still raises and clears its alarm; one that comes later than the reorder hold behind a
+    newer reading is skipped and counted, never silently."""
+    s, _ = stack
+    tenant, (device,) = s.tenant(1, prefix="ooo")
+    auth = tenant_token(s.url, tenant)
+    rule = hot(device, [])
+    rule["alarm"]["for_s"] = 0
+    assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+    t0 = int(time.time() * 1000) - 60_000
+    # One message whose readings are out of order: the spike (t0+1s) comes after the calm reading that followed it.
+    batch = json.dumps([{"ts": t0 + 2000, "seq": 2, "metrics": {"temp": 70}},
+                        {"ts": t0 + 1000, "seq": 1, "metrics": {"temp": 90}}]).encode()  # fmt: skip
+
+    def events() -> list[tuple[str, int]]:
+        found = rows(s, "SELECT event, at FROM alarm_events WHERE tenant_id = %s ORDER BY id", tenant)
+        return [(r["event"], int(r["at"].timestamp() * 1000)) for r in found]
+
+    asyncio.run(publish(s, tenant, device, [batch]))
+    assert wait_until(lambda: len(events()) >= 2, 20), events()
+    assert events() == [("raised", t0 + 1000), ("cleared", t0 + 2000)]
+
+    late_before = s.metric("rules", "kestrel_rules_late_total")
+    asyncio.run(publish(s, tenant, device, [reading(t0 + 500, 0, temp=95)]))  # older than all: late
+    assert wait_until(lambda: s.metric("rules", "kestrel_rules_late_total") > late_before, 20)
+    asyncio.run(publish(s, tenant, device, [reading(t0 + 3000, 3, temp=95)]))  # the control: a newer spike raises
+    assert wait_until(lambda: len(events()) >= 3, 20), events()
+    assert events() == [("raised", t0 + 1000), ("cleared", t0 + 2000), ("retriggered", t0 + 3000)]
+
+
+def test_rule_actions_are_limited_per_tenant_per_second_across_workers(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar]
+) -> None:
+    """The platform administrator sets a tenant's rule actions per second; one reading that fires four rules with an
+    action each gets one action done and three refused as over the rate (counted), while every transition is
+    recorded. The budget is the database's (migration 0020), so every worker spends the same one."""
+    s, _ = stack
+    tenant, (device,) = s.tenant(1, prefix="rate")
+    auth = tenant_token(s.url, tenant)
+    admin = {"Authorization": f"Bearer {PLATFORM}"}
+    changed = api.patch(f"{V1}/tenants/{tenant}", headers=admin, json={"rule_actions_per_s": 1, "max_rules": 10})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["rule_actions_per_s"], changed.json()["max_rules"]) == (1, 10)
+    assert api.patch(f"{V1}/tenants/{tenant}", headers=admin, json={"rule_actions_per_s": 0}).status_code == 400
+    for n in range(4):
+        rule = hot(device, [], on_raise=[{"do": "republish", "subject": f"hot.r{n}"}])
+        rule["alarm"]["for_s"] = 0
+        rule["name"] = f"hot {n}"
+        assert api.post(f"{V1}/rules", json=rule, headers=auth).status_code == 201
+
+    def effects(outcome: str) -> float:
+        return s.metric("rules", "kestrel_rules_effects_total", kind="republish", outcome=outcome)
+
+    done, limited = effects("done"), effects("rate_limited")
+    asyncio.run(publish(s, tenant, device, [reading(int(time.time() * 1000), 1, temp=95)]))
+    raised = "SELECT count(*) AS n FROM alarm_events WHERE tenant_id = %s AND event = 'raised'"
+    assert wait_until(lambda: rows(s, raised, tenant)[0]["n"] == 4, 20)  # every transition, whatever the rate
+    assert wait_until(lambda: effects("done") - done + effects("rate_limited") - limited == 4, 10)
+    assert (effects("done") - done, effects("rate_limited") - limited) == (1, 3)
+
+
+def test_a_republish_to_mqtt_reaches_the_tenants_devices_and_no_other_tenants(
+    stack: tuple[ProdStack, Mailbox], api: TestClient[Litestar]
+) -> None:
+    """A rule republishes its transitions on the broker (``to: mqtt``) as the ``rules`` principal; a device of the
+    tenant subscribed over mTLS to ``v1/{tenant}/out/#`` gets them; a device of another tenant is refused that filter
+    and gets nothing, while its own tenant's transition (the control) reaches it."""
+    s, _ = stack
+    tenant, (device, panel) = s.tenant(2, prefix="rpm")
+    other, (intruder, lurker) = s.tenant(2, prefix="rpx")
+    for owner, target in ((tenant, device), (other, intruder)):
+        rule = hot(target, [], on_raise=[{"do": "republish", "subject": "alarms.boiler", "to": "mqtt"}])
+        rule["alarm"]["for_s"] = 0
+        assert api.post(f"{V1}/rules", json=rule, headers=tenant_token(s.url, owner)).status_code == 201
+
+    async def scenario() -> None:
+        watcher = MqttPublisher("127.0.0.1", s.auth.mtls_port, panel, tls=s.enrol(panel))
+        spy = MqttPublisher("127.0.0.1", s.auth.mtls_port, lurker, tls=s.enrol(lurker))
+        await watcher.connect()
+        await spy.connect()
+        try:
+            assert await watcher.subscribe(f"v1/{tenant}/out/#") == 1
+            assert await spy.subscribe(f"v1/{tenant}/out/#") >= 0x80  # the other tenant's topics: refused
+            assert await spy.subscribe("v1/+/out/#") >= 0x80
+            assert await spy.subscribe(f"v1/{other}/out/#") == 1
+            await publish(s, tenant, device, [reading(int(time.time() * 1000), 1, temp=95)])
+            topic, body = await asyncio.wait_for(watcher.received.get(), 20)
+            assert topic == f"v1/{tenant}/out/alarms/boiler"
+            document = json.loads(body)
+            assert (document["tenant"], document["device"], document["event"]) == (tenant, device, "raised")
+            # The control: the intruder's own tenant's transition arrives, and nothing of the first tenant's before it.
+            await publish(s, other, intruder, [reading(int(time.time() * 1000), 1, temp=95)])
+            topic, body = await asyncio.wait_for(spy.received.get(), 20)
+            assert topic == f"v1/{other}/out/alarms/boiler" and json.loads(body)["tenant"] == other
+            assert spy.received.empty()
+        finally:
+            await watcher.close()
+            await spy.close()
+
+    asyncio.run(scenario())

@@ -6,6 +6,7 @@ commented by people with who and when recorded."""
 from __future__ import annotations
 
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -198,3 +199,41 @@ def test_graphql_reads_rules_and_alarms_of_the_callers_tenant(client: TestClient
     denied = client.post(f"{V1}/graphql", json={"query": "{ alarms { alarmId } }"},
                          headers=tenant_token(database_url, mine.id, "devices:read")).json()  # fmt: skip
     assert denied["data"] is None and "alarms:read" in denied["errors"][0]["message"]
+
+
+def test_the_rule_action_budget_is_one_per_tenant_and_second_whatever_the_connection(
+    database_url: str, api_database_url: str
+) -> None:
+    """Two workers (two sessions) spending in the same second share the tenant's rate; the next second starts anew;
+    another tenant has its own; the API's role cannot touch the budget."""
+    tenant, other = new_tenant(database_url, 0, prefix="bud").id, new_tenant(database_url, 0, prefix="bud").id
+    with psycopg.connect(database_url, autocommit=True) as a, psycopg.connect(database_url, autocommit=True) as b:
+        a.execute("UPDATE tenants SET rule_actions_per_s = 4 WHERE tenant_id = %s", (tenant,))
+
+        def second() -> int:
+            row = a.execute("SELECT floor(extract(epoch FROM clock_timestamp()))::bigint").fetchone()
+            assert row is not None
+            return int(row[0])
+
+        def spend(conn: psycopg.Connection[Any], who: str, want: int) -> int:
+            row = conn.execute("SELECT kestrel_spend_rule_actions(%s, %s)", (who, want)).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        for _ in range(20):  # until the four calls fall within one second (a boundary may split one attempt)
+            start = second()
+            got = (spend(a, tenant, 3), spend(b, tenant, 3), spend(b, other, 3), spend(a, tenant, 1))
+            if second() == start:
+                break
+        else:
+            pytest.fail("no attempt fell within one second")
+        assert got == (3, 1, 3, 0)  # the other tenant's default (50) is its own
+        while second() == start:
+            time.sleep(0.05)
+        assert spend(b, tenant, 5) == 4
+        assert spend(a, "no-such-tenant", 1) == 0
+    with psycopg.connect(api_database_url) as api:
+        for statement in ("SELECT * FROM rule_action_budget", f"SELECT kestrel_spend_rule_actions('{tenant}', 1)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                api.execute(statement.encode())
+            api.rollback()

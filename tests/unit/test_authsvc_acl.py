@@ -69,3 +69,17 @@ def test_service_rules() -> None:
     assert decide(control, "publish", "$CONTROL/kestrel/v1", 1) is True
     assert decide(control, "subscribe", "$CONTROL/kestrel/v1", 1) is None
     assert decide(service_acl("unknown-role"), "publish", "a", 0) is False
+
+
+def test_devices_read_their_tenants_out_topics_and_the_rule_workers_publish_only_there() -> None:
+    device = device_acl("t", "d")
+    assert decide(device, "subscribe", "v1/t/out/#", 1) is True
+    assert decide(device, "subscribe", "v1/t/out/alarms/boiler", 1) is True
+    assert decide(device, "subscribe", "v1/u/out/#", 1) is False  # another tenant's
+    assert decide(device, "subscribe", "v1/+/out/#", 1) is False  # every tenant's
+    assert decide(device, "publish", "v1/t/out/alarms", 1) is False  # only the rules publish there
+    rules = service_acl("rules")
+    assert decide(rules, "publish", "v1/t/out/alarms/boiler", 1) is True
+    assert decide(rules, "publish", "v1/t/d/d/cmd/reboot", 1) is False
+    assert decide(rules, "publish", "v1/t/d/d/telemetry", 1) is False
+    assert decide(rules, "subscribe", "v1/t/out/#", 1) is False

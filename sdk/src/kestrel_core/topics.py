@@ -102,9 +102,19 @@ def device_publish_topics(tenant: str, device: str) -> list[str]:
 
 
 def device_subscribe_filters(tenant: str, device: str) -> list[str]:
-    """Filters a device may subscribe to: its commands and its desired state."""
+    """Filters a device may subscribe to: its commands, its desired state, and its tenant's ``out`` topics (what the
+    tenant's rules republish for its devices, e.g. a panel that shows the plant's alarms)."""
     base = f"{VERSION}/{require_id('tenant', tenant)}/d/{require_id('device', device)}"
-    return [f"{base}/cmd/+", f"{base}/state/desired", f"{base}/state/desired/+"]
+    return [f"{base}/cmd/+", f"{base}/state/desired", f"{base}/state/desired/+", f"{VERSION}/{tenant}/out/#"]
+
+
+#: What the rule workers may publish on MQTT: the ``out`` topics of every tenant (each rule its own tenant's).
+TENANT_OUT_FILTER = f"{VERSION}/+/out/#"
+
+
+def tenant_out_topic(tenant: str, subject: str) -> str:
+    """The MQTT topic of a rule's republish action: ``v1/{tenant}/out/{subject with / for .}``."""
+    return f"{VERSION}/{require_id('tenant', tenant)}/out/{subject.replace('.', '/')}"
 
 
 # ------------------------------------------------------------------ device twin topics (ADR-0013)

@@ -4,7 +4,8 @@ for the REST body, the CLI's file and the rule workers.
 A scope names devices, groups and tags; a device is in scope when it is named, or is a member of a named group, or
 carries every named tag; an empty scope is the whole tenant. Actions run once per alarm transition (raise or clear),
 inside the transaction that records the transition, so a redelivered reading never repeats them: set a desired
-state, send a command, republish the transition on a NATS subject of the tenant (``v1.{tenant}.out.{subject}``), or
+state, send a command, republish the transition on a NATS subject of the tenant (``v1.{tenant}.out.{subject}``) or an
+MQTT topic of the tenant (``v1/{tenant}/out/...``), or
 write values of the transition into the device's telemetry (``write_metric``).
 Notifications go to the tenant's channels named in ``notify``. Every target is the rule's own tenant's: the API refuses
 another tenant's device or channel, and the workers resolve targets inside the tenant only.
@@ -12,7 +13,7 @@ another tenant's device or channel, and the workers resolve targets inside the t
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -59,9 +60,12 @@ class SendCommand(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 class Republish(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="do",
                 tag="republish"):  # fmt: skip
-    """Publish the transition on ``v1.{tenant}.out.{subject}`` (NATS; deduplicated by the transition's id)."""
+    """Publish the transition on NATS ``v1.{tenant}.out.{subject}`` (deduplicated by the transition's id), or with
+    ``to: mqtt`` on the broker's ``v1/{tenant}/out/{subject, / for .}`` (QoS 1), which the tenant's devices may
+    subscribe to."""
 
     subject: SubjectSuffix
+    to: Literal["nats", "mqtt"] = "nats"
 
 
 class WriteMetric(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="do",
