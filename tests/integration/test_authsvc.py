@@ -116,8 +116,12 @@ def test_a_certificate_device_gets_its_own_concrete_acl(
     topics = {(r["permission"], r["action"], r["topic"]) for r in answer["acl"][:-1]}
     assert ("allow", "publish", f"{base}/telemetry") in topics
     assert ("allow", "subscribe", f"{base}/cmd/+") in topics
-    assert all(r["topic"].startswith(base + "/") for r in answer["acl"][:-1])
-    assert not any(c in r["topic"] for r in answer["acl"][:-1] for c in ("#", "${"))
+    # Its own topics, and (subscribe only) what its tenant's rules republish for its devices (ADR-0022).
+    out = f"v1/{tenant.id}/out/#"
+    assert all(r["topic"].startswith(base + "/") for r in answer["acl"][:-1] if r["topic"] != out)
+    assert [(r["permission"], r["action"]) for r in answer["acl"] if r["topic"] == out] == [("allow", "subscribe")]
+    assert not any(c in r["topic"] for r in answer["acl"][:-1] if r["topic"] != out for c in ("#", "${"))
+    assert not any("${" in r["topic"] for r in answer["acl"])
 
 
 def forged(

@@ -12,6 +12,9 @@ CREATE TABLE rule_action_budget (
 ALTER TABLE rule_action_budget ENABLE ROW LEVEL SECURITY;
 ALTER TABLE rule_action_budget FORCE ROW LEVEL SECURITY;
 CREATE POLICY system_all ON rule_action_budget TO CURRENT_USER USING (true) WITH CHECK (true);
+-- The API's role has no grant on it; the policy is there all the same, as on every tenant table.
+CREATE POLICY tenant_isolation ON rule_action_budget TO kestrel_api
+    USING (tenant_id = kestrel_tenant()) WITH CHECK (tenant_id = kestrel_tenant());
 
 -- Grants up to p_want actions of the tenant's current second and returns how many (0 when spent or no such tenant).
 CREATE FUNCTION kestrel_spend_rule_actions(p_tenant text, p_want integer) RETURNS integer
