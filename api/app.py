@@ -174,7 +174,7 @@ def create_app(settings: ApiSettings, database_url: str, *, open_pool: bool = Tr
         before_request=require_media_type,
         request_max_body_size=BODY_LIMIT,
     )
-    prometheus = PrometheusConfig(app_name="kestrel_api", group_path=True, exclude=["/metrics"])
+    prometheus = PrometheusConfig(app_name="kestrel_api", prefix="kestrel_api", group_path=True, exclude=["/metrics"])
     return Litestar(
         route_handlers=[api_v1, *health.ROUTES, *console_routers()],
         logging_config=None,  # keep kestrel.runtime.logs' JSON lines (Litestar would install its own format)

@@ -1,4 +1,4 @@
-"""authsvc's HTTP surface: ``POST /mqtt/authn`` on the EMQX 5.8 contract, ``/healthz``.
+"""authsvc's HTTP surface: ``POST /mqtt/authn`` on the EMQX 5.8 contract, ``/healthz``, ``/metrics``.
 
 Fails closed (ADR-0009): a definitive denial is ``200 {"result": "deny"}``; a request without the brokers'
 shared key is refused with 401, and an internal failure (database down) answers 503. EMQX treats any
@@ -13,6 +13,7 @@ import datetime as dt
 import hmac
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
 from authsvc import acl
 from authsvc.contract import AuthnRequest, AuthnResponse, AuthzRequest, AuthzResponse
@@ -89,13 +91,17 @@ async def authn(request: Request[Any, Any, Any]) -> Response[Any]:
         body = _request_decoder.decode(await request.body())
     except msgspec.MsgspecError:
         return _problem(400, "not an authentication request")
+    seconds: Histogram = request.app.state.authn_seconds
+    started = time.perf_counter()
     try:
         decision: AuthnResponse = await authenticate(
             body, request.app.state.identity, dt.datetime.now(dt.UTC), request.app.state.jwt_audience
         )
     except Exception:
+        seconds.labels("error").observe(time.perf_counter() - started)
         log.exception("authentication failed internally; the broker will deny")
         return _problem(503, "authentication unavailable")
+    seconds.labels(decision.result).observe(time.perf_counter() - started)
     return Response(msgspec.json.encode(decision), media_type="application/json")
 
 
@@ -128,6 +134,21 @@ async def authz(request: Request[Any, Any, Any]) -> Response[Any]:
 @get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@get("/metrics", media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request[Any, Any, Any]) -> bytes:
+    """Prometheus: ``kestrel_authsvc_authn_seconds{result}`` (allow, deny, error: the SLOs of docs/slo.md)."""
+    return generate_latest(request.app.state.registry)
+
+
+def _metrics() -> tuple[CollectorRegistry, Histogram]:
+    registry = CollectorRegistry()
+    seconds = Histogram(
+        "kestrel_authsvc_authn_seconds", "Time to decide a broker authentication, by result (allow, deny, error)",
+        ["result"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=registry,
+    )  # fmt: skip
+    return registry, seconds
 
 
 def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
@@ -174,10 +195,18 @@ def create_app(settings: AuthsvcSettings, database_url: str) -> Litestar:
             await pool.close()
             log.info("authsvc stopped")
 
+    registry, authn_seconds = _metrics()
     return Litestar(
-        route_handlers=[authn, authz, healthz],
+        route_handlers=[authn, authz, healthz, metrics],
         logging_config=None,  # keep kestrel.runtime.logs' JSON lines (Litestar would install its own format)
         lifespan=[lifespan],
         openapi_config=None,
-        state=State({"broker_key": settings.broker_key.reveal(), "jwt_audience": settings.jwt_audience}),
+        state=State(
+            {
+                "broker_key": settings.broker_key.reveal(),
+                "jwt_audience": settings.jwt_audience,
+                "registry": registry,
+                "authn_seconds": authn_seconds,
+            }
+        ),
     )

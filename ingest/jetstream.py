@@ -34,7 +34,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
-from kestrel.runtime.nats import deadletter_config
+from kestrel.runtime.nats import deadletter_config, ensure_stream
 from kestrel_core import streams
 
 log = logging.getLogger("kestrel.ingest.jetstream")
@@ -52,26 +52,18 @@ _puback_decoder = msgspec.json.Decoder(PubAck)
 
 async def ensure_streams(nc: NATS, *, dlq_max_age_s: int = 14 * 86400) -> None:
     """Create or update the telemetry and dead-letter streams (idempotent)."""
-    js = nc.jetstream()
-    configs = [
-        StreamConfig(
-            name=streams.TELEMETRY_STREAM,
-            subjects=list(streams.TELEMETRY_SUBJECTS),
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 86400,
-            max_bytes=-1,
-            discard=DiscardPolicy.OLD,
-            duplicate_window=streams.DUPLICATE_WINDOW_S,
-            num_replicas=1,
-        ),
-        deadletter_config(dlq_max_age_s),
-    ]
-    for config in configs:
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+    telemetry = StreamConfig(
+        name=streams.TELEMETRY_STREAM,
+        subjects=list(streams.TELEMETRY_SUBJECTS),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 86400,
+        max_bytes=-1,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=streams.DUPLICATE_WINDOW_S,
+    )
+    for config in (telemetry, deadletter_config(dlq_max_age_s)):
+        await ensure_stream(nc, config)
 
 
 async def ensure_writer_consumer(

@@ -94,6 +94,12 @@ class WriterMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
             registry=registry,
         )
+        self.ingest_latency = Histogram(
+            "kestrel_writer_ingest_latency_seconds",
+            "From the bridge's receipt of a message to its readings committed (the ingest latency SLO)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 120),
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "kestrel_writer_batch_messages",
             "Messages per batch",
@@ -289,6 +295,10 @@ class Writer:
         self.metrics.rows.labels("inserted").inc(inserted)
         self.metrics.rows.labels("duplicate").inc(max(known_staged - inserted, 0))
         self.metrics.messages.labels("stored").inc(len(decoded) - len(strangers))
+        now_us, unknown_ids = time.time_ns() // 1000, {id(d) for d in strangers}
+        for item in decoded:
+            if id(item) not in unknown_ids:
+                self.metrics.ingest_latency.observe(max(0, now_us - item.envelope.received_us) / 1_000_000)
 
     async def _reject(self, msg: Msg, reason: str, detail: str, *, term: bool) -> None:
         """Dead-letter first, then settle: the message is never dropped before it is in the DLQ."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from prometheus_client import CollectorRegistry, start_http_server
+
 from kestrel.runtime.logs import announce
 from kestrel.runtime.service import run_service, stop_event
 from kestrel.store import DatabaseSettings
@@ -16,7 +18,11 @@ async def amain() -> None:
     settings = from_env(ProvisionerSettings, "KESTREL_PROVISIONER")
     database = from_env(DatabaseSettings, "KESTREL_DATABASE").url.reveal()
     announce("pki-provisioner")
-    await run_provisioner(settings, open_ca(database, from_env(PkiSettings, "KESTREL_PKI")), stop_event())
+    registry = CollectorRegistry()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+    ca = open_ca(database, from_env(PkiSettings, "KESTREL_PKI"))
+    await run_provisioner(settings, ca, stop_event(), registry=registry)
 
 
 def main(argv: list[str]) -> int:

@@ -14,13 +14,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Final
 
 import gmqtt
 import msgspec
+import psycopg
+from prometheus_client import CollectorRegistry, Counter
 
 from kestrel.runtime.mqtt import Ack, backend_client, connect
 from kestrel_core.errors import InvalidInput, KestrelError
 from kestrel_core.messages.twin import ProvisionDenied, ProvisionGranted, ProvisionRequest
+from kestrel_core.retry import Backoff
 from kestrel_core.settings import MqttSettings
 from kestrel_core.topics import (
     PROVISION_REQUEST_FILTER,
@@ -32,6 +36,8 @@ from kestrel_core.topics import (
 from pki.authority import DatabaseCA
 
 log = logging.getLogger("kestrel.pki.provisioner")
+#: Between attempts at a request whose answer failed for a passing reason.
+RETRY: Final = Backoff(base_s=0.5, cap_s=10.0)
 
 
 class ProvisionerSettings(MqttSettings, frozen=True, kw_only=True):
@@ -44,6 +50,16 @@ class ProvisionerSettings(MqttSettings, frozen=True, kw_only=True):
     certificate_days: int = 365
     #: Larger provisioning requests are refused.
     max_csr_bytes: int = 16 * 1024
+    #: Prometheus metrics (/metrics) listen here; port 0 turns them off.
+    metrics_host: str = "127.0.0.1"
+    #: The metrics port.
+    metrics_port: int = 9104
+
+
+class ProvisionerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("kestrel_provisioner_requests", "Provisioning requests by outcome (granted, denied,"
+                                " dropped, retried)", ["outcome"], registry=registry)  # fmt: skip
 
 
 def answer(
@@ -80,9 +96,14 @@ def answer(
 
 
 async def run_provisioner(
-    settings: ProvisionerSettings, ca: DatabaseCA, stop: asyncio.Event, ready: asyncio.Event | None = None
+    settings: ProvisionerSettings,
+    ca: DatabaseCA,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> None:
     queue: asyncio.Queue[tuple[str, bytes, Ack]] = asyncio.Queue()
+    metrics = ProvisionerMetrics(registry or CollectorRegistry())
     subscriptions = [gmqtt.Subscription(shared_filter(settings.share_group, PROVISION_REQUEST_FILTER), qos=1)]
     client = backend_client(
         "provisioner",
@@ -91,20 +112,35 @@ async def run_provisioner(
         subscriptions,
     )
 
-    async def work() -> None:
+    async def handle(topic: str, payload: bytes, ack: Ack) -> None:
+        """Answer one request. A passing failure (the database or OpenBao unreachable) is tried again here: the
+        broker would redeliver an unacknowledged request only on a new connection, and this one stays up."""
+        failures = 0
         while True:
-            topic, payload, ack = await queue.get()
             try:
                 response_topic, body = await asyncio.to_thread(answer, topic, payload, ca, settings)
             except InvalidInput as exc:  # off-grammar topic: nobody to answer; the ACL makes this unreachable
                 log.warning("provisioning request on a bad topic dropped", extra={"reason": exc.reason})
+                metrics.requests.labels("dropped").inc()
                 ack()
+                return
+            except (psycopg.OperationalError, OSError) as exc:
+                failures += 1
+                metrics.requests.labels("retried").inc()
+                log.warning("provisioning failed for a passing reason; trying again", extra={"error": str(exc)[:200]})
+                await asyncio.sleep(RETRY.delay(failures))
                 continue
             except Exception:
                 log.exception("provisioning failed; the request stays unacknowledged")
-                continue
+                return
             client.publish(response_topic, msgspec.json.encode(body), qos=1)
+            metrics.requests.labels("granted" if isinstance(body, ProvisionGranted) else "denied").inc()
             ack()
+            return
+
+    async def work() -> None:
+        while True:
+            await handle(*await queue.get())
 
     worker = asyncio.create_task(work(), name="provisioner-worker")
     await connect(client, settings)

@@ -176,7 +176,8 @@ class ProdStack:
                 "KESTREL_DEVICES_RETRY_BASE_S": "0.5",
                 "KESTREL_DEVICES_SCAN_INTERVAL_S": "0.2",
             },
-            "provisioner": principal("PROVISIONER", "provisioner") | {"KESTREL_PKI_PASSPHRASE": PASSPHRASE},
+            "provisioner": principal("PROVISIONER", "provisioner")
+            | {"KESTREL_PKI_PASSPHRASE": PASSPHRASE, "KESTREL_PROVISIONER_METRICS_PORT": port},
             "rules": principal("RULES", "rules")
             | {
                 "KESTREL_RULES_NATS_URL": nats_url,

@@ -154,6 +154,7 @@ class EmbeddedStack:
                 "KESTREL_PROVISIONER_CLIENT_ID": "svc:provisioner:1",
                 "KESTREL_PROVISIONER_MQTT_USERNAME": "provisioner",
                 "KESTREL_PROVISIONER_MQTT_PASSWORD": self.secrets["provisioner"],
+                "KESTREL_PROVISIONER_METRICS_PORT": "0",
             }
         )
         return env

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Mapping
+from typing import Final
 
 import nats
 from nats.aio.client import Client as NATS
@@ -11,9 +14,12 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import BadRequestError
 
 from kestrel_core import streams
+from kestrel_core.errors import InvalidInput
 from kestrel_core.retry import Backoff
 
 log = logging.getLogger("kestrel.runtime.nats")
+#: NATS replicates a stream on at most five servers.
+MAX_REPLICAS: Final = 5
 
 
 async def connect_nats(url: str, name: str) -> NATS:
@@ -73,8 +79,19 @@ def events_config() -> StreamConfig:
     return event_stream_config(streams.EVENTS_STREAM, list(streams.EVENTS_SUBJECTS))
 
 
+def stream_replicas(environ: Mapping[str, str] = os.environ) -> int:
+    """``KESTREL_NATS_REPLICAS``: how many NATS servers keep each stream the services create (1 on one server, 3 on
+    a cluster: the Helm chart sets it). ``InvalidInput`` for anything but 1 to 5."""
+    value = environ.get("KESTREL_NATS_REPLICAS", "1")
+    if not value.isdigit() or not 1 <= int(value) <= MAX_REPLICAS:
+        raise InvalidInput("bad_setting", f"KESTREL_NATS_REPLICAS must be 1 to {MAX_REPLICAS}, not {value[:20]!r}")
+    return int(value)
+
+
 async def ensure_stream(nc: NATS, config: StreamConfig) -> None:
-    """Create the stream, or update it to ``config`` when it exists (idempotent)."""
+    """Create the stream, or update it to ``config`` when it exists (idempotent), with ``stream_replicas()``
+    replicas."""
+    config.num_replicas = stream_replicas()
     js = nc.jetstream()
     try:
         await js.add_stream(config)

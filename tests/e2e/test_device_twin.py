@@ -157,7 +157,8 @@ def stack(
         {"KESTREL_DATABASE_URL": url, "KESTREL_PKI_PASSPHRASE": PASSPHRASE,
          "KESTREL_PROVISIONER_MQTT_PORT": str(plain), "KESTREL_PROVISIONER_CLIENT_ID": "svc:provisioner:1",
          "KESTREL_PROVISIONER_MQTT_USERNAME": "provisioner",
-         "KESTREL_PROVISIONER_MQTT_PASSWORD": secrets["provisioner"]},
+         "KESTREL_PROVISIONER_MQTT_PASSWORD": secrets["provisioner"],
+         "KESTREL_PROVISIONER_METRICS_PORT": str(free_port())},
     )  # fmt: skip
     api = f"http://127.0.0.1:{api_port}"
     assert wait_until(lambda: http_ok(f"{api}/healthz"), 30), "api down"

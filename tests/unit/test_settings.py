@@ -32,3 +32,13 @@ def test_bad_value_names_the_prefix() -> None:
         from_env(Sample, "KESTREL_T", {"KESTREL_T_PORT": "eighty"})
     assert info.value.reason == "bad_setting"
     assert "KESTREL_T" in info.value.detail
+
+
+def test_stream_replicas_come_from_the_environment_and_a_bad_value_is_one_clear_error() -> None:
+    from kestrel.runtime.nats import stream_replicas  # noqa: PLC0415
+
+    assert stream_replicas({}) == 1
+    assert stream_replicas({"KESTREL_NATS_REPLICAS": "3"}) == 3
+    for bad in ("0", "6", "three", "-1", ""):
+        with pytest.raises(InvalidInput, match="KESTREL_NATS_REPLICAS must be 1 to 5"):
+            stream_replicas({"KESTREL_NATS_REPLICAS": bad})
