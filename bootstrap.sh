@@ -10,6 +10,7 @@ APT_PACKAGES=(
   mosquitto-dev libmosquitto-dev libcurl4-openssl-dev libcjson-dev libssl-dev gcc make  # auth plugin build
   python3 python3-venv ca-certificates curl openssl
   chromium chromium-driver                         # the console's browser tests (headless)
+  prometheus                                       # promtool: checks and unit-tests the SLO rules
 )
 
 missing=()
@@ -28,9 +29,11 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian starts a system-wide mosquitto on :1883 when the package is installed; Kestrel runs its own.
-if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
-  systemctl stop mosquitto && systemctl disable mosquitto >/dev/null 2>&1 || true
-fi
+for unit in mosquitto prometheus; do  # Kestrel runs its own; the prometheus package is here for promtool
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$unit" 2>/dev/null; then
+    systemctl stop "$unit" && systemctl disable "$unit" >/dev/null 2>&1 || true
+  fi
+done
 
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
@@ -55,6 +58,16 @@ if [[ ! -f $tools_stamp || $(cat "$tools_stamp") != "$tools_want" ]]; then
   echo "bootstrap: pip install the tools (pinned by tools-constraints.txt)"
   .venv-tools/bin/python -m pip install -q -c tools-constraints.txt openapi-python-client
   echo "$tools_want" > "$tools_stamp"
+fi
+
+# checkov (the chart's rendered manifests, tests/deploy), whose many dependencies stay out of .venv.
+[[ -x .venv-checkov/bin/python ]] || "$PYTHON" -m venv .venv-checkov
+checkov_stamp=.venv-checkov/.kestrel-installed
+checkov_want=$(sha256sum checkov-constraints.txt | cut -d' ' -f1)
+if [[ ! -f $checkov_stamp || $(cat "$checkov_stamp") != "$checkov_want" ]]; then
+  echo "bootstrap: pip install checkov (pinned by checkov-constraints.txt)"
+  .venv-checkov/bin/python -m pip install -q -c checkov-constraints.txt checkov
+  echo "$checkov_want" > "$checkov_stamp"
 fi
 
 # JavaScript tooling (the AsyncAPI JSON Schema the contract test validates against), pinned by package-lock.json.
