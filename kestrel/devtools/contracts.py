@@ -1,5 +1,6 @@
 """The committed generated documents, current or not: ``api/openapi.json``, ``api/schema.graphql``,
-``api/asyncapi.json`` and the ``KESTREL_*`` tables of the service READMEs. ``--check`` (a pre-commit hook) exits 1
+``api/asyncapi.json``, the ``KESTREL_*`` tables of the service READMEs, the SLO rules and the chart's copy of the
+EMQX configuration. ``--check`` (a pre-commit hook) exits 1
 naming the stale ones; ``--write`` (``make openapi``) regenerates them."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kestrel.devtools import asyncapi, envdoc
+from kestrel.devtools import asyncapi, envdoc, slo
 
 REPO = envdoc.REPO
 
@@ -20,6 +21,9 @@ def expected() -> dict[Path, str]:
         REPO / "api" / "openapi.json": openapi_document(),
         REPO / "api" / "schema.graphql": build_schema(introspection=True).as_str() + "\n",
         REPO / "api" / "asyncapi.json": asyncapi.render(),
+        REPO / "helm" / "kestrel" / "files" / "prometheus" / "slo-rules.yaml": slo.render(),
+        # The chart carries the broker's configuration as it is (Helm reads no file outside its chart).
+        REPO / "helm" / "kestrel" / "files" / "emqx.conf": (REPO / "broker" / "emqx" / "emqx.conf").read_text(),
     }
     return documents | envdoc.expected()
 
