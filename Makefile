@@ -46,5 +46,5 @@ openapi: install
 	$(PY) -m kestrel.devtools.contracts --write
 
 clean:
-	rm -rf .venv .venv-tools .venv-checkov node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-tools .venv-checkov .venv-ansible node_modules .mypy_cache .ruff_cache .pytest_cache
 	$(MAKE) -C broker/mosquitto clean

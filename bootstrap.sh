@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3 python3-venv ca-certificates curl openssl
   chromium chromium-driver                         # the console's browser tests (headless)
   prometheus                                       # promtool: checks and unit-tests the SLO rules
+  nftables                                         # nft -c: checks the Ansible roles' firewall rules
 )
 
 missing=()
@@ -68,6 +69,16 @@ if [[ ! -f $checkov_stamp || $(cat "$checkov_stamp") != "$checkov_want" ]]; then
   echo "bootstrap: pip install checkov (pinned by checkov-constraints.txt)"
   .venv-checkov/bin/python -m pip install -q -c checkov-constraints.txt checkov
   echo "$checkov_want" > "$checkov_stamp"
+fi
+
+# ansible-core and ansible-lint (the VM install, tests/deploy/test_ansible.py), pinned apart as well.
+[[ -x .venv-ansible/bin/python ]] || "$PYTHON" -m venv .venv-ansible
+ansible_stamp=.venv-ansible/.kestrel-installed
+ansible_want=$(sha256sum ansible-constraints.txt | cut -d' ' -f1)
+if [[ ! -f $ansible_stamp || $(cat "$ansible_stamp") != "$ansible_want" ]]; then
+  echo "bootstrap: pip install ansible-core and ansible-lint (pinned by ansible-constraints.txt)"
+  .venv-ansible/bin/python -m pip install -q -c ansible-constraints.txt ansible-core ansible-lint
+  echo "$ansible_want" > "$ansible_stamp"
 fi
 
 # JavaScript tooling (the AsyncAPI JSON Schema the contract test validates against), pinned by package-lock.json.
