@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from kestrel import __version__
-from kestrel.cli import commands, devices, rules, stack, tenants
+from kestrel.cli import backups, commands, devices, rules, stack, tenants
 from kestrel_core.errors import InvalidInput, KestrelError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kestrel IoT platform.")
@@ -36,7 +36,7 @@ for sub, name in (
     (rules.channel_app, "channel"),
 ):
     app.add_typer(sub, name=name)
-for command in (stack.agent, stack.simulate, stack.run):
+for command in (stack.agent, stack.simulate, stack.run, backups.backup, backups.restore):
     app.command()(command)
 app.command("webhook-sink")(stack.webhook_sink)
 
