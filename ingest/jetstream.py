@@ -34,7 +34,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
-from kestrel.runtime.nats import deadletter_config, ensure_stream
+from kestrel.runtime.nats import deadletter_config, ensure_stream, telemetry_retention_s
 from kestrel_core import streams
 
 log = logging.getLogger("kestrel.ingest.jetstream")
@@ -57,7 +57,7 @@ async def ensure_streams(nc: NATS, *, dlq_max_age_s: int = 14 * 86400) -> None:
         subjects=list(streams.TELEMETRY_SUBJECTS),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        max_age=7 * 86400,
+        max_age=telemetry_retention_s(),
         max_bytes=-1,
         discard=DiscardPolicy.OLD,
         duplicate_window=streams.DUPLICATE_WINDOW_S,

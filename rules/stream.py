@@ -28,7 +28,13 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 from psycopg_pool import AsyncConnectionPool
 
-from kestrel.runtime.nats import deadletter_config, ensure_stream, event_stream_config, events_config
+from kestrel.runtime.nats import (
+    deadletter_config,
+    ensure_stream,
+    event_stream_config,
+    events_config,
+    telemetry_retention_s,
+)
 from kestrel.store.rows import fetch_all
 from kestrel_core import streams
 from kestrel_core.messages.alarms import ALARM_STREAM, ALARM_SUBJECTS, alarm_subject
@@ -59,9 +65,8 @@ def rules_config(partitions: int) -> StreamConfig:
         name=RULES_STREAM,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        max_age=7 * 86400,
+        max_age=telemetry_retention_s(),  # RULES_IN holds a copy of the telemetry: the same retention
         discard=DiscardPolicy.OLD,
-        num_replicas=1,
         sources=[
             source(streams.TELEMETRY_STREAM, ("v1.*.d.*.telemetry", f"rules.{part}.t.{_w(1)}.{_w(2)}"),
                    ("v1.*.d.*.telemetry.*", f"rules.{part}.t.{_w(1)}.{_w(2)}.{_w(3)}")),

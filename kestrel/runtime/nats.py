@@ -88,6 +88,16 @@ def stream_replicas(environ: Mapping[str, str] = os.environ) -> int:
     return int(value)
 
 
+def telemetry_retention_s(environ: Mapping[str, str] = os.environ) -> int:
+    """``KESTREL_TELEMETRY_RETENTION_S``: how long the TELEMETRY stream keeps readings for replays (rule workers,
+    real-time streams' cursors) after the writer stored them; 7 days by default. A large fleet shortens it to fit its
+    NATS volumes (docs/capacity.md). ``InvalidInput`` outside one hour to a year."""
+    value = environ.get("KESTREL_TELEMETRY_RETENTION_S", str(7 * 86400))
+    if not value.isdigit() or not 3600 <= int(value) <= 365 * 86400:
+        raise InvalidInput("bad_setting", f"KESTREL_TELEMETRY_RETENTION_S must be 3600 to 31536000, not {value[:20]!r}")
+    return int(value)
+
+
 async def ensure_stream(nc: NATS, config: StreamConfig) -> None:
     """Create the stream, or update it to ``config`` when it exists (idempotent), with ``stream_replicas()``
     replicas."""

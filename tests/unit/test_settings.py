@@ -42,3 +42,13 @@ def test_stream_replicas_come_from_the_environment_and_a_bad_value_is_one_clear_
     for bad in ("0", "6", "three", "-1", ""):
         with pytest.raises(InvalidInput, match="KESTREL_NATS_REPLICAS must be 1 to 5"):
             stream_replicas({"KESTREL_NATS_REPLICAS": bad})
+
+
+def test_the_telemetry_retention_comes_from_the_environment_within_bounds() -> None:
+    from kestrel.runtime.nats import telemetry_retention_s  # noqa: PLC0415
+
+    assert telemetry_retention_s({}) == 7 * 86400
+    assert telemetry_retention_s({"KESTREL_TELEMETRY_RETENTION_S": "86400"}) == 86400
+    for bad in ("60", "99999999999", "1d", ""):
+        with pytest.raises(InvalidInput, match="KESTREL_TELEMETRY_RETENTION_S must be"):
+            telemetry_retention_s({"KESTREL_TELEMETRY_RETENTION_S": bad})
