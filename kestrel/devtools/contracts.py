@@ -1,6 +1,6 @@
 """The committed generated documents, current or not: ``api/openapi.json``, ``api/schema.graphql``,
-``api/asyncapi.json``, the ``KESTREL_*`` tables of the service READMEs, the SLO rules and the chart's copy of the
-EMQX configuration. ``--check`` (a pre-commit hook) exits 1
+``api/asyncapi.json``, the ``KESTREL_*`` tables of the service READMEs, the SLO rules, the Grafana dashboards and the
+chart's copy of the EMQX configuration. ``--check`` (a pre-commit hook) exits 1
 naming the stale ones; ``--write`` (``make openapi``) regenerates them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kestrel.devtools import asyncapi, envdoc, slo
+from kestrel.devtools import asyncapi, dashboards, envdoc, slo
 
 REPO = envdoc.REPO
 
@@ -25,6 +25,8 @@ def expected() -> dict[Path, str]:
         # The chart carries the broker's configuration as it is (Helm reads no file outside its chart).
         REPO / "helm" / "kestrel" / "files" / "emqx.conf": (REPO / "broker" / "emqx" / "emqx.conf").read_text(),
     }
+    grafana = REPO / "helm" / "kestrel" / "files" / "grafana"
+    documents |= {grafana / name: text for name, text in dashboards.render().items()}
     return documents | envdoc.expected()
 
 
