@@ -11,8 +11,9 @@ install:
 plugin:
 	$(MAKE) -C broker/mosquitto all
 
+# `make run PROMETHEUS=1` also runs Prometheus on :19090, scraping every service with the SLO rules.
 run: install
-	$(PY) -m kestrel run
+	$(PY) -m kestrel run $(if $(PROMETHEUS),--prometheus)
 
 test: install lint bench-smoke
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -119,6 +119,10 @@ def run(
     rules_metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="The rule workers' metrics")] = 19105,
     devices: Annotated[int, typer.Option(min=0, max=10_000, help="Simulated devices (0: none)")] = 20,
     rate: Annotated[float, typer.Option(min=0.001, help="Simulated messages per second")] = 20.0,
+    prometheus: Annotated[
+        bool, typer.Option(help="Also run Prometheus (Debian's), scraping every service, with the SLO rules")
+    ] = False,
+    prometheus_port: Annotated[int, typer.Option(min=1, max=65535)] = 19090,
 ) -> None:
     """Run the embedded default: PostgreSQL, NATS, Mosquitto, Kestrel's services and a simulated fleet."""
     from kestrel.devtools.embedded import EmbeddedPorts, run_embedded  # noqa: PLC0415
@@ -139,7 +143,8 @@ def run(
     )
     if len(set(vars(ports).values())) != len(vars(ports)):
         raise InvalidInput("bad_ports", "every port must be different")
-    run_embedded(state or state_dir(), ports, devices=devices, rate=rate, simulator=devices > 0)
+    run_embedded(state or state_dir(), ports, devices=devices, rate=rate, simulator=devices > 0,
+                 prometheus_port=prometheus_port if prometheus else 0)  # fmt: skip
 
 
 def webhook_sink(

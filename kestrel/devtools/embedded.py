@@ -37,6 +37,7 @@ from kestrel.devtools.servers import (
     MosquittoServer,
     NatsServer,
     PostgresServer,
+    PrometheusServer,
     ServerFailed,
     ensure_port_free,
     http_ok,
@@ -81,7 +82,14 @@ class Service(ManagedProcess):
 
 class EmbeddedStack:
     def __init__(
-        self, state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: float, simulator: bool = True
+        self,
+        state_dir: Path,
+        ports: EmbeddedPorts,
+        *,
+        devices: int,
+        rate: float,
+        simulator: bool = True,
+        prometheus_port: int = 0,
     ) -> None:
         self.state = state_dir.resolve()
         self.ports = ports
@@ -102,6 +110,12 @@ class EmbeddedStack:
         self.mosquitto = MosquittoServer(
             name="mosquitto", log_path=logs / "mosquitto.log", root=self.state / "mosquitto", port=ports.mqtt
         )
+        #: Prometheus scraping every service with the SLO rules (``kestrel run --prometheus``); 0: none.
+        self.prometheus = (
+            PrometheusServer(name="prometheus", log_path=logs / "prometheus.log", root=self.state / "prometheus",
+                             port=prometheus_port)
+            if prometheus_port else None
+        )  # fmt: skip
         self.services: list[Service] = []
         self.supervisor = Supervisor()
         self.stopping = False
@@ -141,7 +155,8 @@ class EmbeddedStack:
                 "KESTREL_DEVICES_MQTT_USERNAME": "devicesvc",
                 "KESTREL_DEVICES_MQTT_PASSWORD": self.secrets["devicesvc"],
                 "KESTREL_DEVICES_NATS_URL": self.nats.url,
-                "KESTREL_DEVICES_METRICS_PORT": "0",
+                # With Prometheus, devicesvc and the provisioner serve metrics too (on the ports after the writer's).
+                "KESTREL_DEVICES_METRICS_PORT": str(self.ports.writer_metrics + 1) if self.prometheus else "0",
                 "KESTREL_RULES_NATS_URL": self.nats.url,
                 "KESTREL_RULES_METRICS_PORT": str(self.ports.rules_metrics),
                 "KESTREL_RULES_MQTT_PORT": str(self.ports.mqtt),
@@ -154,7 +169,7 @@ class EmbeddedStack:
                 "KESTREL_PROVISIONER_CLIENT_ID": "svc:provisioner:1",
                 "KESTREL_PROVISIONER_MQTT_USERNAME": "provisioner",
                 "KESTREL_PROVISIONER_MQTT_PASSWORD": self.secrets["provisioner"],
-                "KESTREL_PROVISIONER_METRICS_PORT": "0",
+                "KESTREL_PROVISIONER_METRICS_PORT": str(self.ports.writer_metrics + 2) if self.prometheus else "0",
             }
         )
         return env
@@ -296,7 +311,22 @@ class EmbeddedStack:
             sim += ["--jwt-kid", (self.state / "simulator-jwt.kid").read_text().strip()]
             self._service("simulator", sim, env)
         self._wait_ready()
+        if self.prometheus is not None:
+            self._start_prometheus()
         self.supervisor.serve(self.ports.supervisor)
+
+    def _start_prometheus(self) -> None:
+        assert self.prometheus is not None
+        p = self.ports
+        self.prometheus.targets = {
+            "api": f"{LOOPBACK}:{p.api}", "authsvc": f"{LOOPBACK}:{p.authsvc}",
+            "bridge": f"{LOOPBACK}:{p.bridge_metrics}", "writer": f"{LOOPBACK}:{p.writer_metrics}",
+            "devicesvc": f"{LOOPBACK}:{p.writer_metrics + 1}", "provisioner": f"{LOOPBACK}:{p.writer_metrics + 2}",
+            "rules": f"{LOOPBACK}:{p.rules_metrics}",
+        }  # fmt: skip
+        print(f"  starting {self.prometheus.name} ...", flush=True)
+        self.prometheus.start()
+        self.supervisor.add(self.prometheus.name, self.prometheus, self.prometheus.start)
 
     @staticmethod
     def _wait_for(service: Service, url: str, timeout: float) -> None:
@@ -344,6 +374,11 @@ class EmbeddedStack:
                 " try `kestrel agent` (README: Operate a fleet)",
                 f"  Rules           rule workers (alarms, notifications; metrics :{p.rules_metrics});"
                 " try `kestrel rule` (README: Rules, alarms and notifications)",
+                *(
+                    [f"  Prometheus      {self.prometheus.url}  (every service scraped, SLO rules and alerts loaded)"]
+                    if self.prometheus
+                    else []
+                ),
                 f"  Logs            {self.state}/logs/",
                 f"  CLI             kestrel --state-dir {self.state} ...   (or KESTREL_STATE_DIR={self.state})",
                 f"  Supervisor      http://{LOOPBACK}:{p.supervisor}/healthz  (every process: state, restarts)",
@@ -366,6 +401,8 @@ class EmbeddedStack:
     def stop(self) -> None:
         self.stopping = True
         self.supervisor.close()
+        if self.prometheus is not None:
+            self.prometheus.stop()
         for service in reversed(self.services):
             service.stop(signal.SIGTERM, timeout=20)
         for server in (self.mosquitto, self.nats, self.postgres):
@@ -379,8 +416,12 @@ class EmbeddedStack:
             time.sleep(0.5)
 
 
-def run_embedded(state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: float, simulator: bool) -> None:
-    stack = EmbeddedStack(state_dir, ports, devices=devices, rate=rate, simulator=simulator)
+def run_embedded(
+    state_dir: Path, ports: EmbeddedPorts, *, devices: int, rate: float, simulator: bool, prometheus_port: int = 0
+) -> None:
+    stack = EmbeddedStack(
+        state_dir, ports, devices=devices, rate=rate, simulator=simulator, prometheus_port=prometheus_port
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stack.stopping = True  # the main loop notices and stops everything in order

@@ -26,6 +26,7 @@ from kestrel.devtools.servers.mosquitto import (
 from kestrel.devtools.servers.nats import NatsServer, nats_server_binary
 from kestrel.devtools.servers.openbao import OpenBaoServer, openbao_binary
 from kestrel.devtools.servers.postgres import PostgresServer, postgres_bindir
+from kestrel.devtools.servers.prometheus import PrometheusServer, prometheus_binary
 
 __all__ = [
     "LOOPBACK",
@@ -37,6 +38,7 @@ __all__ = [
     "OpenBaoServer",
     "PortInUse",
     "PostgresServer",
+    "PrometheusServer",
     "ServerFailed",
     "auth_plugin_path",
     "ensure_port_free",
@@ -46,6 +48,7 @@ __all__ = [
     "nats_server_binary",
     "openbao_binary",
     "postgres_bindir",
+    "prometheus_binary",
     "reachable_root",
     "wait_for_port",
 ]
