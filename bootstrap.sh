@@ -51,35 +51,23 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
-# Tools that need dependencies of their own (openapi-python-client, for the API client test), pinned apart.
-[[ -x .venv-tools/bin/python ]] || "$PYTHON" -m venv .venv-tools
-tools_stamp=.venv-tools/.kestrel-installed
-tools_want=$(sha256sum tools-constraints.txt | cut -d' ' -f1)
-if [[ ! -f $tools_stamp || $(cat "$tools_stamp") != "$tools_want" ]]; then
-  echo "bootstrap: pip install the tools (pinned by tools-constraints.txt)"
-  .venv-tools/bin/python -m pip install -q -c tools-constraints.txt openapi-python-client
-  echo "$tools_want" > "$tools_stamp"
-fi
-
-# checkov (the chart's rendered manifests, tests/deploy), whose many dependencies stay out of .venv.
-[[ -x .venv-checkov/bin/python ]] || "$PYTHON" -m venv .venv-checkov
-checkov_stamp=.venv-checkov/.kestrel-installed
-checkov_want=$(sha256sum checkov-constraints.txt | cut -d' ' -f1)
-if [[ ! -f $checkov_stamp || $(cat "$checkov_stamp") != "$checkov_want" ]]; then
-  echo "bootstrap: pip install checkov (pinned by checkov-constraints.txt)"
-  .venv-checkov/bin/python -m pip install -q -c checkov-constraints.txt checkov
-  echo "$checkov_want" > "$checkov_stamp"
-fi
-
-# ansible-core and ansible-lint (the VM install, tests/deploy/test_ansible.py), pinned apart as well.
-[[ -x .venv-ansible/bin/python ]] || "$PYTHON" -m venv .venv-ansible
-ansible_stamp=.venv-ansible/.kestrel-installed
-ansible_want=$(sha256sum ansible-constraints.txt | cut -d' ' -f1)
-if [[ ! -f $ansible_stamp || $(cat "$ansible_stamp") != "$ansible_want" ]]; then
-  echo "bootstrap: pip install ansible-core and ansible-lint (pinned by ansible-constraints.txt)"
-  .venv-ansible/bin/python -m pip install -q -c ansible-constraints.txt ansible-core ansible-lint
-  echo "$ansible_want" > "$ansible_stamp"
-fi
+# Tools whose dependencies would clash with .venv's, each in a virtual environment of its own, pinned by its own
+# constraints file and reinstalled only when that file changes.
+pinned_venv() {  # pinned_venv DIR CONSTRAINTS PACKAGE...
+  local dir=$1 constraints=$2
+  shift 2
+  [[ -x $dir/bin/python ]] || "$PYTHON" -m venv "$dir"
+  local stamp=$dir/.kestrel-installed want
+  want=$(sha256sum "$constraints" | cut -d' ' -f1)
+  if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+    echo "bootstrap: pip install $* into $dir (pinned by $constraints)"
+    "$dir/bin/python" -m pip install -q -c "$constraints" "$@"
+    echo "$want" > "$stamp"
+  fi
+}
+pinned_venv .venv-tools tools-constraints.txt openapi-python-client          # the API client test
+pinned_venv .venv-checkov checkov-constraints.txt checkov                     # the chart's and Terraform's scans
+pinned_venv .venv-ansible ansible-constraints.txt ansible-core ansible-lint    # the VM install (tests/deploy)
 
 # JavaScript tooling (the AsyncAPI JSON Schema the contract test validates against), pinned by package-lock.json.
 if ! command -v npm >/dev/null; then
