@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg.rows import dict_row
 
 from kestrel.devtools import seed
+from kestrel.devtools.embedded_env import service_env
 from kestrel.devtools.servers import (
     LOOPBACK,
     BrokerAuth,
@@ -126,53 +127,7 @@ class EmbeddedStack:
             ensure_port_free(name.replace("_", "-"), port)
 
     def _env(self, token: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "KESTREL_DATABASE_URL": self.postgres.url,
-                "KESTREL_STATE_DIR": str(self.state),
-                "KESTREL_BRIDGE_MQTT_PORT": str(self.ports.mqtt),
-                "KESTREL_BRIDGE_CLIENT_ID": "svc:ingest:bridge-1",
-                "KESTREL_BRIDGE_MQTT_USERNAME": "ingest",
-                "KESTREL_BRIDGE_MQTT_PASSWORD": self.secrets["ingest"],
-                "KESTREL_BRIDGE_NATS_URL": self.nats.url,
-                "KESTREL_BRIDGE_METRICS_PORT": str(self.ports.bridge_metrics),
-                "KESTREL_WRITER_NATS_URL": self.nats.url,
-                "KESTREL_WRITER_METRICS_PORT": str(self.ports.writer_metrics),
-                "KESTREL_API_PORT": str(self.ports.api),
-                "KESTREL_API_ADMIN_TOKEN": token,
-                "KESTREL_API_DATABASE_URL": self.postgres.api_url,
-                "KESTREL_API_PLATFORM_DATABASE_URL": self.postgres.platform_url,
-                "KESTREL_API_SIGNING_KEY_FILE": str(self.state / "api-signing.key"),
-                "KESTREL_API_NATS_URL": self.nats.url,
-                "KESTREL_AUTHSVC_PORT": str(self.ports.authsvc),
-                "KESTREL_AUTHSVC_BROKER_KEY": self.secrets["broker-key"],
-                "KESTREL_AUTHSVC_KICK_MQTT_PORT": str(self.ports.mqtt),
-                "KESTREL_AUTHSVC_KICK_USERNAME": "authsvc",
-                "KESTREL_AUTHSVC_KICK_PASSWORD": self.secrets["authsvc"],
-                "KESTREL_DEVICES_MQTT_PORT": str(self.ports.mqtt),
-                "KESTREL_DEVICES_CLIENT_ID": "svc:devicesvc:1",
-                "KESTREL_DEVICES_MQTT_USERNAME": "devicesvc",
-                "KESTREL_DEVICES_MQTT_PASSWORD": self.secrets["devicesvc"],
-                "KESTREL_DEVICES_NATS_URL": self.nats.url,
-                # With Prometheus, devicesvc and the provisioner serve metrics too (on the ports after the writer's).
-                "KESTREL_DEVICES_METRICS_PORT": str(self.ports.writer_metrics + 1) if self.prometheus else "0",
-                "KESTREL_RULES_NATS_URL": self.nats.url,
-                "KESTREL_RULES_METRICS_PORT": str(self.ports.rules_metrics),
-                "KESTREL_RULES_MQTT_PORT": str(self.ports.mqtt),
-                "KESTREL_RULES_CLIENT_ID": "svc:rules:1",
-                "KESTREL_RULES_MQTT_USERNAME": "rules",
-                "KESTREL_RULES_MQTT_PASSWORD": self.secrets["rules"],
-                # Loopback only, so webhooks to `kestrel webhook-sink` work; production leaves this off (SSRF).
-                "KESTREL_RULES_WEBHOOK_ALLOW_PRIVATE": "true",
-                "KESTREL_PROVISIONER_MQTT_PORT": str(self.ports.mqtt),
-                "KESTREL_PROVISIONER_CLIENT_ID": "svc:provisioner:1",
-                "KESTREL_PROVISIONER_MQTT_USERNAME": "provisioner",
-                "KESTREL_PROVISIONER_MQTT_PASSWORD": self.secrets["provisioner"],
-                "KESTREL_PROVISIONER_METRICS_PORT": str(self.ports.writer_metrics + 2) if self.prometheus else "0",
-            }
-        )
-        return env
+        return service_env(self, token)
 
     # ------------------------------------------------------------------------------------ provisioning
 
