@@ -130,14 +130,23 @@ class Bridge:
         started = time.perf_counter()
         forwarded, observe = self.metrics.forwarded, self.metrics.ack_seconds.observe
 
-        def stored(_: PubAck) -> None:
-            observe(time.perf_counter() - started)
-            forwarded.inc()
-            ack()
-
         headers = {streams.HDR_MSG_ID: normalized.msg_id}
         if properties:
             headers |= streams.trace_headers(properties)
+        # One grep follows a reading: its message id (the stored row's identity) and the device's trace context,
+        # here, in JetStream, and at the writer's commit (KESTREL_LOG_LEVEL=DEBUG; free when off).
+        traced = log.isEnabledFor(logging.DEBUG)
+        trace = {"msg_id": normalized.msg_id, "traceparent": headers.get(streams.HDR_TRACEPARENT)} if traced else {}
+        if traced:
+            log.debug("telemetry received", extra={**trace, "topic": topic[:200]})
+
+        def stored(puback: PubAck) -> None:
+            observe(time.perf_counter() - started)
+            forwarded.inc()
+            ack()
+            if traced:
+                log.debug("telemetry in jetstream", extra={**trace, "stream_seq": puback.seq})
+
         self.publisher.submit(normalized.subject, normalized.payload, headers, stored)
 
 

@@ -296,9 +296,15 @@ class Writer:
         self.metrics.rows.labels("duplicate").inc(max(known_staged - inserted, 0))
         self.metrics.messages.labels("stored").inc(len(decoded) - len(strangers))
         now_us, unknown_ids = time.time_ns() // 1000, {id(d) for d in strangers}
+        traced = log.isEnabledFor(logging.DEBUG)
         for item in decoded:
             if id(item) not in unknown_ids:
                 self.metrics.ingest_latency.observe(max(0, now_us - item.envelope.received_us) / 1_000_000)
+                if traced:  # the bridge logged the same message id and trace context (KESTREL_LOG_LEVEL=DEBUG)
+                    headers = item.msg.headers or {}
+                    log.debug("telemetry stored", extra={"msg_id": headers.get(streams.HDR_MSG_ID),
+                                                         "traceparent": headers.get(streams.HDR_TRACEPARENT),
+                                                         "rows": len(item.envelope.points)})  # fmt: skip
 
     async def _reject(self, msg: Msg, reason: str, detail: str, *, term: bool) -> None:
         """Dead-letter first, then settle: the message is never dropped before it is in the DLQ."""

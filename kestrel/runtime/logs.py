@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -31,12 +32,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def configure_logging(service: str, level: str | None = None) -> None:
+    """JSON lines at ``level``, else ``KESTREL_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR; INFO when unset). DEBUG adds
+    one line per reading at the bridge and the writer with its message id and trace context."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    wanted = (level or os.environ.get("KESTREL_LOG_LEVEL") or "INFO").upper()
+    root.setLevel(wanted if wanted in LEVELS else "INFO")
+    if wanted not in LEVELS:
+        root.warning("KESTREL_LOG_LEVEL is not one of %s; logging at INFO", ", ".join(LEVELS))
     for noisy in ("nats", "gmqtt"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

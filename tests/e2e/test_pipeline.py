@@ -217,3 +217,47 @@ def test_two_bridges_share_the_load(
     b = scrape(second.metrics_port, "kestrel_bridge_messages_total")
     assert a + b == 400
     assert a >= 100 and b >= 100, f"load not shared: {a} / {b}"
+
+
+def _log_lines(process: ServiceProcess, message: str) -> list[dict[str, Any]]:
+    found = []
+    for line in process.log_path.read_text().splitlines():
+        if line.startswith("{") and f'"msg": "{message}"' in line:
+            found.append(json.loads(line))
+    return found
+
+
+def test_a_message_id_and_the_devices_trace_context_follow_a_reading_from_the_bridge_to_the_database(
+    pipeline_factory: Callable[[NatsServer], Pipeline],
+    nats_server: NatsServer,
+    mosquitto: MosquittoServer,
+    make_tenant: Callable[[int], Tenant],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With KESTREL_LOG_LEVEL=DEBUG the bridge logs each reading's message id (the stored row's identity) and the
+    device's W3C traceparent as it receives it and as JetStream stores it, and the writer logs the same two when the
+    row is committed: one grep follows a reading through the pipeline."""
+    monkeypatch.setenv("KESTREL_LOG_LEVEL", "DEBUG")
+    tenant, pipeline, writer, bridge = start_ingest(pipeline_factory, nats_server, make_tenant, 1)
+    (device,) = tenant.devices
+    ts, trace = now_ms(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    try:
+        properties = paho.Properties(paho.PacketTypes.PUBLISH)
+        properties.UserProperty = [("traceparent", trace)]
+        info = client.publish(f"v1/{tenant.id}/d/{device}/telemetry",
+                              json.dumps({"ts": ts, "seq": 7, "metrics": {"temp": 1}}).encode(), qos=1,
+                              properties=properties)  # fmt: skip
+        info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert wait_until(lambda: len(stored_rows(pipeline.database_url, tenant.id)) == 1, 20)
+    msg_id = f"{tenant.id}.{device}..{ts * 1000}.7"  # tenant.device.stream.ts_us.seq: the row's identity
+    assert wait_until(lambda: _log_lines(writer, "telemetry stored"), 10)
+    for process, message in ((bridge, "telemetry received"), (bridge, "telemetry in jetstream"),
+                             (writer, "telemetry stored")):  # fmt: skip
+        lines = [line for line in _log_lines(process, message) if line.get("msg_id") == msg_id]
+        assert lines and lines[0].get("traceparent") == trace, (message, _log_lines(process, message)[-3:])
