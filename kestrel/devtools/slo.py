@@ -70,7 +70,8 @@ SLOS: Final = (
 
 def _ratio(slo: Slo, window: str) -> str:
     bad, total = slo.bad.replace("{w}", window), slo.total.replace("{w}", window)
-    return f"({bad}) / clamp_min({total}, 1e-12)"
+    # No bad event yet is a ratio of 0, not "no data" (a counter's labelled series appears at its first increment).
+    return f"(({bad}) or vector(0)) / clamp_min({total}, 1e-12)"
 
 
 def _record(slo: Slo, window: str) -> str:

@@ -35,10 +35,14 @@ class PrometheusServer(ManagedProcess):
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
+    def _duration(self) -> str:
+        """Prometheus durations are integers with a unit: 5.0 s is ``5000ms``."""
+        return f"{round(self.interval_s * 1000)}ms"
+
     def config_text(self) -> str:
         """YAML, written as JSON (a subset Prometheus reads)."""
         config = {
-            "global": {"scrape_interval": f"{self.interval_s}s", "evaluation_interval": f"{self.interval_s}s"},
+            "global": {"scrape_interval": self._duration(), "evaluation_interval": self._duration()},
             "rule_files": [str(path) for path in self.rule_files],
             "scrape_configs": [{"job_name": name, "static_configs": [{"targets": [target]}]}
                                for name, target in sorted(self.targets.items())],
