@@ -173,12 +173,18 @@ class JetStreamPublisher:
         if self.nc.stats["reconnects"] != self._reconnects:
             await self._resend_in_order()  # this one included
             return
+        await self._publish(token, pending)
+
+    async def _publish(self, token: str, pending: _Pending) -> bool:
+        """Hand one message to the client; False when it could not (disconnected, buffer full): resent later."""
         try:
             await self.nc.publish(
                 pending.subject, pending.payload, reply=f"{self._prefix}.{token}", headers=pending.headers
             )
         except Exception as exc:  # noqa: BLE001 - disconnected or buffer full: the retry loop resends
             log.debug("publish deferred: %s", exc)
+            return False
+        return True
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
@@ -222,13 +228,8 @@ class JetStreamPublisher:
             pending.attempts += 1
             resent += 1
             self.on_retry("reconnect")
-            try:
-                await self.nc.publish(
-                    pending.subject, pending.payload, reply=f"{self._prefix}.{token}", headers=pending.headers
-                )
-            except Exception as exc:  # noqa: BLE001 - disconnected again: the next reconnect resends
-                log.debug("resend deferred: %s", exc)
-                break
+            if not await self._publish(token, pending):
+                break  # disconnected again: the next reconnect resends
         log.info("resent unacknowledged messages after a reconnect", extra={"count": resent})
 
     async def _retry_loop(self) -> None:
