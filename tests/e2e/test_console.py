@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
@@ -84,7 +84,9 @@ class Device:
 
 
 def sign_in(driver: webdriver.Chrome, url: str, token: str) -> WebDriverWait[webdriver.Chrome]:
-    wait = WebDriverWait(driver, 20)
+    # The console re-renders the fleet table as presence and readings arrive, so an element found a moment ago may be
+    # gone by the time it is read: a wait reads again rather than fail on that.
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
     driver.get(url)
     wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(token)
     driver.find_element(By.ID, "signin").click()
@@ -93,7 +95,10 @@ def sign_in(driver: webdriver.Chrome, url: str, token: str) -> WebDriverWait[web
 
 
 def rows(driver: webdriver.Chrome) -> set[str]:
-    return {r.get_attribute("data-device") or "" for r in driver.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")}
+    """The devices of the fleet table, read in one script so that a re-render cannot come between finding a row and
+    reading it."""
+    script = "return Array.from(document.querySelectorAll('#fleet tbody tr'), r => r.dataset.device || '')"
+    return set(driver.execute_script(script))
 
 
 @pytest.mark.skipif(CHROMIUM is None or DRIVER is None, reason="Debian's chromium and chromium-driver are installed "
