@@ -3,8 +3,9 @@ workers share them, with a lease so a crashed worker's claim returns), then sent
 flight, so a receiver that hangs holds one slot for at most the timeout and never the others. Outcomes: delivered;
 retried with jittered exponential backoff; dead after the last attempt (or at once when no retry can help), with the
 reason in the log. Per-channel rate limit: past ``per_minute`` deliveries in the last minute, an alarm's delivery is
-folded into one digest per channel and window instead of being sent (a storm becomes one message). One alarm's
-notifications reach a channel in the order of its transitions (a clear never overtakes its raise)."""
+folded into the channel's open digest instead of being sent; the first fold opens it and it goes out one window
+later (a storm becomes one message). One alarm's notifications reach a channel in the order of its transitions (a
+clear never overtakes its raise)."""
 
 from __future__ import annotations
 
@@ -45,17 +46,37 @@ WHERE tenant_id = %s AND channel_id = %s AND kind = 'alarm' AND last_attempt_at 
 """
 
 
-def _window(now: datetime, seconds: int) -> datetime:
-    return datetime.fromtimestamp(int(now.timestamp()) // seconds * seconds, UTC)
+#: The channel's digest that still takes folds: not yet claimed for sending.
+OPEN_DIGEST: Final = """
+SELECT delivery_id FROM deliveries
+WHERE tenant_id = %s AND channel_id = %s AND kind = 'digest' AND status = 'pending' AND attempts = 0
+"""
 
 
-def _digest_id(tenant: str, channel: str, window: datetime) -> str:
-    return "n" + hashlib.sha256(f"{tenant}/{channel}/{window.isoformat()}".encode()).hexdigest()[:24]
+def _digest_id(first_folded: str) -> str:
+    return "n" + hashlib.sha256(f"digest/{first_folded}".encode()).hexdigest()[:24]
+
+
+async def _fold(conn: Any, key: tuple[str, str], row: dict[str, Any], width: int) -> None:
+    """Fold a rate-limited delivery into its channel's open digest, opening one (sent ``width`` seconds later) when
+    there is none: the window starts with the storm, so a storm is one digest wherever it falls on the clock."""
+    found = await fetch_all(conn, OPEN_DIGEST, key)
+    if found:
+        digest = found[0]["delivery_id"]
+    else:
+        digest, opened = _digest_id(row["delivery_id"]), datetime.now(UTC)
+        await conn.execute(
+            "INSERT INTO deliveries (delivery_id, tenant_id, channel_id, kind, payload, next_attempt_at)"
+            " VALUES (%s, %s, %s, 'digest', %s, %s)",
+            (digest, *key, Jsonb({"window_start": opened.isoformat()}), opened + timedelta(seconds=width)),
+        )
+    await conn.execute("UPDATE deliveries SET status = 'digested', digest_id = %s WHERE delivery_id = %s",
+                       (digest, row["delivery_id"]))  # fmt: skip
 
 
 async def claim(rules: Rules, limit: int) -> list[dict[str, Any]]:
     """Due deliveries, leased to this worker. A first attempt past its channel's ``per_minute`` is folded into the
-    channel's digest of the current window instead (one per channel and window, sent when the window ends)."""
+    channel's open digest instead (see ``_fold``)."""
     lease, width = rules.settings.delivery_timeout_s * 3 + 5, rules.settings.digest_window_s
     async with rules.pool.connection() as conn, conn.transaction():
         rows = await fetch_all(conn, DUE, (limit,))
@@ -66,21 +87,14 @@ async def claim(rules: Rules, limit: int) -> list[dict[str, Any]]:
                 "SELECT pg_advisory_xact_lock(hashtext('kestrel.channel'), hashtext(%s))", ("/".join(key),)
             )
             recent[key] = (await fetch_all(conn, RECENT, key))[0]["n"]
-        send, window = [], _window(datetime.now(UTC), width)
+        send = []
         for row in sorted(rows, key=lambda r: r["created_at"]):
             key = (row["tenant_id"], row["channel_id"])
             if row["kind"] == "digest" or row["attempts"] > 0 or recent[key] < row["per_minute"]:
                 recent[key] += row["kind"] == "alarm" and row["attempts"] == 0
                 send.append(row)
                 continue
-            digest = _digest_id(*key, window)
-            await conn.execute(
-                "INSERT INTO deliveries (delivery_id, tenant_id, channel_id, kind, payload, next_attempt_at)"
-                " VALUES (%s, %s, %s, 'digest', %s, %s) ON CONFLICT (delivery_id) DO NOTHING",
-                (digest, *key, Jsonb({"window_start": window.isoformat()}), window + timedelta(seconds=width)),
-            )
-            await conn.execute("UPDATE deliveries SET status = 'digested', digest_id = %s WHERE delivery_id = %s",
-                               (digest, row["delivery_id"]))  # fmt: skip
+            await _fold(conn, key, row, width)
             rules.counted("delivery", "digested")
         if send:
             await conn.execute(
