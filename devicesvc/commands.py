@@ -27,7 +27,8 @@ WITH due AS (
            row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.created_at) AS tenant_rank
     FROM commands c JOIN device_presence p ON p.device_id = c.device_id
     WHERE p.online AND c.expires_at >= now() + interval '2 seconds' AND (c.status = 'queued'
-          OR (c.status = 'sent' AND c.next_attempt_at <= now() AND c.attempts < c.max_attempts))
+          OR (c.status = 'sent' AND c.next_attempt_at <= now() AND c.attempts < c.max_attempts)
+          OR (c.status = 'delivered' AND c.answer_wanted))
 )
 SELECT c.command_id, c.tenant_id, c.device_id, c.name, c.params, c.status, c.attempts, c.expires_at
 FROM commands c JOIN due USING (command_id)
@@ -91,6 +92,15 @@ async def _send(twin: Twin, conn: AsyncConnection[Any], row: dict[str, Any], now
     if row["status"] == "queued":
         await commands.transition(conn, row["command_id"], "sent", attempts=message.attempt, next_attempt_at=next_at)
         twin.metrics.commands.labels("sent").inc()
+    elif row["status"] == "delivered":  # asked for its answer once, until the device connects again
+        await conn.execute(
+            "UPDATE commands SET attempts = attempts + 1, answer_wanted = false, updated_at = now()"
+            " WHERE command_id = %s",
+            (row["command_id"],),
+        )
+        await commands.command_event(
+            conn, row["tenant_id"], row["command_id"], "answer_requested", {"attempt": message.attempt}
+        )
     else:
         await conn.execute(
             "UPDATE commands SET attempts = attempts + 1, next_attempt_at = %s, updated_at = now()"
@@ -101,7 +111,8 @@ async def _send(twin: Twin, conn: AsyncConnection[Any], row: dict[str, Any], now
 
 
 async def dispatch(twin: Twin) -> int:
-    """Send queued commands to connected devices; re-send unacknowledged ones whose backoff elapsed.
+    """Send queued commands to connected devices; re-send unacknowledged ones whose backoff elapsed; ask a device
+    that connected again for the answers to its delivered commands (they may have been lost with the connection).
 
     Fair: each round takes at most ``per_device`` commands of one device and ``per_tenant`` of one tenant, in
     rounds across tenants, so no device or tenant with a backlog delays another's commands. A command the broker

@@ -226,11 +226,12 @@ class CommandMessage:
 
 
 def command_message(row: dict[str, Any], now: datetime) -> CommandMessage:
-    """The MQTT 5 publish of a due command (``row``: its id, tenant, device, name, params, attempts, expiry)."""
+    """The MQTT 5 publish of a due command (``row``: its id, tenant, device, name, params, status, attempts, expiry);
+    a delivered one is only asked for its answer."""
     attempt = row["attempts"] + 1
     body = CommandRequest(
         request_id=row["command_id"], name=row["name"], params=row["params"], expires_at=ms(row["expires_at"]),
-        attempt=attempt,
+        attempt=attempt, answer_only=row["status"] == "delivered",
     )  # fmt: skip
     topic = command_topic(row["tenant_id"], row["device_id"], row["name"])
     response_topic = command_response_topic(row["tenant_id"], row["device_id"], row["command_id"])

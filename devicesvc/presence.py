@@ -88,6 +88,11 @@ async def client_event(twin: Twin, change: decide.Connection) -> None:
             (online, connections, at, change.connected, at, not change.connected, at, not change.connected,
              change.reason, change.event.proto_ver if change.connected else None, online, change.device),
         )  # fmt: skip
+        if change.connected:  # answers in flight on an earlier connection may be lost: ask for them again
+            await conn.execute(
+                "UPDATE commands SET answer_wanted = true WHERE device_id = %s AND status = 'delivered'",
+                (change.device,),
+            )
     if change.connected:
         twin.wake.set()  # queued commands may go now
     event = PresenceEvent(

@@ -221,8 +221,16 @@ class Traffic:
                 "SELECT status, attempts, count(*) FROM commands WHERE command_id = ANY(%s) GROUP BY 1, 2",
                 (list(self.commands_created),),
             ).fetchall()
+            open_ = conn.execute(
+                "SELECT command_id, status, attempts FROM commands WHERE command_id = ANY(%s) AND NOT status = ANY(%s)",
+                (list(self.commands_created), list(commands.TERMINAL)),
+            ).fetchall()
+        unfinished = [(c, s, a, self.executions[self.commands_created[c]]) for c, s, a in open_]
         online = {c.device: bool(c.client and c.client.is_connected) for c in self._clients}
-        return f"commands (status, attempts, n): {states}; devices connected: {online}; reconnects: {self.reconnects}"
+        return (
+            f"commands (status, attempts, n): {states}; unfinished (id, status, attempts, runs on the device):"
+            f" {unfinished}; devices connected: {online}; reconnects: {self.reconnects}"
+        )
 
     def ledgers(self) -> list[Ledger]:
         return [self.telemetry_ledger(), self.report_ledger(), self.command_ledger()]

@@ -584,6 +584,68 @@ async def test_a_lost_acknowledgement_is_retried_and_executed_once(stack: Stack,
     await client.disconnect()
 
 
+class LosesFinalAnswers(DeviceClient):
+    """Says ``delivered``, runs the command, and loses its final answer while ``losing`` (as when the connection or the
+    broker dies with the answer in flight); records every command that reaches it."""
+
+    losing = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[dict[str, Any]] = []
+
+    def _publish_response(self, topic: str, body: CommandResponse, correlation: bytes | None) -> None:
+        if not (self.losing and body.status != "delivered"):
+            super()._publish_response(topic, body, correlation)
+
+    async def _command(self, name: str, payload: bytes, properties: dict[str, Any]) -> None:
+        self.received.append(json.loads(payload))
+        await super()._command(name, payload, properties)
+
+
+@pytest.mark.asyncio
+async def test_an_answer_lost_with_the_connection_is_asked_for_again_and_never_runs_the_command_twice(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    tenant, headers, device, context = await enrolled_device(stack, http)
+    client = LosesFinalAnswers(tenant, device, "127.0.0.1", stack.auth.mtls_port, ssl=context, will_delay_s=60)
+    runs: list[int] = []
+
+    async def dispense(params: dict[str, Any]) -> int:
+        runs.append(params["ml"])
+        return len(runs)
+
+    client.on_command("dispense", dispense)
+    await client.connect()
+    created = await command(http, headers, device, "dispense", params={"ml": 50}, timeout_s=60)
+    await command_status(http, headers, created["command_id"], "delivered")
+    await eventually(lambda: asyncio.sleep(0, runs == [50]), what="the command to run")
+    client.losing = False
+    client.drop()  # its answer is gone with the connection; it connects again, remembering what it ran
+    await client.connect()
+    detail = await command_status(http, headers, created["command_id"], "succeeded")
+    assert runs == [50] and detail["command"]["result"] == 1
+    events = [e["event"] for e in detail["events"]]
+    assert "answer_requested" in events and events.count("succeeded") == 1
+    assert [r.get("answer_only", False) for r in client.received] == [False, True]
+
+    # A device that restarted (no memory of what it ran) is asked too, and does not run the command again: the
+    # command times out, the honest outcome when nobody can tell whether it ran.
+    client.losing = True
+    second = await command(http, headers, device, "dispense", params={"ml": 70}, timeout_s=8)
+    await command_status(http, headers, second["command_id"], "delivered")
+    await eventually(lambda: asyncio.sleep(0, runs == [50, 70]), what="the second command to run")
+    client.drop()
+    restarted = LosesFinalAnswers(tenant, device, "127.0.0.1", stack.auth.mtls_port, ssl=context, will_delay_s=60)
+    restarted.on_command("dispense", dispense)
+    await restarted.connect()
+    await eventually(lambda: asyncio.sleep(0, len(restarted.received) == 1), what="the restarted device to be asked")
+    assert restarted.received[0]["request_id"] == second["command_id"] and restarted.received[0]["answer_only"]
+    detail = await command_status(http, headers, second["command_id"], "timed_out", timeout=20)
+    assert runs == [50, 70]
+    await restarted.disconnect()
+
+
 @pytest.mark.asyncio
 async def test_mqtt_311_device_answers_with_the_request_id_in_the_topic(stack: Stack, http: httpx.AsyncClient) -> None:
     tenant, headers, device, context = await enrolled_device(stack, http)

@@ -263,6 +263,9 @@ class DeviceClient:
         if request_id in self.running:
             self._publish_response(response_topic, DELIVERED, correlation)
             return
+        if request.answer_only:  # it ran before this client's memory (a restart): running it again could do harm
+            log.warning("asked to answer a command this device does not remember; not run", extra={"command": name})
+            return
         if request.expires_at is not None and request.expires_at < time.time_ns() // 1_000_000:
             # The broker's message expiry counts whole seconds (Mosquitto's clock has second resolution), so a
             # command can arrive a moment after the platform gave up on it: never run it then.

@@ -88,6 +88,9 @@ class CommandRequest(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: EpochMs | None = None
     #: 1 for the first send; a retry after a lost answer has the same request id and a higher attempt.
     attempt: int = 1
+    #: A delivered command asked again after the device reconnected (its answer may have been lost with the old
+    #: connection): answer it again if it ran or runs, never run it.
+    answer_only: bool = False
 
 
 class ProvisionGranted(msgspec.Struct, frozen=True, kw_only=True, tag_field="status", tag="ok"):

@@ -8,7 +8,7 @@ presence   ``presence.online`` (bool), ``presence.event`` (connected, disconnect
 shadow     ``shadow.name``, ``shadow.version``; conditions on the reported state (``shadow`` values) read the
            event's own reported document when it is the default shadow's
 command    ``command.id``, ``command.event`` (the status it moved to: queued, sent, delivered, succeeded,
-           failed, timed_out, expired, cancelled; or retry, duplicate_response, late_response)
+           failed, timed_out, expired, cancelled; or retry, answer_requested, duplicate_response, late_response)
 lifecycle  ``lifecycle.status`` (registered, provisioned, active, suspended, decommissioned),
            ``lifecycle.previous`` (empty when the device was created)
 tick       ``tick.online`` (bool), ``tick.silent_s`` (seconds since the device was last seen; missing if never)
