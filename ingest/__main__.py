@@ -13,6 +13,7 @@ from ingest.writer import WriterSettings, run_writer
 from kestrel.runtime.logs import announce
 from kestrel.runtime.nats import connect_nats
 from kestrel.runtime.service import run_service, stop_event
+from kestrel.runtime.tracing import TracingSettings, tracing
 from kestrel.store import DatabaseSettings
 from kestrel_core.settings import from_env
 
@@ -26,9 +27,14 @@ async def bridge_main() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
     stop = stop_event()
+    traces = tracing("bridge", settings.client_id, from_env(TracingSettings, "KESTREL_OTLP"))
     nc = await connect_nats(settings.nats_url, settings.client_id)
     await ensure_streams(nc)
-    await run_bridge(settings, stop, nc, registry)
+    try:
+        await run_bridge(settings, stop, nc, registry, tracing=traces)
+    finally:
+        if traces is not None:
+            traces.close()
     await nc.drain()
 
 
@@ -40,9 +46,14 @@ async def writer_main() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
     stop = stop_event()
+    traces = tracing("writer", settings.durable, from_env(TracingSettings, "KESTREL_OTLP"))
     nc = await connect_nats(settings.nats_url, "kestrel-ingest-writer")
     await ensure_streams(nc)
-    await run_writer(settings, database.url.reveal(), stop, nc, registry)
+    try:
+        await run_writer(settings, database.url.reveal(), stop, nc, registry, tracing=traces)
+    finally:
+        if traces is not None:
+            traces.close()
     await nc.drain()
 
 

@@ -21,11 +21,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingest.jetstream import JetStreamPublisher, PubAck, deadletter_message
 from kestrel.runtime.mqtt import Ack, backend_client, connect
+from kestrel.runtime.tracing import Span, Tracing
 from kestrel_core import streams
 from kestrel_core.errors import InvalidInput
-from kestrel_core.messages.telemetry import TelemetryLimits, normalize
+from kestrel_core.messages.telemetry import Normalized, TelemetryLimits, normalize
 from kestrel_core.settings import MqttSettings
-from kestrel_core.topics import INGEST_SHARE_GROUP, TELEMETRY_FILTERS, parse_telemetry_topic, shared_filter
+from kestrel_core.topics import (
+    INGEST_SHARE_GROUP,
+    TELEMETRY_FILTERS,
+    TelemetryTopic,
+    parse_telemetry_topic,
+    shared_filter,
+)
 
 log = logging.getLogger("kestrel.ingest.bridge")
 
@@ -95,8 +102,15 @@ class MonotonicMicros:
 class Bridge:
     """The message handler: validate, then hand to JetStream; acknowledge the broker when stored."""
 
-    def __init__(self, settings: BridgeSettings, publisher: JetStreamPublisher, metrics: BridgeMetrics) -> None:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        publisher: JetStreamPublisher,
+        metrics: BridgeMetrics,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.publisher = publisher
         self.metrics = metrics
         self.limits = TelemetryLimits(
@@ -112,7 +126,8 @@ class Bridge:
         received_us = self.clock()
         self.handled += 1
         try:
-            normalized = normalize(parse_telemetry_topic(topic), payload, received_us, self.limits)
+            parsed = parse_telemetry_topic(topic)
+            normalized = normalize(parsed, payload, received_us, self.limits)
         except InvalidInput as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             self.metrics.deadlettered.inc()
@@ -133,6 +148,7 @@ class Bridge:
         headers = {streams.HDR_MSG_ID: normalized.msg_id}
         if properties:
             headers |= streams.trace_headers(properties)
+        span = self._span(parsed, normalized, headers) if self.tracing is not None else None
         # One grep follows a reading: its message id (the stored row's identity) and the device's trace context,
         # here, in JetStream, and at the writer's commit (KESTREL_LOG_LEVEL=DEBUG; free when off).
         traced = log.isEnabledFor(logging.DEBUG)
@@ -144,10 +160,23 @@ class Bridge:
             observe(time.perf_counter() - started)
             forwarded.inc()
             ack()
+            if span is not None:
+                span.end()
             if traced:
                 log.debug("telemetry in jetstream", extra={**trace, "stream_seq": puback.seq})
 
         self.publisher.submit(normalized.subject, normalized.payload, headers, stored)
+
+    def _span(self, topic: TelemetryTopic, normalized: Normalized, headers: dict[str, str]) -> Span | None:
+        """The bridge's span of a traced reading (ADR-0028); JetStream then carries the bridge's context instead of
+        the device's, so that the writer's span is the bridge's child in the same trace."""
+        assert self.tracing is not None
+        attributes = {"kestrel.msg_id": normalized.msg_id, "kestrel.tenant": topic.tenant,
+                      "kestrel.device": topic.device, "messaging.destination.name": normalized.subject}  # fmt: skip
+        span = self.tracing.start("kestrel.bridge forward", headers.get(streams.HDR_TRACEPARENT), attributes)
+        if span is not None and (context := self.tracing.traceparent(span)) is not None:
+            headers[streams.HDR_TRACEPARENT] = context
+        return span
 
 
 async def run_bridge(
@@ -156,6 +185,7 @@ async def run_bridge(
     nc: NATS,
     registry: CollectorRegistry,
     ready: asyncio.Event | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Run until ``stop`` is set, then drain: finish in-flight publishes, disconnect, keep the session."""
     metrics = BridgeMetrics(registry)
@@ -164,7 +194,7 @@ async def run_bridge(
     )
     metrics.in_flight.set_function(lambda: publisher.in_flight)
     await publisher.start()
-    bridge = Bridge(settings, publisher, metrics)
+    bridge = Bridge(settings, publisher, metrics, tracing)
     subscriptions = [gmqtt.Subscription(shared_filter(settings.share_group, f), qos=1) for f in TELEMETRY_FILTERS]
 
     client = backend_client(

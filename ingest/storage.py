@@ -139,3 +139,26 @@ async def store_rows(conn: psycopg.AsyncConnection[Any], rows: list[Row]) -> Sto
 
 class StorageRejected(Exception):
     """The database refused a batch for its content (not a transient failure)."""
+
+
+class LastSeen:
+    """Which devices' "last seen" is due for a write: each at most once per ``interval_s`` (pure bookkeeping)."""
+
+    def __init__(self, interval_s: float, max_devices: int = 1_000_000) -> None:
+        self.interval_s = interval_s
+        self.max_devices = max_devices
+        self._next: dict[str, float] = {}
+
+    def due(self, envelopes: list[TelemetryEnvelope], now: float) -> list[tuple[str, str, datetime]]:
+        """(tenant, device, received at) of the newest message of each device that is due; marks them written."""
+        newest: dict[str, TelemetryEnvelope] = {}
+        for envelope in envelopes:
+            if self._next.get(envelope.device, 0.0) <= now:
+                current = newest.get(envelope.device)
+                if current is None or envelope.received_us > current.received_us:
+                    newest[envelope.device] = envelope
+        if len(self._next) > self.max_devices:
+            self._next.clear()  # bounded memory: forgetting only means one early write per device
+        for device in newest:
+            self._next[device] = now + self.interval_s
+        return [(e.tenant, e.device, EPOCH + timedelta(microseconds=e.received_us)) for e in newest.values()]

@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -32,14 +31,15 @@ from ingest.jetstream import (
     publish_deadletter,
 )
 from ingest.storage import (
-    EPOCH,
     TOUCH_LAST_SEEN,
+    LastSeen,
     StorageRejected,
     StoreResult,
     prepare_connection,
     store_rows,
     to_rows,
 )
+from kestrel.runtime.tracing import Tracing
 from kestrel_core import streams
 from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.telemetry import TelemetryEnvelope, decode_envelope
@@ -123,29 +123,6 @@ def delivery_count(msg: Msg) -> int:
     return 1
 
 
-class LastSeen:
-    """Which devices' "last seen" is due for a write: each at most once per ``interval_s`` (pure bookkeeping)."""
-
-    def __init__(self, interval_s: float, max_devices: int = 1_000_000) -> None:
-        self.interval_s = interval_s
-        self.max_devices = max_devices
-        self._next: dict[str, float] = {}
-
-    def due(self, envelopes: list[TelemetryEnvelope], now: float) -> list[tuple[str, str, datetime]]:
-        """(tenant, device, received at) of the newest message of each device that is due; marks them written."""
-        newest: dict[str, TelemetryEnvelope] = {}
-        for envelope in envelopes:
-            if self._next.get(envelope.device, 0.0) <= now:
-                current = newest.get(envelope.device)
-                if current is None or envelope.received_us > current.received_us:
-                    newest[envelope.device] = envelope
-        if len(self._next) > self.max_devices:
-            self._next.clear()  # bounded memory: forgetting only means one early write per device
-        for device in newest:
-            self._next[device] = now + self.interval_s
-        return [(e.tenant, e.device, EPOCH + timedelta(microseconds=e.received_us)) for e in newest.values()]
-
-
 QUOTA_REFRESH_S = 10.0
 QUOTAS = "SELECT tenant_id, ingest_messages_per_s FROM tenants WHERE ingest_messages_per_s IS NOT NULL"
 
@@ -160,8 +137,10 @@ class Writer:
         nc: NATS,
         publisher: JetStreamPublisher,
         metrics: WriterMetrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.database_url = database_url
         self.nc = nc
         self.publisher = publisher
@@ -274,6 +253,7 @@ class Writer:
             log.warning("could not update last seen: %s", str(exc).splitlines()[0])
 
     async def _store_and_settle(self, decoded: list[Decoded]) -> None:
+        started_ns = time.time_ns()
         staged, inserted, unknown = await self._store(decoded)
         strangers = [d for d in decoded if (d.envelope.tenant, d.envelope.device) in unknown]
         for item in decoded:
@@ -295,16 +275,22 @@ class Writer:
         self.metrics.rows.labels("inserted").inc(inserted)
         self.metrics.rows.labels("duplicate").inc(max(known_staged - inserted, 0))
         self.metrics.messages.labels("stored").inc(len(decoded) - len(strangers))
-        now_us, unknown_ids = time.time_ns() // 1000, {id(d) for d in strangers}
-        traced = log.isEnabledFor(logging.DEBUG)
+        now_ns, unknown_ids = time.time_ns(), {id(d) for d in strangers}
+        traced, tracing = log.isEnabledFor(logging.DEBUG), self.tracing
         for item in decoded:
             if id(item) not in unknown_ids:
-                self.metrics.ingest_latency.observe(max(0, now_us - item.envelope.received_us) / 1_000_000)
+                self.metrics.ingest_latency.observe(max(0, now_ns // 1000 - item.envelope.received_us) / 1_000_000)
+                if not (traced or tracing):
+                    continue
+                headers = item.msg.headers or {}
+                where = {"msg_id": headers.get(streams.HDR_MSG_ID), "traceparent": headers.get(streams.HDR_TRACEPARENT)}
                 if traced:  # the bridge logged the same message id and trace context (KESTREL_LOG_LEVEL=DEBUG)
-                    headers = item.msg.headers or {}
-                    log.debug("telemetry stored", extra={"msg_id": headers.get(streams.HDR_MSG_ID),
-                                                         "traceparent": headers.get(streams.HDR_TRACEPARENT),
-                                                         "rows": len(item.envelope.points)})  # fmt: skip
+                    log.debug("telemetry stored", extra={**where, "rows": len(item.envelope.points)})
+                if tracing and (span := tracing.start("kestrel.writer store", where["traceparent"], {
+                    "kestrel.msg_id": where["msg_id"] or "", "kestrel.tenant": item.envelope.tenant,
+                    "kestrel.device": item.envelope.device, "kestrel.rows": len(item.envelope.points),
+                    "db.system.name": "postgresql"}, started_ns)):  # fmt: skip
+                    span.end(now_ns)
 
     async def _reject(self, msg: Msg, reason: str, detail: str, *, term: bool) -> None:
         """Dead-letter first, then settle: the message is never dropped before it is in the DLQ."""
@@ -344,6 +330,7 @@ async def run_writer(
     nc: NATS,
     registry: CollectorRegistry,
     ready: asyncio.Event | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Pull, store and ack until ``stop``; then finish the batches already pulled and return."""
     metrics = WriterMetrics(registry)
@@ -357,7 +344,7 @@ async def run_writer(
     publisher = JetStreamPublisher(nc)
     await publisher.start()
     await forward_max_deliveries(nc, publisher, settings.durable)
-    writer = Writer(settings, database_url, nc, publisher, metrics)
+    writer = Writer(settings, database_url, nc, publisher, metrics, tracing)
     try:
         await writer.maintain()
     except psycopg.Error as exc:  # the database may come later; batches nak until it does

@@ -279,10 +279,12 @@ def prod_stack(
     services: tuple[str, ...] = ("authsvc", "bridge", "writer"),
     gate: tuple[str, ...] | None = None,
     replicas: int = 1,
+    extra_env: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[ProdStack]:
     """A database of its own, a CA, the secured broker and ``services``; the broker's subscription gate is what those
     services consume unless ``gate`` says otherwise (``()``: no gate). With ``replicas`` > 1 every service runs that
-    many times (``name``, ``name-2``, ...), authsvc's replicas behind a load balancer as a Kubernetes Service would."""
+    many times (``name``, ``name-2``, ...), authsvc's replicas behind a load balancer as a Kubernetes Service would;
+    ``extra_env`` adds variables per service."""
     url = isolated_database(postgres, "prod")
     ca = BuiltinCA(url, PASSPHRASE)
     ca.init_root("test")
@@ -307,7 +309,8 @@ def prod_stack(
     broker = MosquittoServer(
         name="mosquitto", log_path=root / "mosquitto.log", root=root / "mq", port=free_port(), auth=auth
     )
-    stack = ProdStack(root, postgres, url, nats, ca, auth, broker, secrets, ports, balanced=replicas > 1)
+    stack = ProdStack(root, postgres, url, nats, ca, auth, broker, secrets, ports, balanced=replicas > 1,
+                      extra_env=extra_env or {})  # fmt: skip
     keys = {name: [name, *(f"{name}-{n}" for n in range(2, replicas + 1))] for name in services}
     with ExitStack() as cleanup:
         if stack.balanced:

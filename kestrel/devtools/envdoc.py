@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import msgspec
 
+from kestrel.runtime.tracing import TracingSettings
 from kestrel.store import DatabaseSettings
 from kestrel_core.settings import Secret
 
@@ -52,6 +53,7 @@ def _groups() -> dict[str, list[Group]]:
         "ingest": [
             Group("python -m ingest bridge", "KESTREL_BRIDGE", BridgeSettings),
             Group("python -m ingest writer", "KESTREL_WRITER", WriterSettings),
+            Group("python -m ingest bridge and writer (traces, ADR-0028)", "KESTREL_OTLP", TracingSettings),
             database,
         ],
         "pki": [

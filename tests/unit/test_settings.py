@@ -3,6 +3,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from kestrel.runtime.tracing import TracingSettings, tracing
 from kestrel.store import DatabaseSettings
 from kestrel_core.errors import InvalidInput
 from kestrel_core.settings import Secret, from_env
@@ -52,3 +53,17 @@ def test_the_telemetry_retention_comes_from_the_environment_within_bounds() -> N
     for bad in ("60", "99999999999", "1d", ""):
         with pytest.raises(InvalidInput, match="KESTREL_TELEMETRY_RETENTION_S must be"):
             telemetry_retention_s({"KESTREL_TELEMETRY_RETENTION_S": bad})
+
+
+def test_traces_are_off_by_default_and_bad_tracing_settings_are_refused() -> None:
+    assert tracing("bridge", "b-1", from_env(TracingSettings, "KESTREL_OTLP", {})) is None
+    good = {"KESTREL_OTLP_ENDPOINT": "http://127.0.0.1:4318/v1/traces", "KESTREL_OTLP_SAMPLE_RATIO": "0.25"}
+    settings = from_env(TracingSettings, "KESTREL_OTLP", good)
+    assert settings.sample_ratio == 0.25
+    traces = tracing("bridge", "b-1", settings)
+    assert traces is not None
+    assert traces.start("x", None, {}) is not None  # a ratio above 0 starts traces of readings without a context
+    traces.close()
+    for name, value in (("ENDPOINT", "collector:4318"), ("SAMPLE_RATIO", "1.5"), ("SAMPLE_RATIO", "-0.1")):
+        with pytest.raises(InvalidInput, match="KESTREL_OTLP_"):
+            from_env(TracingSettings, "KESTREL_OTLP", good | {f"KESTREL_OTLP_{name}": value})
