@@ -232,3 +232,28 @@ def test_the_api_never_gets_the_owners_connection() -> None:
     assert "KESTREL_DATABASE_URL" not in env
     assert env["KESTREL_API_DATABASE_URL"]["value"].startswith("postgresql://kestrel_api:$(")
     assert env["KESTREL_API_PLATFORM_DATABASE_URL"]["value"].startswith("postgresql://kestrel_platform:$(")
+
+
+def test_traces_reach_only_the_collector_and_only_when_configured() -> None:
+    """With ``tracing.otlpEndpoint`` the bridge and the writer get the endpoint and an egress rule to the collector's
+    pods on its port; without it (the default) no pod has either."""
+    endpoint = "http://otel-collector.observability.svc:4318/v1/traces"
+    chart = helm.Chart.load(CHART)
+    out = chart.render({"tracing": {"otlpEndpoint": endpoint, "sampleRatio": 0.01}}, name="k", namespace=NAMESPACE)
+    objects = [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
+    for profile_objects, on in ((objects, True), (list(rendered("default")), False)):
+        with_endpoint = set()
+        for workload in (o for o in profile_objects if o["kind"] in ("Deployment", "StatefulSet")):
+            env = {e["name"]: e.get("value") for c in _containers(workload) for e in c.get("env", [])}
+            if env.get("KESTREL_OTLP_ENDPOINT") == endpoint:
+                with_endpoint.add(workload["metadata"]["name"])
+            assert env.get("KESTREL_OTLP_ENDPOINT") in (endpoint, None), workload["metadata"]["name"]
+        assert with_endpoint == ({"k-kestrel-bridge", "k-kestrel-writer"} if on else set())
+        for policy in (o for o in profile_objects if o["kind"] == "NetworkPolicy"):
+            to_collector = [rule for rule in policy["spec"].get("egress", []) for peer in rule.get("to", [])
+                            if peer.get("namespaceSelector", {}).get("matchLabels") ==
+                            {"kubernetes.io/metadata.name": "observability"}]  # fmt: skip
+            traced = policy["metadata"]["name"] in ("k-kestrel-bridge", "k-kestrel-writer") and on
+            assert [r["ports"] for r in to_collector] == ([[{"protocol": "TCP", "port": 4318}]] if traced else []), (
+                policy["metadata"]["name"]
+            )
