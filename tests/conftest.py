@@ -305,7 +305,10 @@ class Pipeline:
         return proc
 
     def start_bridge(self, client_id: str) -> ServiceProcess:
-        return self._start(client_id, "bridge", {"KESTREL_BRIDGE_CLIENT_ID": client_id})
+        """A bridge, once subscribed: a reading published before would find no subscriber and be dropped."""
+        bridge = self._start(client_id, "bridge", {"KESTREL_BRIDGE_CLIENT_ID": client_id})
+        assert wait_until(lambda: "bridge subscribed" in bridge.log_path.read_text(), 20), f"{client_id} not subscribed"
+        return bridge
 
     def start_writer(self, name: str = "writer", **settings: str) -> ServiceProcess:
         return self._start(name, "writer", {f"KESTREL_WRITER_{k.upper()}": v for k, v in settings.items()})

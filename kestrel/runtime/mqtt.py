@@ -97,6 +97,8 @@ def backend_client(
             log.error(
                 "the broker refused subscriptions", extra={"client_id": settings.client_id, "codes": list(granted)}
             )
+        else:  # from here on the broker routes this service's messages to it (a deploy or a test may wait for this)
+            log.info(f"{name} subscribed", extra={"client_id": settings.client_id})
 
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
