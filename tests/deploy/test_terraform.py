@@ -1,10 +1,12 @@
 """The Terraform (issue 15, ADR-0025): the cloud-agnostic module that installs the chart, and the AWS reference
-environment. Providers cannot be downloaded here, so neither `terraform validate` nor `terraform fmt` runs (no
-Terraform binary is packaged for this machine either); what runs: every file parses as HCL2 (python-hcl2), checkov
-passes with every skip justified in place, and structural tests hold the invariants below."""
+environment. Providers cannot be downloaded here, so `terraform validate` cannot run; `terraform fmt -check` runs
+where a Terraform binary is on PATH (no package provides one; the build machines may have it). Always: every file
+parses as HCL2 (python-hcl2), checkov passes with every skip justified in place, and structural tests hold the
+invariants below."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,21 @@ def test_every_file_parses_and_the_layout_is_module_plus_environment() -> None:
     assert {p.relative_to(TERRAFORM).parts[0] for p in FILES} == {"modules", "environments"}
     for path in FILES:
         parsed(path)
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary on PATH (no package provides one)")
+def test_terraform_fmt_finds_the_files_canonical_and_a_misformatted_copy_is_caught(tmp_path: Path) -> None:
+    def fmt_check(folder: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["terraform", "fmt", "-check", "-recursive", "-diff", str(folder)],
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+    result = fmt_check(TERRAFORM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "terraform"
+    shutil.copytree(TERRAFORM, broken, ignore=shutil.ignore_patterns(".terraform*"))
+    main = broken / "modules" / "kestrel" / "main.tf"
+    main.write_text(main.read_text().replace(" = ", "   =   ", 1))  # the control: fmt must object
+    assert fmt_check(broken).returncode != 0
 
 
 def test_providers_are_pinned_and_every_variable_and_output_is_described() -> None:
