@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import nats
@@ -39,6 +39,7 @@ PASSPHRASE = "twin-test-" + uuid.uuid4().hex
 #: loaded CI machine's slow TLS reconnect still falls inside; "at once" is checked well inside the grace.
 GRACE_S = 8
 WILL_DELAY_S = 6
+C = TypeVar("C", bound=DeviceClient)
 ADMIN = "kpa_twin_" + uuid.uuid4().hex
 
 
@@ -538,6 +539,24 @@ async def test_commands_expire_time_out_and_cancel_with_exactly_one_end(stack: S
     await client.disconnect()
 
 
+async def dispenser(
+    stack: Stack, http: httpx.AsyncClient, kind: type[C], **options: Any
+) -> tuple[str, dict[str, str], str, C, list[int]]:
+    """A new tenant's enrolled device on a ``kind`` client, connected, that runs ``dispense`` and records each run:
+    (tenant, API headers, device, client, the runs)."""
+    tenant, headers, device, context = await enrolled_device(stack, http)
+    client = kind(tenant, device, "127.0.0.1", stack.auth.mtls_port, ssl=context, **options)
+    runs: list[int] = []
+
+    async def dispense(params: dict[str, Any]) -> int:
+        runs.append(params["ml"])
+        return len(runs)
+
+    client.on_command("dispense", dispense)
+    await client.connect()
+    return tenant, headers, device, client, runs
+
+
 class LossyDevice(DeviceClient):
     """Loses the answers to the first delivery of every command (as if the uplink dropped them)."""
 
@@ -552,16 +571,7 @@ class LossyDevice(DeviceClient):
 
 @pytest.mark.asyncio
 async def test_a_lost_acknowledgement_is_retried_and_executed_once(stack: Stack, http: httpx.AsyncClient) -> None:
-    tenant, headers, device, context = await enrolled_device(stack, http)
-    client = LossyDevice(tenant, device, "127.0.0.1", stack.auth.mtls_port, ssl=context, will_delay_s=WILL_DELAY_S)
-    runs: list[int] = []
-
-    async def dispense(params: dict[str, Any]) -> int:
-        runs.append(params["ml"])
-        return len(runs)
-
-    client.on_command("dispense", dispense)
-    await client.connect()
+    tenant, headers, device, client, runs = await dispenser(stack, http, LossyDevice, will_delay_s=WILL_DELAY_S)
     created = await command(http, headers, device, "dispense", params={"ml": 50}, timeout_s=30)
     detail = await command_status(http, headers, created["command_id"], "succeeded")
     assert runs == [50]  # executed once, although delivered more than once
@@ -607,16 +617,7 @@ class LosesFinalAnswers(DeviceClient):
 async def test_an_answer_lost_with_the_connection_is_asked_for_again_and_never_runs_the_command_twice(
     stack: Stack, http: httpx.AsyncClient
 ) -> None:
-    tenant, headers, device, context = await enrolled_device(stack, http)
-    client = LosesFinalAnswers(tenant, device, "127.0.0.1", stack.auth.mtls_port, ssl=context, will_delay_s=60)
-    runs: list[int] = []
-
-    async def dispense(params: dict[str, Any]) -> int:
-        runs.append(params["ml"])
-        return len(runs)
-
-    client.on_command("dispense", dispense)
-    await client.connect()
+    tenant, headers, device, client, runs = await dispenser(stack, http, LosesFinalAnswers, will_delay_s=60)
     created = await command(http, headers, device, "dispense", params={"ml": 50}, timeout_s=60)
     await command_status(http, headers, created["command_id"], "delivered")
     await eventually(lambda: asyncio.sleep(0, runs == [50]), what="the command to run")
@@ -636,8 +637,8 @@ async def test_an_answer_lost_with_the_connection_is_asked_for_again_and_never_r
     await command_status(http, headers, second["command_id"], "delivered")
     await eventually(lambda: asyncio.sleep(0, runs == [50, 70]), what="the second command to run")
     client.drop()
-    restarted = LosesFinalAnswers(tenant, device, "127.0.0.1", stack.auth.mtls_port, ssl=context, will_delay_s=60)
-    restarted.on_command("dispense", dispense)
+    restarted = LosesFinalAnswers(tenant, device, "127.0.0.1", stack.auth.mtls_port, ssl=client.ssl, will_delay_s=60)
+    restarted.on_command("dispense", client.commands["dispense"])
     await restarted.connect()
     await eventually(lambda: asyncio.sleep(0, len(restarted.received) == 1), what="the restarted device to be asked")
     assert restarted.received[0]["request_id"] == second["command_id"] and restarted.received[0]["answer_only"]
