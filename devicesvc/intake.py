@@ -20,6 +20,7 @@ from devicesvc import commands, decide, presence, shadows
 from devicesvc.ports import Twin
 from kestrel.runtime.mqtt import Ack
 from kestrel.store.shadows import now_ms
+from kestrel_core import streams
 from kestrel_core.errors import InvalidInput
 from kestrel_core.retry import Backoff
 from kestrel_core.topics import parse_uplink
@@ -118,11 +119,27 @@ class Intake:
         elif uplink.kind == "status" and (value := decide.status(payload)) is not None:
             await presence.device_status(self.twin, uplink, value)
 
+    def _traced(self, report: decide.Report, properties: Any, started_ns: int) -> None:
+        """The span of a report whose device sent a trace context (ADR-0028): from the run's start to its commit.
+        Reports start no trace of their own."""
+        context = streams.trace_headers(properties).get(streams.HDR_TRACEPARENT)
+        assert self.twin.tracing is not None
+        if context is not None:
+            attributes = {
+                "kestrel.tenant": report.tenant,
+                "kestrel.device": report.device,
+                "kestrel.shadow": report.name,
+            }
+            span = self.twin.tracing.start("kestrel.devicesvc report", context, attributes, started_ns)
+            if span is not None:
+                span.end()
+
     async def reported(self, items: list[Item]) -> list[Item]:
         """Reported state of many devices in one transaction (in arrival order per device), then the PUBACKs; what is
         left to try again: all of them when the transaction failed for a passing reason (nothing was stored), the
         refused ones whose dead-lettering failed (a refusal stores nothing: trying it again is harmless)."""
         self.twin.metrics.messages.labels("reported").inc(len(items))
+        started_ns = time.time_ns()
         refused: list[tuple[Item, InvalidInput]] = []
         accepted: list[tuple[decide.Report, Item]] = []
         for item in items:
@@ -141,9 +158,11 @@ class Intake:
             except psycopg.Error:
                 log.exception("could not store reported state; the messages stay unacknowledged")
                 return []
-            for (_, item), refusal in zip(accepted, outcome, strict=True):
+            for (report, item), refusal in zip(accepted, outcome, strict=True):
                 if refusal is None:
                     done.append(item[3])
+                    if self.twin.tracing is not None:
+                        self._traced(report, item[2], started_ns)
                 else:
                     refused.append((item, refusal))
         for ack in done:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from devicesvc.settings import DeviceSettings
+from kestrel.runtime.tracing import Tracing
 from kestrel_core.errors import InvalidInput
 from kestrel_core.messages.twin import TwinEvent
 
@@ -64,8 +65,8 @@ class Metrics:
 
 @dataclass
 class Twin:
-    """What every concern works with: settings, the database, the devices, the events, the metrics, and the wake-up
-    of the scan loop (work queued for devices)."""
+    """What every concern works with: settings, the database, the devices, the events, the metrics, the wake-up of
+    the scan loop (work queued for devices), and the tracer when traces are exported (ADR-0028)."""
 
     settings: DeviceSettings
     pool: AsyncConnectionPool[Any]
@@ -73,3 +74,4 @@ class Twin:
     events: EventSink
     metrics: Metrics
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    tracing: Tracing | None = None

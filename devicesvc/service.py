@@ -26,6 +26,7 @@ from devicesvc.intake import Intake
 from devicesvc.ports import Metrics, Twin
 from devicesvc.settings import DeviceSettings
 from devicesvc.transport import GmqttLink
+from kestrel.runtime.tracing import Tracing
 from kestrel.store.pool import checked_pool
 from kestrel_core.retry import Backoff
 
@@ -93,13 +94,14 @@ async def run_devicesvc(
     nc: NATS,
     registry: CollectorRegistry,
     ready: asyncio.Event | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     await ensure_events_stream(nc)
     metrics = Metrics(registry)
     async with checked_pool(database_url, min_size=2, max_size=settings.workers + 4) as pool:
         intake: Intake | None = None
         link = GmqttLink(settings, lambda *message: intake.on_message(*message) if intake else None)
-        twin = Twin(settings, pool, link, NatsEvents(nc, metrics), metrics)
+        twin = Twin(settings, pool, link, NatsEvents(nc, metrics), metrics, tracing=tracing)
         intake = Intake(twin)
         link.on_connected = twin.wake.set
         # One TaskGroup: a task that fails ends the others and the service (the supervisor restarts it); at shutdown

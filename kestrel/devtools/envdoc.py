@@ -49,7 +49,11 @@ def _groups() -> dict[str, list[Group]]:
     return {
         "api": [Group("python -m api", "KESTREL_API", ApiSettings)],
         "authsvc": [Group("python -m authsvc", "KESTREL_AUTHSVC", AuthsvcSettings), database],
-        "devicesvc": [Group("python -m devicesvc", "KESTREL_DEVICES", DeviceSettings), database],
+        "devicesvc": [
+            Group("python -m devicesvc", "KESTREL_DEVICES", DeviceSettings),
+            Group("python -m devicesvc (traces, ADR-0028)", "KESTREL_OTLP", TracingSettings),
+            database,
+        ],
         "ingest": [
             Group("python -m ingest bridge", "KESTREL_BRIDGE", BridgeSettings),
             Group("python -m ingest writer", "KESTREL_WRITER", WriterSettings),

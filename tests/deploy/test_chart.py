@@ -234,8 +234,11 @@ def test_the_api_never_gets_the_owners_connection() -> None:
     assert env["KESTREL_API_PLATFORM_DATABASE_URL"]["value"].startswith("postgresql://kestrel_platform:$(")
 
 
+TRACED = {"k-kestrel-bridge", "k-kestrel-writer", "k-kestrel-devicesvc"}
+
+
 def test_traces_reach_only_the_collector_and_only_when_configured() -> None:
-    """With ``tracing.otlpEndpoint`` the bridge and the writer get the endpoint and an egress rule to the collector's
+    """With ``tracing.otlpEndpoint`` the bridge, the writer and devicesvc get the endpoint and an egress rule to the collector's
     pods on its port; without it (the default) no pod has either."""
     endpoint = "http://otel-collector.observability.svc:4318/v1/traces"
     chart = helm.Chart.load(CHART)
@@ -248,12 +251,12 @@ def test_traces_reach_only_the_collector_and_only_when_configured() -> None:
             if env.get("KESTREL_OTLP_ENDPOINT") == endpoint:
                 with_endpoint.add(workload["metadata"]["name"])
             assert env.get("KESTREL_OTLP_ENDPOINT") in (endpoint, None), workload["metadata"]["name"]
-        assert with_endpoint == ({"k-kestrel-bridge", "k-kestrel-writer"} if on else set())
+        assert with_endpoint == (TRACED if on else set())
         for policy in (o for o in profile_objects if o["kind"] == "NetworkPolicy"):
             to_collector = [rule for rule in policy["spec"].get("egress", []) for peer in rule.get("to", [])
                             if peer.get("namespaceSelector", {}).get("matchLabels") ==
                             {"kubernetes.io/metadata.name": "observability"}]  # fmt: skip
-            traced = policy["metadata"]["name"] in ("k-kestrel-bridge", "k-kestrel-writer") and on
+            traced = policy["metadata"]["name"] in TRACED and on
             assert [r["ports"] for r in to_collector] == ([[{"protocol": "TCP", "port": 4318}]] if traced else []), (
                 policy["metadata"]["name"]
             )

@@ -68,15 +68,19 @@ def traced(
     try:
         with http_receiver() as receiver:
             otlp = {"KESTREL_OTLP_ENDPOINT": receiver.url(PATH), "OTEL_BSP_SCHEDULE_DELAY": "200"}
-            env = {"bridge": otlp, "writer": otlp}
-            with prod_stack(postgres, nats_server, root, services=("authsvc", "bridge", "writer"), extra_env=env) as s:
+            env = {"bridge": otlp, "writer": otlp, "devicesvc": otlp}
+            services = ("authsvc", "bridge", "writer", "devicesvc")
+            with prod_stack(postgres, nats_server, root, services=services, extra_env=env) as s:
                 yield s, receiver
     finally:
         nats_server.stop()
 
 
-def publish(stack: ProdStack, tenant: str, device: str, readings: list[tuple[int, str | None]]) -> None:
-    """Readings (seq, traceparent or None) over mTLS, each acknowledged before the next."""
+def publish(
+    stack: ProdStack, tenant: str, device: str, readings: list[tuple[int, str | None]], kind: str = "telemetry"
+) -> None:
+    """Readings (seq, traceparent or None) over mTLS, each acknowledged before the next; with ``kind``
+    ``state/reported``, reported states ``{"n": seq}`` instead."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv5)
     client.tls_set_context(stack.enrol(device))
     client.connect("127.0.0.1", stack.auth.mtls_port)
@@ -86,8 +90,11 @@ def publish(stack: ProdStack, tenant: str, device: str, readings: list[tuple[int
             properties = Properties(PacketTypes.PUBLISH)
             if trace is not None:
                 properties.UserProperty = [("traceparent", trace)]
-            body = json.dumps({"ts": int(time.time() * 1000), "seq": seq, "metrics": {"temp": seq}}).encode()
-            info = client.publish(f"v1/{tenant}/d/{device}/telemetry", body, qos=1, properties=properties)
+            now = int(time.time() * 1000)
+            document = {"ts": now, "seq": seq, "metrics": {"temp": seq}} if kind == "telemetry" else {
+                "ts": now, "state": {"n": seq}}  # fmt: skip
+            info = client.publish(f"v1/{tenant}/d/{device}/{kind}", json.dumps(document).encode(), qos=1,
+                                  properties=properties)  # fmt: skip
             info.wait_for_publish(10)
     finally:
         client.disconnect()
@@ -117,7 +124,7 @@ def test_a_devices_trace_shows_the_bridge_and_the_writer_and_only_sampled_readin
         return {s.service for s in exported(receiver) if s.trace_id == control} == {"kestrel-bridge", "kestrel-writer"}
 
     assert wait_until(control_exported, 20), exported(receiver)
-    spans = exported(receiver)
+    spans = [s for s in exported(receiver) if s.service in ("kestrel-bridge", "kestrel-writer")]
     assert {s.trace_id for s in spans} == {first, control}, spans  # nothing for readings 2 and 3
     (bridge,) = [s for s in spans if s.trace_id == first and s.service == "kestrel-bridge"]
     (writer,) = [s for s in spans if s.trace_id == first and s.service == "kestrel-writer"]
@@ -135,3 +142,27 @@ def test_a_devices_trace_shows_the_bridge_and_the_writer_and_only_sampled_readin
 
     # JetStream holds the bridge's context, so that the writer's span is the bridge's child in the same trace.
     assert asyncio.run(header_of_first()) == traceparent(first, bridge.span_id)
+
+
+def test_a_reported_state_with_a_trace_context_is_traced_through_devicesvc(
+    traced: tuple[ProdStack, HttpReceiver],
+) -> None:
+    stack, receiver = traced
+    tenant, (device,) = stack.tenant(1, "trs")
+    report, control, device_span = (
+        "7e2c14b5799d56fb5c4fa0b3d1f1a830",
+        "8f3d25c68aae67ac6d5fb1c4e2a2b941",
+        "11f067aa0ba902b7",
+    )
+    publish(stack, tenant, device, [(1, None), (2, traceparent(report, device_span)), (3, None),
+                                    (4, traceparent(control, device_span))], kind="state/reported")  # fmt: skip
+
+    def control_exported() -> bool:
+        return any(s.trace_id == control and s.service == "kestrel-devicesvc" for s in exported(receiver))
+
+    assert wait_until(control_exported, 20), exported(receiver)
+    mine = [s for s in exported(receiver) if s.service == "kestrel-devicesvc"]
+    assert {s.trace_id for s in mine} == {report, control}, mine  # reports 1 and 3 start no trace
+    (span,) = [s for s in mine if s.trace_id == report]
+    assert span.name == "kestrel.devicesvc report" and span.parent == device_span
+    assert span.attributes["kestrel.device"] == device and span.attributes["kestrel.tenant"] == tenant
