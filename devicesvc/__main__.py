@@ -13,7 +13,7 @@ from devicesvc.settings import DeviceSettings
 from kestrel.runtime.logs import announce
 from kestrel.runtime.nats import connect_nats
 from kestrel.runtime.service import run_service, stop_event
-from kestrel.runtime.tracing import TracingSettings, tracing
+from kestrel.runtime.tracing import service_tracing
 from kestrel.store import DatabaseSettings
 from kestrel_core.settings import from_env
 
@@ -26,13 +26,9 @@ async def amain() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
     stop = stop_event()
-    traces = tracing("devicesvc", settings.client_id, from_env(TracingSettings, "KESTREL_OTLP"))
-    nc = await connect_nats(settings.nats_url, settings.client_id)
-    try:
+    with service_tracing("devicesvc", settings.client_id) as traces:
+        nc = await connect_nats(settings.nats_url, settings.client_id)
         await run_devicesvc(settings, database.url.reveal(), stop, nc, registry, tracing=traces)
-    finally:
-        if traces is not None:
-            traces.close()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(nc.drain(), 5)
 

@@ -122,17 +122,12 @@ class Intake:
     def _traced(self, report: decide.Report, properties: Any, started_ns: int) -> None:
         """The span of a report whose device sent a trace context (ADR-0028): from the run's start to its commit.
         Reports start no trace of their own."""
+        if self.twin.tracing is None:
+            return
         context = streams.trace_headers(properties).get(streams.HDR_TRACEPARENT)
-        assert self.twin.tracing is not None
-        if context is not None:
-            attributes = {
-                "kestrel.tenant": report.tenant,
-                "kestrel.device": report.device,
-                "kestrel.shadow": report.name,
-            }
-            span = self.twin.tracing.start("kestrel.devicesvc report", context, attributes, started_ns)
-            if span is not None:
-                span.end()
+        attributes = {"kestrel.tenant": report.tenant, "kestrel.device": report.device, "kestrel.shadow": report.name}
+        if (span := self.twin.tracing.start("kestrel.devicesvc report", context, attributes, started_ns)) is not None:
+            span.end()
 
     async def reported(self, items: list[Item]) -> list[Item]:
         """Reported state of many devices in one transaction (in arrival order per device), then the PUBACKs; what is
@@ -161,8 +156,7 @@ class Intake:
             for (report, item), refusal in zip(accepted, outcome, strict=True):
                 if refusal is None:
                     done.append(item[3])
-                    if self.twin.tracing is not None:
-                        self._traced(report, item[2], started_ns)
+                    self._traced(report, item[2], started_ns)
                 else:
                     refused.append((item, refusal))
         for ack in done:

@@ -13,7 +13,7 @@ from ingest.writer import WriterSettings, run_writer
 from kestrel.runtime.logs import announce
 from kestrel.runtime.nats import connect_nats
 from kestrel.runtime.service import run_service, stop_event
-from kestrel.runtime.tracing import TracingSettings, tracing
+from kestrel.runtime.tracing import service_tracing
 from kestrel.store import DatabaseSettings
 from kestrel_core.settings import from_env
 
@@ -27,14 +27,10 @@ async def bridge_main() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
     stop = stop_event()
-    traces = tracing("bridge", settings.client_id, from_env(TracingSettings, "KESTREL_OTLP"))
-    nc = await connect_nats(settings.nats_url, settings.client_id)
-    await ensure_streams(nc)
-    try:
+    with service_tracing("bridge", settings.client_id) as traces:  # bad KESTREL_OTLP_* fails before NATS waits
+        nc = await connect_nats(settings.nats_url, settings.client_id)
+        await ensure_streams(nc)
         await run_bridge(settings, stop, nc, registry, tracing=traces)
-    finally:
-        if traces is not None:
-            traces.close()
     await nc.drain()
 
 
@@ -46,14 +42,10 @@ async def writer_main() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
     stop = stop_event()
-    traces = tracing("writer", settings.durable, from_env(TracingSettings, "KESTREL_OTLP"))
-    nc = await connect_nats(settings.nats_url, "kestrel-ingest-writer")
-    await ensure_streams(nc)
-    try:
+    with service_tracing("writer", settings.durable) as traces:
+        nc = await connect_nats(settings.nats_url, "kestrel-ingest-writer")
+        await ensure_streams(nc)
         await run_writer(settings, database.url.reveal(), stop, nc, registry, tracing=traces)
-    finally:
-        if traces is not None:
-            traces.close()
     await nc.drain()
 
 

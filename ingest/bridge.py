@@ -173,7 +173,7 @@ class Bridge:
         assert self.tracing is not None
         attributes = {"kestrel.msg_id": normalized.msg_id, "kestrel.tenant": topic.tenant,
                       "kestrel.device": topic.device, "messaging.destination.name": normalized.subject}  # fmt: skip
-        span = self.tracing.start("kestrel.bridge forward", headers.get(streams.HDR_TRACEPARENT), attributes)
+        span = self.tracing.start("kestrel.bridge forward", headers.get(streams.HDR_TRACEPARENT), attributes, root=True)
         if span is not None and (context := self.tracing.traceparent(span)) is not None:
             headers[streams.HDR_TRACEPARENT] = context
         return span

@@ -11,7 +11,8 @@ SDK's background thread; a collector that is down costs dropped spans, never a r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -25,14 +26,15 @@ from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from kestrel import __version__
+from kestrel_core.settings import from_env
 
-__all__ = ["Span", "Tracing", "TracingSettings", "tracing"]
+__all__ = ["Span", "Tracing", "TracingSettings", "service_tracing", "tracing"]
 TRACEPARENT: Final = "traceparent"
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 
 
 class TracingSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """``KESTREL_OTLP_*``, read by every process that traces (the ingest bridge and writer)."""
+    """``KESTREL_OTLP_*``, read by every process that traces (the ingest bridge and writer, devicesvc)."""
 
     #: OTLP/HTTP traces endpoint (e.g. ``http://otel-collector:4318/v1/traces``); empty: no traces.
     endpoint: Annotated[str, msgspec.Meta(pattern=r"^(https?://\S+)?$")] = ""
@@ -56,11 +58,17 @@ class Tracing:
         self.roots = settings.sample_ratio > 0.0
 
     def start(
-        self, name: str, traceparent: str | None, attributes: Mapping[str, Any], start_ns: int | None = None
+        self,
+        name: str,
+        traceparent: str | None,
+        attributes: Mapping[str, Any],
+        start_ns: int | None = None,
+        *,
+        root: bool = False,
     ) -> Span | None:
-        """A span under ``traceparent`` (a new trace when there is none and readings are sampled); None when no
-        trace is wanted, so the hot path builds nothing."""
-        if traceparent is None and not self.roots:
+        """A span under ``traceparent``; without one, a new trace only at a ``root`` (the first hop: the bridge) when
+        readings are sampled. None when no trace is wanted, so the hot path builds nothing."""
+        if traceparent is None and not (root and self.roots):
             return None
         parent = _PROPAGATOR.extract({TRACEPARENT: traceparent}) if traceparent is not None else None
         return self.tracer.start_span(
@@ -81,3 +89,14 @@ class Tracing:
 
 def tracing(service: str, instance: str, settings: TracingSettings) -> Tracing | None:
     return Tracing(service, instance, settings) if settings.endpoint else None
+
+
+@contextmanager
+def service_tracing(service: str, instance: str) -> Iterator[Tracing | None]:
+    """A composition root's tracing from ``KESTREL_OTLP_*`` (None when off), flushed when the service ends."""
+    traces = tracing(service, instance, from_env(TracingSettings, "KESTREL_OTLP"))
+    try:
+        yield traces
+    finally:
+        if traces is not None:
+            traces.close()

@@ -62,7 +62,8 @@ def test_traces_are_off_by_default_and_bad_tracing_settings_are_refused() -> Non
     assert settings.sample_ratio == 0.25
     traces = tracing("bridge", "b-1", settings)
     assert traces is not None
-    assert traces.start("x", None, {}) is not None  # a ratio above 0 starts traces of readings without a context
+    assert traces.start("x", None, {}, root=True) is not None  # a ratio above 0 starts traces at the first hop
+    assert traces.start("x", None, {}) is None  # and only there: a later hop without a context starts none
     traces.close()
     for name, value in (("ENDPOINT", "collector:4318"), ("SAMPLE_RATIO", "1.5"), ("SAMPLE_RATIO", "-0.1")):
         with pytest.raises(InvalidInput, match="KESTREL_OTLP_"):
