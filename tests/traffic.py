@@ -217,18 +217,16 @@ class Traffic:
     def diagnosis(self) -> str:
         """Where unfinished commands stand, and whether the command-running devices are connected."""
         with psycopg.connect(self.stack.url) as conn:
-            states = conn.execute(
-                "SELECT status, attempts, count(*) FROM commands WHERE command_id = ANY(%s) GROUP BY 1, 2",
+            rows = conn.execute(
+                "SELECT command_id, status, attempts FROM commands WHERE command_id = ANY(%s)",
                 (list(self.commands_created),),
             ).fetchall()
-            open_ = conn.execute(
-                "SELECT command_id, status, attempts FROM commands WHERE command_id = ANY(%s) AND NOT status = ANY(%s)",
-                (list(self.commands_created), list(commands.TERMINAL)),
-            ).fetchall()
-        unfinished = [(c, s, a, self.executions[self.commands_created[c]]) for c, s, a in open_]
+        states = sorted(Counter((status, attempts) for _, status, attempts in rows).items())
+        unfinished = [(c, s, a, self.executions[self.commands_created[c]]) for c, s, a in rows
+                      if s not in commands.TERMINAL]  # fmt: skip
         online = {c.device: bool(c.client and c.client.is_connected) for c in self._clients}
         return (
-            f"commands (status, attempts, n): {states}; unfinished (id, status, attempts, runs on the device):"
+            f"commands ((status, attempts), n): {states}; unfinished (id, status, attempts, runs on the device):"
             f" {unfinished}; devices connected: {online}; reconnects: {self.reconnects}"
         )
 
